@@ -1,0 +1,70 @@
+"""The interface a stitched network uses to drive one anchor of a model family block by block."""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..stitching import Layout
+
+__all__ = ['AnchorAdapter']
+
+
+class AnchorAdapter:
+    """Splits one timm model into embed -> flat list of units -> features -> head.
+
+    Units are the blocks a route can cut between, plus any module that must run between stages (a patch merge or
+    downsample), so that a cut inside a stage never runs a merge twice or skips one. ``unit_index(stage, block)``
+    maps a stage-local block id to its position in ``units``.
+    """
+
+    #: layout of the activations between units (and at stitch points)
+    layout: Layout = 'tokens'
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def units(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def stage_depths(self) -> tuple[int, ...]:
+        """Number of stitchable blocks per stage."""
+        raise NotImplementedError
+
+    def stage_dims(self) -> tuple[int, ...]:
+        """Channel width of the activations inside each stage."""
+        raise NotImplementedError
+
+    def unit_index(self, stage: int, block: int) -> int:
+        raise NotImplementedError
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """Turn the last unit's output into ``forward_features`` output."""
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.model.forward_head(x, pre_logits=pre_logits)
+
+    def embed_parameters(self) -> Iterator[nn.Parameter]:
+        raise NotImplementedError
+
+    def head_parameters(self, final_norm: bool = True) -> Iterator[nn.Parameter]:
+        """Parameters used after the last unit (final norm when applied, pooling, classifier)."""
+        raise NotImplementedError
+
+    def input_size(self) -> Optional[tuple[int, int]]:
+        """The (H, W) the model requires, or None when it accepts any size."""
+        return None
+
+    @property
+    def in_chans(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_features(self) -> int:
+        return self.model.num_features

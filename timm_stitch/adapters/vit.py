@@ -1,0 +1,66 @@
+"""Plain token models: timm ``VisionTransformer`` (ViT, DeiT, DeiT-3)."""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, Optional
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .base import AnchorAdapter
+
+__all__ = ['ViTAdapter']
+
+
+def _params(*items) -> Iterator[nn.Parameter]:
+    for item in items:
+        if isinstance(item, nn.Parameter):
+            yield item
+        elif isinstance(item, nn.Module):
+            yield from item.parameters()
+
+
+class ViTAdapter(AnchorAdapter):
+    """One stage of ``depth`` blocks; stitch points carry all tokens (class token included)."""
+    layout = 'tokens'
+    model: VisionTransformer
+
+    @property
+    def units(self) -> tuple[nn.Module, ...]:
+        return tuple(self.model.blocks)
+
+    def stage_depths(self) -> tuple[int, ...]:
+        return (len(self.model.blocks),)
+
+    def stage_dims(self) -> tuple[int, ...]:
+        return (self.model.embed_dim,)
+
+    def unit_index(self, stage: int, block: int) -> int:
+        return block
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.patch_embed(x)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        return self.model.norm(x) if final_norm else x
+
+    def embed_parameters(self) -> Iterator[nn.Parameter]:
+        m = self.model
+        return _params(m.patch_embed, m.cls_token, m.reg_token, m.pos_embed, m.norm_pre)
+
+    def head_parameters(self, final_norm: bool = True) -> Iterator[nn.Parameter]:
+        m = self.model
+        return itertools.chain(_params(m.norm) if final_norm else (), _params(m.attn_pool, m.fc_norm, m.head))
+
+    def input_size(self) -> Optional[tuple[int, int]]:
+        pe = self.model.patch_embed
+        return tuple(pe.img_size) if pe.strict_img_size and not pe.dynamic_img_pad else None
+
+    @property
+    def in_chans(self) -> int:
+        return self.model.patch_embed.proj.in_channels

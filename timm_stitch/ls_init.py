@@ -1,0 +1,107 @@
+"""Least-squares initialisation of stitching layers from anchor activations."""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Iterable, Literal, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .routes import StitchGroup, StitchPosition
+from .stitching import LeastSquaresFit, to_rows
+
+if TYPE_CHECKING:
+    from .model import StitchedNet
+
+__all__ = ['init_stitches']
+
+
+def _batches(data: Union[torch.Tensor, Iterable], batch_size: int) -> Iterable[torch.Tensor]:
+    """Image batches from a tensor (split into ``batch_size`` chunks) or a loader of tensors / (images, ...)."""
+    if isinstance(data, torch.Tensor):
+        yield from data.split(batch_size)
+        return
+    for batch in data:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _unit_outputs(model: StitchedNet, anchor: int, x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of the embedding (index 0) and of every unit (index u + 1) of one anchor."""
+    adapter = model.adapters[anchor]
+    outputs = [adapter.embed(x)]
+    for unit in adapter.units:
+        outputs.append(unit(outputs[-1]))
+    return outputs
+
+
+def _fit_key(group: StitchGroup, position: StitchPosition, mode: str) -> tuple:
+    """Positions that share a fit: all of a layer's (joint), or each position alone (average)."""
+    key = (group.stage, group.pair, position.layer)
+    return key if mode == 'joint' else key + (position.front, position.end)
+
+
+@torch.no_grad()
+def init_stitches(
+        model: StitchedNet,
+        data: Union[torch.Tensor, Iterable],
+        num_batches: Optional[int] = None,
+        batch_size: int = 64,
+        mode: Literal['joint', 'average'] = 'joint',
+        progress: bool = True,
+) -> None:
+    """Fit every stitching layer to map front-anchor activations onto the end anchor's, by least squares.
+
+    For position ``(j, k)`` the input is the front anchor's output of block ``j`` and the target is the end
+    anchor's input of block ``k``. Runs in eval mode (no dropout, drop-path or BatchNorm updates) on the images
+    as given (pass un-augmented ones), accumulating float64 normal equations over all batches. With
+    ``mode='joint'`` (default) each shared layer gets one least-squares solve over all of its positions; with
+    ``'average'`` each position is solved alone and the solutions averaged, as the official code does.
+
+    Args:
+        model: The stitched network.
+        data: An image tensor (N, C, H, W) or an iterable of image batches / ``(images, targets)`` tuples.
+        num_batches: Stop after this many batches (default: all).
+        batch_size: Chunk size when ``data`` is a tensor.
+        mode: ``'joint'`` or ``'average'``.
+        progress: Show a progress bar.
+    """
+    if mode not in ('joint', 'average'):
+        raise ValueError(f"mode must be 'joint' or 'average', got {mode!r}")
+    groups = model.plan.groups
+    if not groups:
+        return
+    # one fit per shared layer (joint) or per position (average)
+    fits: dict[tuple, LeastSquaresFit] = {}
+    for g in groups:
+        for p in g.positions:
+            key = _fit_key(g, p, mode)
+            if key not in fits:
+                layer = model.stitch_layers[str(g.stage)][g.pair][p.layer]
+                fits[key] = LeastSquaresFit(layer.in_dim, layer.out_dim)
+
+    anchors_used = sorted({a for g in groups for a in (g.front_anchor, g.end_anchor)})
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        batches = itertools.islice(_batches(data, batch_size), num_batches)
+        for images in tqdm(batches, desc='LS init', total=num_batches, disable=not progress):
+            model._check_input(images)
+            images = images.to(device)
+            outputs = {a: _unit_outputs(model, a, images) for a in anchors_used}
+            for g in groups:
+                front, end = model.adapters[g.front_anchor], model.adapters[g.end_anchor]
+                for p in g.positions:
+                    x = outputs[g.front_anchor][front.unit_index(g.stage, p.front) + 1]
+                    y = outputs[g.end_anchor][end.unit_index(g.stage, p.end)]
+                    fits[_fit_key(g, p, mode)].add(to_rows(x, front.layout), to_rows(y, end.layout))
+    finally:
+        model.train(was_training)
+
+    solutions: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key, fit in fits.items():
+        solutions.setdefault(key[:3], []).append(fit.solve())
+    for (stage, pair, layer), solved in solutions.items():
+        weight = torch.stack([w for w, _ in solved]).mean(0)
+        bias = torch.stack([b for _, b in solved]).mean(0)
+        model.stitch_layers[str(stage)][pair][layer].set_affine(weight, bias)

@@ -1,0 +1,308 @@
+"""The stitched network: several timm anchors joined by stitching layers, one route active at a time."""
+from __future__ import annotations
+
+import numbers
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import timm
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .adapters import AnchorAdapter, adapter_for
+from .routes import LayerMapping, Route, StitchPlan, StitchRef, plan_staged_routes, plan_token_routes
+from .stitching import StitchingLayer
+
+__all__ = ['StitchedNet', 'AnchorSpec']
+
+#: an anchor given as a timm model name, a dict of ``timm.create_model`` arguments, or a built timm model
+AnchorSpec = Union[str, dict, nn.Module]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Part of a stitched route: units of one anchor, then the stitching layer into the next (if any)."""
+    units: tuple[nn.Module, ...]
+    stitch: Optional[nn.Module]
+
+
+class StitchedNet(nn.Module):
+    """A stitchable network (SN-Net) over timm anchors.
+
+    Anchors are ordinary timm models kept in ``self.anchors`` (smallest first); stitching layers live in
+    ``self.stitch_layers[stage][pair][layer]``. Route ids follow the official SN-Net enumeration. One route is
+    active at a time (``set_stitch``); ``forward(x, stitch_id=k)`` runs route ``k`` for that call only.
+
+    Args:
+        anchors: timm model names, ``timm.create_model`` kwargs dicts (with ``model_name``), or built models.
+        num_classes: Classes of every anchor head.
+        in_chans: Input channels of every anchor.
+        img_size: Input size passed to every anchor built by name (default: each anchor's own).
+        kernel_size: Sliding-window size used to enumerate stitch positions.
+        stride: Sliding-window stride.
+        nearest: Stitch only adjacent anchors (by size); otherwise every pair.
+        multi_anchor: Also build routes through three or more anchors.
+        stages: For hierarchical anchors, the stages stitched inside; default all but the last.
+        layer_mapping: ``'corrected'`` sharing of layers between unequal-depth anchors, or ``'official'``.
+        final_norm_on_stitched_routes: Apply the last anchor's final norm on stitched routes (the official DeiT
+            code skips it; set False to reproduce its checkpoint).
+        pretrained_anchors: Load each anchor's own timm pretrained weights.
+        **anchor_kwargs: Passed to ``timm.create_model`` for every anchor given by name (``drop_path_rate``...).
+    """
+
+    def __init__(
+            self,
+            anchors: Sequence[AnchorSpec],
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            img_size: Optional[Union[int, tuple[int, int]]] = None,
+            kernel_size: int = 2,
+            stride: int = 1,
+            nearest: bool = True,
+            multi_anchor: bool = False,
+            stages: Optional[Sequence[int]] = None,
+            layer_mapping: LayerMapping = 'corrected',
+            final_norm_on_stitched_routes: bool = True,
+            pretrained_anchors: bool = False,
+            **anchor_kwargs: Any,
+    ):
+        super().__init__()
+        if not anchors:
+            raise ValueError('a stitched network needs at least one anchor')
+        if img_size is not None:
+            anchor_kwargs['img_size'] = img_size
+        models = [
+            _build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors,
+                          **anchor_kwargs)
+            for a in anchors
+        ]
+        self.anchors = nn.ModuleList(models)
+        self.adapters: list[AnchorAdapter] = [adapter_for(m) for m in models]
+        self.anchor_names = [_anchor_name(a, m) for a, m in zip(anchors, models)]
+        self.num_classes = num_classes
+        self.in_chans = self.adapters[0].in_chans
+        self.final_norm_on_stitched_routes = final_norm_on_stitched_routes
+        self.grad_checkpointing = False
+
+        self.plan = _plan(self.adapters, kernel_size, stride, nearest, multi_anchor, stages, layer_mapping)
+        self.stitch_layers = nn.ModuleDict()
+        for group in self.plan.groups:
+            front, end = self.adapters[group.front_anchor], self.adapters[group.end_anchor]
+            if str(group.stage) not in self.stitch_layers:
+                self.stitch_layers[str(group.stage)] = nn.ModuleList()
+            stage = self.stitch_layers[str(group.stage)]
+            assert len(stage) == group.pair, 'stitch groups are planned stage by stage, pair by pair'
+            stage.append(nn.ModuleList(
+                StitchingLayer(front.stage_dims()[group.stage], end.stage_dims()[group.stage], front.layout)
+                for _ in range(group.num_layers)
+            ))
+        self._segments = [self._route_segments(r) for r in self.plan.routes]
+        self._stitch_id = len(self.anchors) - 1  # the largest anchor, as a plain timm model would behave
+        self._route_cache: Optional[list[Route]] = None
+
+    # ---- routes -------------------------------------------------------------------------------------------------
+
+    @property
+    def num_routes(self) -> int:
+        return len(self.plan.routes)
+
+    @property
+    def stitch_id(self) -> int:
+        """The route used by calls that do not pass ``stitch_id``."""
+        return self._stitch_id
+
+    def set_stitch(self, stitch_id: int) -> None:
+        """Make route ``stitch_id`` the active one; on a bad id, raises and leaves the active route unchanged."""
+        self._stitch_id = self._check_stitch_id(stitch_id)
+
+    def routes(self) -> list[Route]:
+        """Every route with its anchors, cuts and the parameters its forward uses."""
+        if self._route_cache is None:
+            self._route_cache = [replace(r, params=self._route_params(r)) for r in self.plan.routes]
+        return list(self._route_cache)
+
+    def route(self, stitch_id: Optional[int] = None) -> Route:
+        """The route record of ``stitch_id`` (default: the active route)."""
+        return self.routes()[self._resolve(stitch_id)]
+
+    def stitch_layer(self, ref: StitchRef) -> StitchingLayer:
+        return self.stitch_layers[str(ref.stage)][ref.pair][ref.layer]
+
+    def _check_stitch_id(self, stitch_id: Any) -> int:
+        if isinstance(stitch_id, bool) or not isinstance(stitch_id, numbers.Integral):
+            raise TypeError(f'stitch_id must be an int, got {type(stitch_id).__name__} {stitch_id!r}')
+        stitch_id = int(stitch_id)
+        if not 0 <= stitch_id < self.num_routes:
+            raise ValueError(
+                f'stitch_id {stitch_id} is out of range: valid ids are 0..{self.num_routes - 1} '
+                f'({self.num_routes} routes)')
+        return stitch_id
+
+    def _resolve(self, stitch_id: Optional[int]) -> int:
+        return self._stitch_id if stitch_id is None else self._check_stitch_id(stitch_id)
+
+    def _route_segments(self, route: Route) -> Optional[tuple[_Segment, ...]]:
+        if route.is_anchor:
+            return None
+        segments = []
+        start = 0
+        for i, anchor in enumerate(route.anchors):
+            adapter = self.adapters[anchor]
+            if i < len(route.cuts):
+                (front, end), ref = route.cuts[i], route.stitches[i]
+                stop = adapter.unit_index(ref.stage, front) + 1
+                segments.append(_Segment(adapter.units[start:stop], self.stitch_layer(ref)))
+                start = self.adapters[route.anchors[i + 1]].unit_index(ref.stage, end)
+            else:
+                segments.append(_Segment(adapter.units[start:], None))
+        return tuple(segments)
+
+    def _route_params(self, route: Route) -> int:
+        if route.is_anchor:
+            return sum(p.numel() for p in self.anchors[route.anchors[0]].parameters())
+        params = {id(p): p for p in self.adapters[route.anchors[0]].embed_parameters()}
+        for segment in self._segments[route.id]:
+            modules = segment.units + ((segment.stitch,) if segment.stitch is not None else ())
+            params.update((id(p), p) for m in modules for p in m.parameters())
+        last = self.adapters[route.anchors[-1]]
+        params.update((id(p), p) for p in last.head_parameters(self.final_norm_on_stitched_routes))
+        return sum(p.numel() for p in params.values())
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'expected an image tensor, got {type(x).__name__}')
+        if x.ndim != 4:
+            raise ValueError(f'expected a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
+        size = self.adapters[0].input_size()
+        if size is not None and tuple(x.shape[-2:]) != size:
+            raise ValueError(f'expected {size[0]}x{size[1]} images, got {x.shape[-2]}x{x.shape[-1]}')
+
+    def forward_features(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
+        """Features of route ``stitch_id`` (default: the active route), before the head."""
+        stitch_id = self._resolve(stitch_id)
+        self._check_input(x)
+        route = self.plan.routes[stitch_id]
+        if route.is_anchor:
+            return self.anchors[route.anchors[0]].forward_features(x)
+        x = self.adapters[route.anchors[0]].embed(x)
+        use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+        for segment in self._segments[stitch_id]:
+            for unit in segment.units:
+                x = checkpoint(unit, x, use_reentrant=False) if use_checkpoint else unit(x)
+            if segment.stitch is not None:
+                x = segment.stitch(x)
+        return self.adapters[route.anchors[-1]].finish(x, self.final_norm_on_stitched_routes)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, stitch_id: Optional[int] = None) -> torch.Tensor:
+        """Head of the last anchor of route ``stitch_id`` on features from ``forward_features``."""
+        route = self.plan.routes[self._resolve(stitch_id)]
+        return self.adapters[route.anchors[-1]].head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
+        stitch_id = self._resolve(stitch_id)
+        return self.forward_head(self.forward_features(x, stitch_id), stitch_id=stitch_id)
+
+    # ---- timm model conventions ---------------------------------------------------------------------------------
+
+    @property
+    def num_features(self) -> int:
+        """Feature width of the active route (its last anchor's)."""
+        return self.adapters[self.plan.routes[self._stitch_id].anchors[-1]].num_features
+
+    @property
+    def head_hidden_size(self) -> int:
+        return getattr(self.anchors[self.plan.routes[self._stitch_id].anchors[-1]], 'head_hidden_size',
+                       self.num_features)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier of the active route."""
+        return self.anchors[self.plan.routes[self._stitch_id].anchors[-1]].get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Reset every anchor's classifier (each route ends in one of them)."""
+        for anchor in self.anchors:
+            anchor.reset_classifier(num_classes, global_pool)
+        self.num_classes = num_classes
+        self._route_cache = None
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Each anchor's own no-decay parameters (cls/pos tokens...), and the stitching layers' biases."""
+        names = {f'anchors.{i}.{n}' for i, a in enumerate(self.anchors) for n in getattr(a, 'no_weight_decay',
+                                                                                         lambda: ())()}
+        names |= {f'stitch_layers.{n}' for n, _ in self.stitch_layers.named_parameters() if n.endswith('.bias')}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Each anchor's own grouping under ``anchors.{i}.``; stitching layer ``l`` groups with block ``l``."""
+        groups: dict[str, list] = {}
+        for i, anchor in enumerate(self.anchors):
+            for name, spec in anchor.group_matcher(coarse=coarse).items():
+                specs = spec if isinstance(spec, (list, tuple)) else [(spec, None)]
+                groups.setdefault(name, []).extend((_prefix_pattern(p, i), o) for p, o in specs)
+        groups.setdefault('blocks', []).append((r'^stitch_layers\.\d+\.\d+\.(\d+)', None))
+        return groups
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for anchor in self.anchors:
+            anchor.set_grad_checkpointing(enable)
+
+    # ---- least-squares init -------------------------------------------------------------------------------------
+
+    def init_stitches(self, data: Union[torch.Tensor, Iterable], **kwargs: Any) -> None:
+        """Least-squares init of every stitching layer; see :func:`timm_stitch.ls_init.init_stitches`."""
+        from .ls_init import init_stitches
+        init_stitches(self, data, **kwargs)
+
+
+def _build_anchor(spec: AnchorSpec, num_classes: int, in_chans: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        spec = dict(model_name=spec)
+    if not isinstance(spec, dict) or 'model_name' not in spec:
+        raise TypeError(f'an anchor must be a timm model name, a dict with "model_name", or a model; got {spec!r}')
+    args = dict(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
+    args.update(spec)
+    return timm.create_model(**args)
+
+
+def _anchor_name(spec: AnchorSpec, model: nn.Module) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict):
+        return spec['model_name']
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return cfg.get('architecture') or type(model).__name__
+
+
+def _plan(
+        adapters: Sequence[AnchorAdapter],
+        kernel_size: int,
+        stride: int,
+        nearest: bool,
+        multi_anchor: bool,
+        stages: Optional[Sequence[int]],
+        layer_mapping: LayerMapping,
+) -> StitchPlan:
+    depths = [a.stage_depths() for a in adapters]
+    if all(len(d) == 1 for d in depths):
+        return plan_token_routes([d[0] for d in depths], kernel_size, stride, nearest, multi_anchor, layer_mapping)
+    stages = list(range(min(len(d) for d in depths) - 1)) if stages is None else list(stages)
+    return plan_staged_routes(depths, stages, kernel_size, stride, nearest, layer_mapping)
+
+
+def _prefix_pattern(pattern: str, anchor: int) -> str:
+    """Anchor a timm group regex (possibly an unparenthesised alternation) under ``anchors.{i}.``."""
+    body = re.sub(r'(^|\|)\^', r'\1', pattern)
+    return rf'^anchors\.{anchor}\.(?:{body})'

@@ -1,0 +1,32 @@
+"""Shared pieces of the ``snnet_*`` architecture entry points."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from timm.models import build_model_with_cfg
+
+from ..model import AnchorSpec, StitchedNet
+
+__all__ = ['create_snnet', 'snnet_cfg']
+
+
+def snnet_cfg(num_anchors: int, url: str = '', **kwargs: Any) -> dict[str, Any]:
+    """A default pretrained cfg for a stitched network; ``classifier`` names every anchor head."""
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'first_conv': 'anchors.0.patch_embed.proj',
+        'classifier': tuple(f'anchors.{i}.head' for i in range(num_anchors)),
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+def create_snnet(variant: str, anchors: Sequence[AnchorSpec], pretrained: bool = False, **kwargs: Any) -> StitchedNet:
+    """Build a registered stitched architecture through timm's ``build_model_with_cfg``."""
+    return build_model_with_cfg(StitchedNet, variant, pretrained, anchors=list(anchors), **kwargs)
