@@ -185,7 +185,7 @@ def plan_token_routes(
     """
     if len(depths) < 1:
         raise ValueError('at least one anchor depth is required')
-    _check_positive(**{f'depths[{i}]': d for i, d in enumerate(depths)})
+    _check_positive(kernel_size=kernel_size, stride=stride, **{f'depths[{i}]': d for i, d in enumerate(depths)})
     combos = _anchor_combinations(len(depths), nearest, multi_anchor)
     pairs = [c for c in combos if len(c) == 2]
     groups = []
@@ -229,6 +229,7 @@ def plan_staged_routes(
     num_anchors = len(stage_depths)
     if num_anchors < 1:
         raise ValueError('at least one anchor is required')
+    _check_positive(kernel_size=kernel_size, stride=stride)
     num_stages = min(len(d) for d in stage_depths)
     for s in stages:
         if not 0 <= s < num_stages:
