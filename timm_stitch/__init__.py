@@ -3,6 +3,7 @@
 Importing the package registers the ``snnet_*`` architectures in timm's model registry.
 """
 from . import models  # noqa: F401  (registers the architectures)
+from .compile import CompiledStitchedNet, compile
 from .ls_init import init_stitches
 from .model import StitchedNet
 from .routes import Route, StitchPlan, format_route_table, plan_staged_routes, plan_token_routes
@@ -10,6 +11,6 @@ from .routes import Route, StitchPlan, format_route_table, plan_staged_routes, p
 __version__ = '0.1.0'
 
 __all__ = [
-    'StitchedNet', 'Route', 'StitchPlan', 'init_stitches', 'format_route_table', 'plan_token_routes',
-    'plan_staged_routes', '__version__',
+    'StitchedNet', 'CompiledStitchedNet', 'compile', 'Route', 'StitchPlan', 'init_stitches', 'format_route_table',
+    'plan_token_routes', 'plan_staged_routes', '__version__',
 ]

@@ -1,0 +1,46 @@
+"""One compiled graph per route: no recompile-limit fallback however many routes."""
+import torch
+import torch._dynamo.testing
+from tiny_models import tiny_images, tiny_snnet
+
+import timm_stitch
+
+
+def test_every_route_compiles_once_and_matches_eager():
+    torch._dynamo.reset()
+    model, images = tiny_snnet(), tiny_images(2)
+    assert model.num_routes > torch._dynamo.config.recompile_limit
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = timm_stitch.compile(model, backend=counter)
+    with torch.no_grad():
+        for _ in range(2):  # the second pass must hit every cache
+            for stitch_id in range(model.num_routes):
+                torch.testing.assert_close(compiled(images, stitch_id=stitch_id), model(images, stitch_id=stitch_id))
+        model.set_stitch(5)
+        torch.testing.assert_close(compiled(images), model(images, stitch_id=5))
+    assert counter.frame_count == model.num_routes
+    assert compiled.compiled_routes == list(range(model.num_routes))
+
+
+def test_naive_compile_hits_the_recompile_limit():
+    """Why the wrapper exists: compiling the model and switching routes stops compiling after the limit."""
+    torch._dynamo.reset()
+    model, images = tiny_snnet(), tiny_images(2)
+    counter = torch._dynamo.testing.CompileCounter()
+    naive = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for stitch_id in range(model.num_routes):
+            model.set_stitch(stitch_id)
+            naive(images)
+    assert counter.frame_count <= torch._dynamo.config.recompile_limit < model.num_routes
+
+
+def test_bad_route_id_raises_before_compiling():
+    compiled = timm_stitch.compile(tiny_snnet(), backend='eager')
+    try:
+        compiled(tiny_images(1), stitch_id=99)
+    except ValueError as e:
+        assert 'stitch_id 99 is out of range' in str(e)
+    else:
+        raise AssertionError('expected ValueError')
+    assert compiled.compiled_routes == []
