@@ -1,11 +1,18 @@
-"""One compiled graph per route: no recompile-limit fallback however many routes."""
+"""One compiled graph per route: no recompile-limit fallback however many routes.
+
+Importing ``timm.optim`` (its Kron optimizer) raises dynamo's recompile limit to 1,000,000 for the whole process, so
+these tests pin torch's default of 8.
+"""
 import torch
 import torch._dynamo.testing
 from tiny_models import tiny_images, tiny_snnet
 
 import timm_stitch
 
+DEFAULT_LIMIT = torch._dynamo.config.patch(recompile_limit=8)
 
+
+@DEFAULT_LIMIT
 def test_every_route_compiles_once_and_matches_eager():
     torch._dynamo.reset()
     model, images = tiny_snnet(), tiny_images(2)
@@ -22,6 +29,7 @@ def test_every_route_compiles_once_and_matches_eager():
     assert compiled.compiled_routes == list(range(model.num_routes))
 
 
+@DEFAULT_LIMIT
 def test_naive_compile_hits_the_recompile_limit():
     """Why the wrapper exists: compiling the model and switching routes stops compiling after the limit."""
     torch._dynamo.reset()

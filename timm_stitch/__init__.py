@@ -3,14 +3,27 @@
 Importing the package registers the ``snnet_*`` architectures in timm's model registry.
 """
 from . import models  # noqa: F401  (registers the architectures)
+from .bn import recalibrate_bn
+from .builder import StitchOptions, stitch
+from .cards import RouteCard
 from .compile import CompiledStitchedNet, compile
+from .convert import convert_official
+from .export import StitchedRoute, export_stitch
+from .hub import push_to_hub, save_pretrained
 from .ls_init import init_stitches
+from .macs import count_route_macs
 from .model import StitchedNet
+from .profile import device_profile, profile
 from .routes import Route, StitchPlan, format_route_table, plan_staged_routes, plan_token_routes
+from .sampling import RouteSampler
 
 __version__ = '0.1.0'
 
 __all__ = [
     'StitchedNet', 'CompiledStitchedNet', 'compile', 'Route', 'StitchPlan', 'init_stitches', 'format_route_table',
     'plan_token_routes', 'plan_staged_routes', '__version__',
+    'RouteCard', 'count_route_macs', 'profile', 'device_profile',
+    'stitch', 'StitchOptions', 'recalibrate_bn',
+    'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
+    'RouteSampler',
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -12,7 +13,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import AnchorAdapter, adapter_for
+from .bn import recalibrate_bn, route_bn_stats
+from .cards import RouteCard, model_name
+from .macs import count_route_macs
+from .profile import device_profile
 from .routes import LayerMapping, Route, StitchPlan, StitchRef, plan_staged_routes, plan_token_routes
+from .selection import mark_dominated, pareto_front, select_route
 from .stitching import StitchingLayer
 
 __all__ = ['StitchedNet', 'AnchorSpec']
@@ -37,8 +43,8 @@ class StitchedNet(nn.Module):
 
     Args:
         anchors: timm model names, ``timm.create_model`` kwargs dicts (with ``model_name``), or built models.
-        num_classes: Classes of every anchor head.
-        in_chans: Input channels of every anchor.
+        num_classes: Classes of every anchor head (default: each named anchor's own default).
+        in_chans: Input channels of every anchor (default: each named anchor's own default).
         img_size: Input size passed to every anchor built by name (default: each anchor's own).
         kernel_size: Sliding-window size used to enumerate stitch positions.
         stride: Sliding-window stride.
@@ -55,8 +61,8 @@ class StitchedNet(nn.Module):
     def __init__(
             self,
             anchors: Sequence[AnchorSpec],
-            num_classes: int = 1000,
-            in_chans: int = 3,
+            num_classes: Optional[int] = None,
+            in_chans: Optional[int] = None,
             img_size: Optional[Union[int, tuple[int, int]]] = None,
             kernel_size: int = 2,
             stride: int = 1,
@@ -81,8 +87,10 @@ class StitchedNet(nn.Module):
         self.anchors = nn.ModuleList(models)
         self.adapters: list[AnchorAdapter] = [adapter_for(m) for m in models]
         self.anchor_names = [_anchor_name(a, m) for a, m in zip(anchors, models)]
-        self.num_classes = num_classes
+        self.num_classes = models[0].num_classes
         self.in_chans = self.adapters[0].in_chans
+        #: the (H, W) every input must have (the first anchor with a fixed size decides), or None
+        self.fixed_input_size = next((s for s in (a.input_size() for a in self.adapters) if s is not None), None)
         self.final_norm_on_stitched_routes = final_norm_on_stitched_routes
         self.grad_checkpointing = False
 
@@ -95,7 +103,8 @@ class StitchedNet(nn.Module):
             stage = self.stitch_layers[str(group.stage)]
             assert len(stage) == group.pair, 'stitch groups are planned stage by stage, pair by pair'
             stage.append(nn.ModuleList(
-                StitchingLayer(front.stage_dims()[group.stage], end.stage_dims()[group.stage], front.layout)
+                StitchingLayer(front.stage_dims()[group.stage], end.stage_dims()[group.stage], front.layout,
+                               end.layout)
                 for _ in range(group.num_layers)
             ))
         self._segments = [self._route_segments(r) for r in self.plan.routes]
@@ -118,9 +127,11 @@ class StitchedNet(nn.Module):
         self._stitch_id = self._check_stitch_id(stitch_id)
 
     def routes(self) -> list[Route]:
-        """Every route with its anchors, cuts and the parameters its forward uses."""
+        """Every route with its anchors, cuts, the parameters its forward uses and its MACs (counted on first
+        call); top1/top5/latency_ms/dominated come from the loaded card (see ``load_card``)."""
         if self._route_cache is None:
-            self._route_cache = [replace(r, params=self._route_params(r)) for r in self.plan.routes]
+            routes = [replace(r, params=self._route_params(r)) for r in self.plan.routes]
+            self._route_cache = self._annotate_routes(routes, count_route_macs(self))
         return list(self._route_cache)
 
     def route(self, stitch_id: Optional[int] = None) -> Route:
@@ -179,7 +190,7 @@ class StitchedNet(nn.Module):
             raise ValueError(f'expected a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}')
         if x.shape[1] != self.in_chans:
             raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
-        size = self.adapters[0].input_size()
+        size = self.fixed_input_size
         if size is not None and tuple(x.shape[-2:]) != size:
             raise ValueError(f'expected {size[0]}x{size[1]} images, got {x.shape[-2]}x{x.shape[-1]}')
 
@@ -188,16 +199,17 @@ class StitchedNet(nn.Module):
         stitch_id = self._resolve(stitch_id)
         self._check_input(x)
         route = self.plan.routes[stitch_id]
-        if route.is_anchor:
-            return self.anchors[route.anchors[0]].forward_features(x)
-        x = self.adapters[route.anchors[0]].embed(x)
-        use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-        for segment in self._segments[stitch_id]:
-            for unit in segment.units:
-                x = checkpoint(unit, x, use_reentrant=False) if use_checkpoint else unit(x)
-            if segment.stitch is not None:
-                x = segment.stitch(x)
-        return self.adapters[route.anchors[-1]].finish(x, self.final_norm_on_stitched_routes)
+        with route_bn_stats(self, stitch_id):
+            if route.is_anchor:
+                return self.anchors[route.anchors[0]].forward_features(x)
+            x = self.adapters[route.anchors[0]].embed(x)
+            use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+            for segment in self._segments[stitch_id]:
+                for unit in segment.units:
+                    x = checkpoint(unit, x, use_reentrant=False) if use_checkpoint else unit(x)
+                if segment.stitch is not None:
+                    x = segment.stitch(x)
+            return self.adapters[route.anchors[-1]].finish(x, self.final_norm_on_stitched_routes)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, stitch_id: Optional[int] = None) -> torch.Tensor:
         """Head of the last anchor of route ``stitch_id`` on features from ``forward_features``."""
@@ -206,7 +218,8 @@ class StitchedNet(nn.Module):
 
     def forward(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
         stitch_id = self._resolve(stitch_id)
-        return self.forward_head(self.forward_features(x, stitch_id), stitch_id=stitch_id)
+        with route_bn_stats(self, stitch_id):  # BatchNorm in heads (LeViT) too
+            return self.forward_head(self.forward_features(x, stitch_id), stitch_id=stitch_id)
 
     # ---- timm model conventions ---------------------------------------------------------------------------------
 
@@ -264,15 +277,96 @@ class StitchedNet(nn.Module):
         from .ls_init import init_stitches
         init_stitches(self, data, **kwargs)
 
+    # ---- route cards --------------------------------------------------------------------------------------------
 
-def _build_anchor(spec: AnchorSpec, num_classes: int, in_chans: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+    _card: Optional[RouteCard] = None
+    _card_profile: Optional[str] = None
+
+    @property
+    def card(self) -> Optional[RouteCard]:
+        """The loaded route card (accuracy and latency of the routes), or None."""
+        return self._card
+
+    def load_card(self, card: Union[RouteCard, str, os.PathLike], latency_profile: Optional[str] = None) -> None:
+        """Attach a route card (a ``RouteCard``, a ``routes.json`` path or official JSON-lines results) so that
+        ``routes()`` reports its top1/top5 and the latency measured under ``latency_profile`` (default: this model's
+        device and dtype at batch 1). Raises ``ValueError`` when the card is for another model."""
+        if not isinstance(card, RouteCard):
+            card = RouteCard.load(card, model=model_name(self))
+        card.check_model(self)
+        self._card, self._card_profile = card, latency_profile
+        if self._route_cache is not None:  # keep the counted params and MACs
+            self._route_cache = self._annotate_routes(self._route_cache, [r.macs for r in self._route_cache])
+
+    def select_stitch(
+            self,
+            max_macs: Optional[float] = None,
+            max_params: Optional[float] = None,
+            max_latency_ms: Optional[float] = None,
+            min_top1: Optional[float] = None,
+    ) -> Route:
+        """Make the best route meeting every bound active and return it (highest top1, else lowest cost; see
+        :func:`timm_stitch.selection.select_route`); raises ``ValueError`` when no route fits."""
+        route = select_route(self.routes(), max_macs, max_params, max_latency_ms, min_top1)
+        self.set_stitch(route.id)
+        return route
+
+    def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
+        """The routes no other route beats on both ``x`` (``'macs'``, ``'params'``, ``'latency_ms'``; lower is
+        better) and ``y`` (``'top1'``, ``'top5'``), sorted by ``x``."""
+        return pareto_front(self.routes(), x, y)
+
+    def _annotate_routes(self, routes: list[Route], macs: list[int]) -> list[Route]:
+        """``routes`` with ``macs`` and the loaded card's accuracy and latency, dominated routes marked."""
+        card, profile = self._card, self._card_profile
+        if card is not None and profile is None:
+            param = next(self.parameters())
+            profile = device_profile(param.device, 1, param.dtype)
+        annotated = []
+        for route, route_macs in zip(routes, macs):
+            entry = card.route(route.id) if card is not None else None
+            if entry is None:
+                annotated.append(replace(route, macs=route_macs, top1=None, top5=None, latency_ms=None))
+                continue
+            latency = entry.latency.get(profile, {})
+            extra = {**route.extra, 'accuracy': entry.accuracy, 'latency_profile': profile if latency else None,
+                     'latency_p90_ms': latency.get('p90_ms'), 'throughput': latency.get('throughput')}
+            annotated.append(replace(route, macs=route_macs, top1=entry.top1, top5=entry.top5,
+                                     latency_ms=latency.get('median_ms'), extra=extra))
+        return mark_dominated(annotated)
+
+    # ---- families -----------------------------------------------------------------------------------------------
+
+    def recalibrate_bn(
+            self,
+            data: Union[torch.Tensor, Iterable],
+            stitch_id: Optional[int] = None,
+            num_batches: Optional[int] = 10,
+            **kwargs: Any,
+    ) -> int:
+        """Estimate route ``stitch_id``'s own BatchNorm statistics (BN families: ResNet, LeViT...) from a short
+        pass over ``data``; eval-mode calls of that route then use them. See :mod:`timm_stitch.bn`."""
+        return recalibrate_bn(self, data, stitch_id=stitch_id, num_batches=num_batches, **kwargs)
+
+    # ---- hub & export -------------------------------------------------------------------------------------------
+
+    def export_stitch(self, stitch_id: int) -> nn.Module:
+        """Route ``stitch_id`` as a standalone module with only its weights; see :func:`timm_stitch.export`."""
+        from .export import export_stitch
+        return export_stitch(self, stitch_id)
+
+
+def _build_anchor(
+        spec: AnchorSpec, num_classes: Optional[int], in_chans: Optional[int], pretrained: bool, **kwargs: Any,
+) -> nn.Module:
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, str):
         spec = dict(model_name=spec)
     if not isinstance(spec, dict) or 'model_name' not in spec:
         raise TypeError(f'an anchor must be a timm model name, a dict with "model_name", or a model; got {spec!r}')
-    args = dict(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
+    args = dict(pretrained=pretrained, **kwargs)
+    args.update((k, v) for k, v in (('num_classes', num_classes), ('in_chans', in_chans)) if v is not None)
     args.update(spec)
     return timm.create_model(**args)
 

@@ -1,7 +1,7 @@
 """Stitching layers and their least-squares fit."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -22,19 +22,32 @@ class StitchingLayer(nn.Module):
     """A learned linear map between two anchors' activations.
 
     Token and channels-last activations use ``nn.Linear``; NCHW feature maps use a 1x1 ``nn.Conv2d``. The inner
-    module is named ``transform`` as in the official checkpoints.
+    module is named ``transform`` as in the official checkpoints. When the end anchor's ``out_layout`` differs
+    (a CNN front feeding a channels-last or token back), the output is re-laid out as a view (``permute`` /
+    ``flatten``); the end anchor's first op (a norm or linear) makes the only copy the layout change needs.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, layout: Layout = 'tokens'):
+    def __init__(self, in_dim: int, out_dim: int, layout: Layout = 'tokens', out_layout: Optional[Layout] = None):
         super().__init__()
-        self.in_dim, self.out_dim, self.layout = in_dim, out_dim, layout
+        out_layout = out_layout or layout
+        if (layout, out_layout) not in _LAYOUT_CHANGES:
+            valid = ', '.join(f'{a}->{b}' for a, b in _LAYOUT_CHANGES)
+            raise ValueError(f'cannot stitch {layout!r} activations into {out_layout!r} ones: valid are {valid}')
+        self.in_dim, self.out_dim, self.layout, self.out_layout = in_dim, out_dim, layout, out_layout
         if layout == 'nchw':
             self.transform = nn.Conv2d(in_dim, out_dim, kernel_size=1)
         else:
             self.transform = nn.Linear(in_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transform(x)
+        x = self.transform(x)
+        if self.out_layout == self.layout:
+            return x
+        if self.out_layout == 'nhwc':
+            return x.permute(0, 2, 3, 1)
+        if self.out_layout == 'nchw':
+            return x.permute(0, 3, 1, 2)
+        return x.flatten(2).transpose(1, 2) if self.layout == 'nchw' else x.flatten(1, 2)
 
     @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -44,7 +57,15 @@ class StitchingLayer(nn.Module):
         self.transform.bias.copy_(bias.to(self.transform.bias))
 
     def extra_repr(self) -> str:
-        return f'{self.in_dim} -> {self.out_dim}, layout={self.layout}'
+        layout = self.layout if self.out_layout == self.layout else f'{self.layout}->{self.out_layout}'
+        return f'{self.in_dim} -> {self.out_dim}, layout={layout}'
+
+
+#: (front layout, end layout) pairs a stitching layer can join; changes are views (no copies)
+_LAYOUT_CHANGES = (
+    ('tokens', 'tokens'), ('nhwc', 'nhwc'), ('nchw', 'nchw'),
+    ('nchw', 'nhwc'), ('nhwc', 'nchw'), ('nchw', 'tokens'), ('nhwc', 'tokens'),
+)
 
 
 class LeastSquaresFit:

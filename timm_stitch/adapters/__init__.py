@@ -1,17 +1,36 @@
 """Per-family adapters: how a stitched network runs each family's anchors block by block."""
 from __future__ import annotations
 
+from timm.models.convnext import ConvNeXt
+from timm.models.eva import Eva
+from timm.models.levit import Levit
+from timm.models.resnet import ResNet
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .base import AnchorAdapter
+from .convnext import ConvNeXtAdapter
+from .eva import EvaAdapter
+from .levit import LevitAdapter
+from .resnet import ResNetAdapter
+from .staged import StagedAdapter
+from .swin import SwinAdapter
 from .vit import ViTAdapter
 
-__all__ = ['AnchorAdapter', 'ViTAdapter', 'adapter_for', 'ADAPTERS']
+__all__ = [
+    'AnchorAdapter', 'StagedAdapter', 'ViTAdapter', 'EvaAdapter', 'SwinAdapter', 'ResNetAdapter', 'ConvNeXtAdapter',
+    'LevitAdapter', 'adapter_for', 'ADAPTERS',
+]
 
 #: (timm model class, adapter class), checked in order; later families append here.
 ADAPTERS: list[tuple[type, type[AnchorAdapter]]] = [
     (VisionTransformer, ViTAdapter),
+    (Eva, EvaAdapter),
+    (SwinTransformer, SwinAdapter),
+    (ResNet, ResNetAdapter),
+    (ConvNeXt, ConvNeXtAdapter),
+    (Levit, LevitAdapter),
 ]
 
 

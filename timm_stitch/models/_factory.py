@@ -1,10 +1,11 @@
 """Shared pieces of the ``snnet_*`` architecture entry points."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from timm.models import build_model_with_cfg
 
+from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_errors
 from ..model import AnchorSpec, StitchedNet
 
 __all__ = ['create_snnet', 'snnet_cfg']
@@ -27,6 +28,19 @@ def snnet_cfg(num_anchors: int, url: str = '', **kwargs: Any) -> dict[str, Any]:
     }
 
 
-def create_snnet(variant: str, anchors: Sequence[AnchorSpec], pretrained: bool = False, **kwargs: Any) -> StitchedNet:
-    """Build a registered stitched architecture through timm's ``build_model_with_cfg``."""
-    return build_model_with_cfg(StitchedNet, variant, pretrained, anchors=list(anchors), **kwargs)
+def create_snnet(
+        variant: str,
+        anchors: Sequence[AnchorSpec],
+        pretrained: bool = False,
+        builder: Callable[..., StitchedNet] = StitchedNet,
+        **kwargs: Any,
+) -> StitchedNet:
+    """Build a registered stitched architecture through timm's ``build_model_with_cfg`` (``builder`` makes the model
+    from ``anchors`` and the kwargs); with ``pretrained``, also load the route card (``routes.json``) found next to
+    the weights."""
+    kwargs.setdefault('pretrained_filter_fn', check_pretrained_state_dict)
+    with pretrained_errors(variant):
+        model = build_model_with_cfg(builder, variant, pretrained, anchors=list(anchors), **kwargs)
+        if pretrained:
+            load_pretrained_card(model, cache_dir=kwargs.get('cache_dir'))
+    return model

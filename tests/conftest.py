@@ -1,0 +1,47 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import huggingface_hub.constants as hf_constants
+import pytest
+import torch
+from hub_server import HubServer
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fresh in-memory Hub (``tests/hub_server.py``) that the real ``huggingface_hub`` client talks to through
+    ``HF_ENDPOINT``, with an empty cache in ``tmp_path``, online. ``hub.offline()`` switches to ``HF_HUB_OFFLINE=1``."""
+    cache = tmp_path / 'hf-cache'
+    with HubServer() as server:
+        # huggingface_hub reads these at import: set the module constants as well as the environment
+        settings = {
+            'ENDPOINT': server.endpoint,
+            'HUGGINGFACE_CO_URL_TEMPLATE': server.endpoint + '/{repo_id}/resolve/{revision}/{filename}',
+            'HF_HUB_CACHE': str(cache),
+            'HF_HUB_OFFLINE': False,
+            'HF_TOKEN_PATH': str(tmp_path / 'hf-token'),
+            'AGENT_HARNESSES_PATH': str(tmp_path / 'agent-harnesses.json'),
+        }
+        for key, value in settings.items():
+            monkeypatch.setattr(hf_constants, key, value)
+        monkeypatch.setenv('HF_ENDPOINT', server.endpoint)
+        monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+        monkeypatch.setenv('HF_TOKEN', 'hf_local_test_token')
+        monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+
+        def offline(enabled: bool = True) -> None:
+            monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', enabled)
+            monkeypatch.setenv('HF_HUB_OFFLINE', '1' if enabled else '0')
+
+        server.cache_dir = cache
+        server.offline = offline
+        yield server
+
+
+@pytest.fixture(scope='module')
+def single_thread():
+    """Run a module's small models on one thread: on a busy shared CPU, several threads are 10-40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

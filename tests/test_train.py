@@ -1,0 +1,182 @@
+"""Training a tiny stitched network on a generated ImageFolder: one process and torchrun (gloo, 2 ranks)."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import timm_stitch  # noqa: F401
+from timm_stitch.train import main, param_groups, parse_args
+
+ANCHORS = [dict(model_name='vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=d, depth=2, num_heads=2)
+           for d in (16, 32)]
+COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 220, 50))
+
+
+def make_image_folder(root: Path, per_class=(40, 10), size: int = 32, seed: int = 0) -> Path:
+    """``train/`` and ``validation/`` ImageFolders of 4 classes told apart by colour (and stripes on odd classes)."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(('train', 'validation'), per_class):
+        for c, colour in enumerate(COLOURS):
+            folder = root / split / f'class{c}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.array(colour, dtype=np.float64) * rng.uniform(0.6, 1.0) + rng.normal(0, 30, (size, size, 3))
+                if c % 2:
+                    img[::4] *= 0.3
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f'{i}.png')
+    return root
+
+
+def write_config(path: Path, **overrides) -> Path:
+    config = dict(model='snnet', model_kwargs=dict(anchors=ANCHORS), num_classes=4, img_size=32, crop_pct=1.0,
+                  batch_size=16, epochs=3, opt='adamw', lr=3e-3, weight_decay=0.05, warmup_epochs=0, workers=0,
+                  log_interval=5, no_progress=True)
+    config.update(overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models on a shared machine: intra-op threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp('images'))
+
+
+def _train(tmp_path, data, *extra, name='run', **config) -> Path:
+    cfg = write_config(tmp_path / f'{name}.yaml', **config)
+    assert main(['-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path), '--experiment', name,
+                 *extra]) == 0
+    return tmp_path / name
+
+
+def _summary(run: Path) -> list[dict]:
+    with open(run / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def test_single_process_loss_falls_and_checkpoints_load(tmp_path, data):
+    run = _train(tmp_path, data, '--stitch-init-samples', '32', '--val-routes', 'all')
+    rows = _summary(run)
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2]
+    assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss']) - 0.1
+    assert float(rows[-1]['eval_top1']) > 40  # 4 classes: chance is 25
+    names = {p.name for p in run.iterdir()}
+    assert {'last.safetensors', 'last.state.pth', 'model_best.safetensors', 'args.yaml', 'summary.csv'} <= names
+    assert not any(n.endswith('.tmp') for n in names)
+    model = timm.create_model('snnet', anchors=ANCHORS, num_classes=4)
+    model.load_state_dict(load_file(run / 'last.safetensors'))  # strict: every key, no extras
+    state = torch.load(run / 'last.state.pth', weights_only=False)
+    assert state['epoch'] == 2 and state['num_updates'] == 3 * 10 and state['sampler']['step'] == 30
+
+
+def test_resume_continues_with_the_same_state(tmp_path, data):
+    extra = ('--model-ema', '--route-sampling', 'flops-grouped', '--route-group-gap', '1e-6', '--mixup', '0.2')
+    full = _train(tmp_path, data, *extra, name='full')
+    _train(tmp_path, data, *extra, '--stop-epoch', '2', name='part')
+    assert torch.load(tmp_path / 'part' / 'last.state.pth', weights_only=False)['epoch'] == 1
+    _train(tmp_path, data, *extra, '--resume', str(tmp_path / 'part' / 'last.state.pth'), name='part')
+    for suffix in ('.safetensors', '_ema.safetensors'):
+        a, b = load_file(full / f'last{suffix}'), load_file(tmp_path / 'part' / f'last{suffix}')
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), suffix
+    sa, sb = (torch.load(r / 'last.state.pth', weights_only=False) for r in (full, tmp_path / 'part'))
+    assert sa['sampler'] == sb['sampler'] and sa['num_updates'] == sb['num_updates'] == 30
+    assert [r['train_loss'] for r in _summary(full)] == [r['train_loss'] for r in _summary(tmp_path / 'part')]
+
+
+def test_frozen_anchors_distillation_and_lr_scales(tmp_path, data):
+    run = _train(tmp_path, data, '--freeze-anchors', '--kd-model', 'test_vit', '--no-kd-pretrained',
+                 '--kd-type', 'soft', '--kd-tau', '2', '--stitch-lr-scale', '2', '--val-routes', 'none', epochs=1)
+    torch.manual_seed(42)  # the trainer's seed: same untrained anchors
+    start = timm.create_model('snnet', anchors=ANCHORS, num_classes=4)
+    trained = load_file(run / 'last.safetensors')
+    for k, v in start.state_dict().items():
+        if k.startswith('anchors.'):
+            assert torch.equal(v, trained[k]), k
+    assert any(not torch.equal(v, trained[k]) for k, v in start.state_dict().items() if k.startswith('stitch_'))
+
+
+def test_param_groups_split_stitches_and_anchors_and_skip_decay():
+    model = timm.create_model('snnet', anchors=ANCHORS, num_classes=4)
+    groups = param_groups(model, weight_decay=0.05, stitch_lr_scale=10, anchor_lr_scale=0.1)
+    by_id = {id(p): g for g in groups for p in g['params']}
+    names = dict(model.named_parameters())
+    assert len(by_id) == len(names)
+    for name, p in names.items():
+        g = by_id[id(p)]
+        assert g['lr_scale'] == (10 if name.startswith('stitch_layers.') else 0.1)
+        no_decay = p.ndim <= 1 or name in model.no_weight_decay()
+        assert g['weight_decay'] == (0.0 if no_decay else 0.05), name
+    assert by_id[id(names['anchors.0.pos_embed'])]['weight_decay'] == 0.0  # timm's own no_weight_decay
+
+
+@pytest.mark.parametrize('argv, error, match', [
+    (['--model', 'snnet_deit_tsb', '--data-dir', '/no/such/dir'], FileNotFoundError, 'does not exist'),
+    (['--model', 'snnet_nope', '--data-dir', '.'], ValueError, 'unknown model'),
+    (['--data-dir', '.'], ValueError, '--model is required'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--resume', 'x', '--initial-checkpoint', 'y'], ValueError,
+     'contradict'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--freeze-anchors', '--anchor-lr-scale', '0.1'], ValueError,
+     'contradict'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--route-group-k', '2'], ValueError, 'flops-grouped only'),
+])
+def test_bad_arguments_raise_clear_errors(argv, error, match):
+    with pytest.raises(error, match=match):
+        main(argv)
+
+
+def test_config_file_sets_defaults_the_command_line_overrides(tmp_path):
+    cfg = write_config(tmp_path / 'c.yaml', lr=0.5)
+    args = parse_args(['-c', str(cfg), '--lr', '0.25'])
+    assert args.lr == 0.25 and args.opt == 'adamw' and args.model_kwargs['anchors'] == ANCHORS
+    (tmp_path / 'bad.yaml').write_text('learning_rate: 1\n')
+    with pytest.raises(ValueError, match='unknown options'):
+        parse_args(['-c', str(tmp_path / 'bad.yaml')])
+
+
+@pytest.mark.parametrize('configs', [
+    pytest.param(p, id=p.stem) for p in sorted((Path(timm_stitch.__file__).parent / 'configs').glob('*.yaml'))])
+def test_recipe_configs_parse(configs):
+    args = parse_args(['-c', str(configs)])
+    assert args.model and args.epochs >= 1
+
+
+def test_torchrun_two_ranks_agree_and_loss_falls(tmp_path, data):
+    cfg = write_config(tmp_path / 'ddp.yaml', epochs=3, batch_size=8)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
+           '-m', 'timm_stitch.train', '-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path),
+           '--experiment', 'ddp', '--stitch-init-samples', '32', '--route-sync', 'per-rank']
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'weights identical on 2 ranks' in result.stderr + result.stdout
+    rows = _summary(tmp_path / 'ddp')
+    assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss'])
+    state = torch.load(tmp_path / 'ddp' / 'last.state.pth', weights_only=False)
+    assert state['num_updates'] == 3 * 160 // (2 * 8)  # the data is split between the ranks
+
+
+def test_cli_subcommand_reads_the_config_and_the_command_line_wins(tmp_path, data):
+    from timm_stitch.cli import main as cli_main
+    cfg = write_config(tmp_path / 'cli.yaml')
+    assert cli_main(['train', '-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path), '--experiment',
+                     'cli', '--epochs', '1', '--lr', '0.001', '--val-routes', 'none']) == 0
+    saved = yaml.safe_load((tmp_path / 'cli' / 'args.yaml').read_text())
+    assert saved['epochs'] == 1 and saved['lr'] == 0.001 and saved['opt'] == 'adamw' and saved['batch_size'] == 16

@@ -1,0 +1,132 @@
+"""Per-route validation: every route in one pass, sharded under torchrun, resumable, card and CSV written."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from test_train import ANCHORS, make_image_folder
+
+from timm_stitch.cards import RouteCard
+from timm_stitch.cli import main as cli_main
+from timm_stitch.validate import evaluate_routes, main, parse_ids
+
+MODEL_ARGS = ['--model', 'snnet', '--model-kwargs', f'anchors={ANCHORS!r}', '--num-classes', '4', '--img-size', '32',
+              '--crop-pct', '1.0', '-b', '8', '-j', '0', '--no-progress']
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    """A 4-class ImageFolder (10 validation images per class) and an untrained checkpoint."""
+    root = tmp_path_factory.mktemp('val')
+    data = make_image_folder(root / 'data', per_class=(1, 10))
+    torch.manual_seed(0)
+    model = timm.create_model('snnet', anchors=ANCHORS, num_classes=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / 'w.safetensors')
+    return data, root / 'w.safetensors', model.eval()
+
+
+def _records(out: Path) -> dict:
+    return {r['stitch_id']: r for r in map(json.loads, (out / 'routes.jsonl').read_text().splitlines())}
+
+
+def test_parse_ids():
+    assert parse_ids('all', 4) == [0, 1, 2, 3]
+    assert parse_ids('3, 0-1,1', 5) == [0, 1, 3]
+    for bad in ('5', '1-9', 'x', ''):
+        with pytest.raises(ValueError):
+            parse_ids(bad, 5)
+
+
+def test_every_route_matches_a_plain_forward_and_card_is_written(tmp_path, setup):
+    data, weights, model = setup
+    out = tmp_path / 'out'
+    assert cli_main(['validate', *MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights),
+                     '--output', str(out)]) == 0
+    records = _records(out)
+    assert sorted(records) == list(range(model.num_routes))
+    # reference: a plain loop over routes with timm's own eval transform and accuracy
+    from timm.data import create_dataset, create_transform, resolve_data_config
+    from timm.utils import accuracy
+    cfg = resolve_data_config({'crop_pct': 1.0, 'img_size': 32}, model=model)
+    ds = create_dataset('', root=str(data), split='validation', transform=create_transform(**cfg))
+    images, target = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in ds]))
+    for k in range(model.num_routes):
+        with torch.no_grad():
+            top1, top5 = accuracy(model(images, stitch_id=k), target, topk=(1, 4))
+        assert records[k]['top1'] == pytest.approx(top1.item(), abs=1e-3)
+        assert records[k]['count'] == 40
+    card = RouteCard.load(out / 'routes.json')
+    assert [r.id for r in card.routes] == list(range(model.num_routes))
+    assert all(r.top1 == records[r.id]['top1'] and r.accuracy['source'] == 'measured' for r in card.routes)
+    assert all(r.macs and r.params for r in card.routes)
+    with open(out / 'results.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r['stitch_id']) for r in rows] == list(range(model.num_routes))
+    assert {'model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size'} <= set(rows[0])
+
+
+def test_rerun_skips_recorded_routes(tmp_path, setup):
+    data, weights, _ = setup
+    out = tmp_path / 'out'
+    args = [*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights), '--output', str(out)]
+    assert main([*args, '--stitch-ids', '0-2', '--routes-per-pass', '2']) == 0
+    first = _records(out)
+    assert sorted(first) == [0, 1, 2]
+    marked = dict(first[1], top1=-1.0)  # as if written by an earlier, interrupted run
+    (out / 'routes.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (first[0], marked)))
+    assert main([*args, '--stitch-ids', 'all']) == 0
+    records = _records(out)
+    assert records[1]['top1'] == -1.0  # kept, not recomputed
+    assert records[2] == first[2]  # recomputed, same result
+    assert not [p for p in os.listdir(out) if p.endswith('.tmp')]
+
+
+def test_errors(tmp_path, setup):
+    data, _, _ = setup
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        main([*MODEL_ARGS, '--data-dir', str(tmp_path / 'none')])
+    with pytest.raises(ValueError, match='unknown model'):
+        main(['--model', 'resnet_nope', '--data-dir', str(data)])
+    with pytest.raises(ValueError, match='not a stitched network'):
+        main(['--model', 'resnet18', '--data-dir', str(data)])
+    with pytest.raises(ValueError, match='out of range'):
+        main([*MODEL_ARGS, '--data-dir', str(data), '--stitch-ids', '99', '--output', str(tmp_path / 'o')])
+
+
+def test_torchrun_shards_give_the_single_process_result(tmp_path, setup):
+    data, weights, model = setup
+    args = [*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights)]
+    assert main([*args, '--output', str(tmp_path / 'one')]) == 0
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
+           '-m', 'timm_stitch.validate', *args, '--output', str(tmp_path / 'two')]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _records(tmp_path / 'one'), _records(tmp_path / 'two')
+    for k in one:
+        assert two[k]['count'] == 40
+        assert two[k]['top1'] == pytest.approx(one[k]['top1']) and two[k]['top5'] == pytest.approx(one[k]['top5'])
+        assert two[k]['loss'] == pytest.approx(one[k]['loss'], rel=1e-5)
+
+
+def test_evaluate_routes_counts_top5_hits():
+    class Fixed(torch.nn.Module):
+        def forward(self, x, stitch_id=0):
+            return torch.tensor([[0.0, 1, 2, 3, 4, 5]] * 2)
+    loader = [(torch.zeros(2, 3, 4, 4), torch.tensor([5, 0]))]
+    r = evaluate_routes(Fixed(), loader, [0], torch.device('cpu'), progress=False)[0]
+    assert r['top1'] == 50 and r['top5'] == 50 and r['count'] == 2  # class 0 ranks sixth

@@ -1,0 +1,88 @@
+"""EVA-style token models: timm ``Eva`` (EVA-02, ViTs with rotary position embeddings)."""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterator, Optional
+
+import torch
+from timm.models.eva import Eva
+from torch import nn
+
+from .base import AnchorAdapter
+from .staged import params_of
+
+__all__ = ['EvaAdapter']
+
+
+class _RopeBlock(nn.Module):
+    """Runs one EVA block with the model's rotary embedding; a view for routes, never registered in a model."""
+
+    def __init__(self, block: nn.Module, rope: Callable[[], Optional[torch.Tensor]], index: Optional[int]):
+        super().__init__()
+        self.block = block
+        self._rope, self._index = rope, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rope = self._rope()
+        if rope is not None and self._index is not None:
+            rope = rope[self._index]
+        return self.block(x, rope=rope)
+
+
+class EvaAdapter(AnchorAdapter):
+    """One stage of EVA blocks on all tokens; each block gets the model's fixed rotary embedding."""
+    layout = 'tokens'
+    model: Eva
+
+    def __init__(self, model: Eva):
+        super().__init__(model)
+        if model.dynamic_img_size or model.patch_drop is not None:
+            raise ValueError('cannot stitch an Eva model built with dynamic_img_size or patch_drop_rate: its '
+                             'rotary embedding then changes per batch')
+        mixed = getattr(model, 'rope_mixed', False)
+        self._units = tuple(_RopeBlock(b, self._rope, i if mixed else None) for i, b in enumerate(model.blocks))
+
+    def _rope(self) -> Optional[torch.Tensor]:
+        rope = self.model.rope
+        if rope is None:
+            return None
+        if hasattr(rope, 'feat_shape'):
+            return rope.get_embed()
+        return rope.get_embed(shape=self.model.patch_embed.grid_size)
+
+    @property
+    def units(self) -> tuple[nn.Module, ...]:
+        return self._units
+
+    def stage_depths(self) -> tuple[int, ...]:
+        return (len(self.model.blocks),)
+
+    def stage_dims(self) -> tuple[int, ...]:
+        return (self.model.embed_dim,)
+
+    def unit_index(self, stage: int, block: int) -> int:
+        return block
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.model._pos_embed(self.model.patch_embed(x))
+        return self.model.norm_pre(x)
+
+    def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        return self.model.norm(x) if final_norm else x
+
+    def embed_parameters(self) -> Iterator[nn.Parameter]:
+        m = self.model
+        return params_of(m.patch_embed, m.cls_token, m.reg_token, m.pos_embed, m.rope, m.norm_pre)
+
+    def head_parameters(self, final_norm: bool = True) -> Iterator[nn.Parameter]:
+        m = self.model
+        return itertools.chain(params_of(m.norm) if final_norm else (),
+                               params_of(getattr(m, 'attn_pool', None), m.fc_norm, m.head))
+
+    def input_size(self) -> Optional[tuple[int, int]]:
+        pe = self.model.patch_embed
+        return tuple(pe.img_size) if pe.strict_img_size and not pe.dynamic_img_pad else None
+
+    @property
+    def in_chans(self) -> int:
+        return self.model.patch_embed.proj.in_channels

@@ -1,0 +1,234 @@
+"""Converters from the official SN-Net release checkpoints (ziplab/SN-Net, SPEC §7) to timm-stitch models.
+
+The checkpoints are read without running pickled code: ``torch.load(weights_only=True)``, or, when the pickle also
+holds training arguments or configs (argparse/yacs objects), an unpickler that builds tensors and containers only
+and turns every other object into an inert placeholder. Every key is mapped (``module.`` stripped; persistent index
+buffers and split-BN ``aux_bn`` copies dropped; stitching-layer indices moved to ``stitch_layers.{stage}.{pair}.
+{layer}``; each anchor through its timm family's own ``checkpoint_filter_fn`` where the layout changed), the compat
+flags the official code needs are set, and any unmatched, missing or mis-shaped key is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import types
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+import timm
+import torch
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
+from torch import nn
+
+from .cards import RouteCard, file_sha256
+from .model import StitchedNet
+
+__all__ = ['OFFICIAL_FORMATS', 'OfficialFormat', 'read_checkpoint', 'convert_official', 'add_parser']
+
+PathLike = Union[str, os.PathLike]
+StateDict = dict[str, torch.Tensor]
+
+#: key parts of buffers the official checkpoints persist and timm rebuilds (or of split-BN training copies)
+DROPPED_PARTS = ('aux_bn', 'relative_position_index', 'attn_mask', 'attention_bias_idxs')
+
+
+@dataclass(frozen=True)
+class OfficialFormat:
+    """How one official release maps onto a registered architecture.
+
+    ``stitch_key`` maps the indices after ``stitch_layers.`` (official order) to ours; ``anchor_filters`` convert an
+    anchor's official keys (prefix stripped) to timm's; ``reported`` names the authors' per-route results shipped in
+    ``timm_stitch/data/reported``.
+    """
+    release: str
+    model_kwargs: dict[str, Any]
+    stitch_key: Callable[[tuple[int, ...]], Optional[tuple[int, int, int]]]
+    anchor_filters: dict[int, Callable[[StateDict, nn.Module], StateDict]] = field(default_factory=dict)
+    reported: Optional[str] = None
+
+
+def _deit_stitch(idx: tuple[int, ...]) -> Optional[tuple[int, int, int]]:
+    return (0, *idx) if len(idx) == 2 else None  # stitch_layers.{pair}.{layer}: one token stage
+
+
+def _staged_stitch(offset: int) -> Callable[[tuple[int, ...]], Optional[tuple[int, int, int]]]:
+    def mapping(idx: tuple[int, ...]) -> Optional[tuple[int, int, int]]:
+        return (idx[0] + offset, idx[1], idx[2]) if len(idx) == 3 else None
+    return mapping
+
+
+OFFICIAL_FORMATS: dict[str, OfficialFormat] = {
+    'snnet_deit_tsb': OfficialFormat(
+        'ziplab/SN-Net v1.0 snnet_deit.pth', dict(final_norm_on_stitched_routes=False), _deit_stitch,
+        reported='snnet_deit_tsb.jsonl'),
+    'snnet_swin_tsb': OfficialFormat(
+        'ziplab/SN-Net v1.0 snnet_swin.pth', dict(layer_mapping='official'), _staged_stitch(0),
+        {i: swin_filter for i in range(3)}),
+    'snnet_resnet_18_50': OfficialFormat(
+        'ziplab/SN-Net v1.1 resnet_18_50.pth', dict(layer_mapping='official'), _staged_stitch(1)),
+    'snnet_resnet18_swin_ti': OfficialFormat(
+        'ziplab/SN-Net v1.1 resnet18_swin_ti.pth', dict(layer_mapping='official'), _staged_stitch(1),
+        {1: swin_filter}),
+}
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+
+class _Inert(dict):
+    """Stands in for any pickled object that is not a tensor or a container: built from nothing, runs nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return dict.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+_ALLOWED = {
+    ('collections', 'OrderedDict'), ('torch._utils', '_rebuild_tensor_v2'), ('torch._utils', '_rebuild_parameter'),
+    ('torch', 'Size'), ('builtins', 'set'), ('builtins', 'frozenset'), ('builtins', 'slice'),
+}
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED or (module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        return _Inert
+
+
+_TENSOR_PICKLE = types.SimpleNamespace(Unpickler=_TensorUnpickler, load=None, __name__='tensor_only_pickle')
+
+
+def read_checkpoint(path: PathLike) -> StateDict:
+    """The tensors of an official checkpoint (under ``model``, ``state_dict`` or at the top level), never executing
+    pickled code; ``module.`` prefixes stripped."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:  # training args/configs in the pickle: read around them
+        ckpt = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_TENSOR_PICKLE)
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
+    for key in ('model', 'state_dict'):
+        if isinstance(ckpt.get(key), Mapping):
+            ckpt = ckpt[key]
+            break
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in ckpt.items()}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f'{path} has no model/state_dict entry and its top level is not a state dict: '
+                         f'{", ".join(bad[:5])} are not tensors')
+    return state
+
+
+# ---- mapping ----------------------------------------------------------------------------------------------------
+
+def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet) -> StateDict:
+    """Official keys to ``model``'s, raising ``ValueError`` listing every unmatched, missing or mis-shaped key."""
+    anchors: dict[int, StateDict] = {}
+    out: StateDict = {}
+    origin: dict[str, str] = {}  # our key -> the official one, for error messages
+    unmatched = []
+    for key, value in state.items():
+        key = key[len('module.'):] if key.startswith('module.') else key
+        if any(part in DROPPED_PARTS for part in key.split('.')):
+            continue
+        m = re.fullmatch(r'anchors\.(\d+)\.(.+)', key)
+        s = re.fullmatch(r'stitch_layers\.((?:\d+\.)+)(transform\..+)', key)
+        if m and int(m.group(1)) < len(model.anchors):
+            anchors.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        elif s and (idx := fmt.stitch_key(tuple(int(i) for i in s.group(1)[:-1].split('.')))) is not None:
+            ours = 'stitch_layers.{}.{}.{}.'.format(*idx) + s.group(2)
+            out[ours], origin[ours] = value, key
+        else:
+            unmatched.append(key)
+    for i, sub in anchors.items():
+        if i in fmt.anchor_filters:
+            sub = fmt.anchor_filters[i](sub, model.anchors[i])
+        out.update({f'anchors.{i}.{k}': v for k, v in sub.items()})
+    expected = model.state_dict()
+    unmatched += [origin.get(k, k) for k in out if k not in expected]
+    missing = [k for k in expected if k not in out]
+    misshaped = [f'{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})' for k, v in out.items()
+                 if k in expected and v.shape != expected[k].shape]
+    problems = [f'{len(keys)} {what}: {", ".join(keys[:6])}{", ..." if len(keys) > 6 else ""}'
+                for what, keys in (('unmatched', unmatched), ('missing', missing), ('mis-shaped', misshaped)) if keys]
+    if problems:
+        raise ValueError(f'the checkpoint is not a {fmt.release} checkpoint for '
+                         f"{model.pretrained_cfg.get('architecture')} with these arguments: " + '; '.join(problems))
+    return out
+
+
+def convert_official(
+        checkpoint: Union[PathLike, StateDict],
+        arch: str = 'snnet_deit_tsb',
+        **model_kwargs: Any,
+) -> StitchedNet:
+    """Build ``arch`` with the official compat flags and load an official release checkpoint into it (strictly).
+
+    ``model_kwargs`` (``num_classes``, ``img_size``, ``depth``...) must describe the checkpoint. The authors'
+    reported per-route accuracy is attached as the model's card (marked ``reported``) when the model has the official
+    route table.
+    """
+    if arch not in OFFICIAL_FORMATS:
+        raise ValueError(f'no official checkpoint format for {arch!r}: valid are {", ".join(OFFICIAL_FORMATS)}')
+    fmt = OFFICIAL_FORMATS[arch]
+    state = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    model = timm.create_model(arch, **{**fmt.model_kwargs, **model_kwargs}).eval()
+    model.load_state_dict(map_official_keys(dict(state), fmt, model), strict=True)
+    card = official_card(model, fmt, checkpoint if not isinstance(checkpoint, Mapping) else None)
+    if card is not None:
+        model.load_card(card)
+    return model
+
+
+def official_card(model: StitchedNet, fmt: OfficialFormat, checkpoint: Optional[PathLike]) -> Optional[RouteCard]:
+    """The model's counted card with the authors' reported accuracy, or None without a matching reported table."""
+    if fmt.reported is None:
+        return None
+    with resources.as_file(resources.files('timm_stitch') / 'data' / 'reported' / fmt.reported) as path:
+        reported = RouteCard.load(path, model=model.pretrained_cfg.get('architecture'))
+    if len(reported.routes) != model.num_routes:
+        return None
+    record = {'who': f'SN-Net authors (Pan et al., CVPR 2023), reported for {fmt.release}',
+              'checkpoint_sha256': file_sha256(checkpoint) if checkpoint is not None else None}
+    return RouteCard.from_model(model).with_accuracy(reported, dataset='imagenet-1k/validation', source='reported',
+                                                     **record)
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+
+def add_parser(subparsers: Any) -> None:
+    """``timm-stitch convert CHECKPOINT --arch ARCH --out DIR``: an official checkpoint to a Hub-ready folder."""
+    parser = subparsers.add_parser('convert', help='convert an official SN-Net checkpoint to a Hub-ready folder',
+                                   description=add_parser.__doc__)
+    parser.add_argument('checkpoint', help='the official release file, e.g. snnet_deit.pth')
+    parser.add_argument('--arch', default='snnet_deit_tsb', choices=sorted(OFFICIAL_FORMATS))
+    parser.add_argument('--out', required=True, help='output folder (config.json, model.safetensors, routes.json, '
+                                                     'README.md); replaced atomically')
+    parser.add_argument('--repo-id', default=None, help='the Hub repo id the model card names')
+    parser.add_argument('--model-args', type=json.loads, default={},
+                        help='JSON architecture arguments describing the checkpoint, e.g. \'{"num_classes": 100}\'')
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .hub import save_pretrained
+    model = convert_official(args.checkpoint, args.arch, **args.model_args)
+    folder = save_pretrained(model, args.out, repo_id=args.repo_id or f'timm-stitch/{args.arch}')
+    print(f'converted {args.checkpoint} ({args.arch}, {model.num_routes} routes) -> {Path(folder)}')
+    return 0

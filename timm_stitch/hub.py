@@ -1,0 +1,274 @@
+"""Publishing stitched models to the Hugging Face Hub and loading their route cards next to the weights.
+
+A published folder (or Hub repo) holds ``config.json`` (architecture, ``model_args``, ``pretrained_cfg``, written by
+timm's own ``save_config_for_hf``), ``model.safetensors``, ``routes.json`` (the route card) and a ``README.md`` model
+card rendered from it. ``timm.create_model(arch, pretrained=True)`` and ``timm.create_model('hf-hub:ORG/REPO')`` load
+the weights through timm's pretrained machinery; :func:`load_pretrained_card` then fetches ``routes.json`` from the same
+place, so ``routes()`` carries the card's accuracy without evaluating anything.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import safetensors.torch
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors import SafetensorError
+from timm.models import is_model
+from timm.models._builder import _resolve_pretrained_source
+from timm.models._hub import download_from_hf, save_config_for_hf, save_for_hf
+from torch import nn
+
+from .cards import CardRoute, RouteCard
+from .model import StitchedNet
+from .routes import Route, format_route_table
+
+__all__ = [
+    'save_pretrained', 'push_to_hub', 'load_pretrained_card', 'check_pretrained_state_dict', 'pretrained_errors',
+    'render_model_card', 'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'README_NAME',
+]
+
+_logger = logging.getLogger(__name__)
+
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, README_NAME = 'config.json', 'model.safetensors', 'routes.json', 'README.md'
+PathLike = Union[str, os.PathLike]
+
+
+# ---- saving and publishing --------------------------------------------------------------------------------------
+
+def save_pretrained(
+        model: nn.Module,
+        save_directory: PathLike,
+        card: Optional[RouteCard] = None,
+        model_args: Optional[Mapping[str, Any]] = None,
+        repo_id: Optional[str] = None,
+) -> Path:
+    """Write a Hub-ready folder: ``config.json``, ``model.safetensors``, ``routes.json`` and ``README.md``.
+
+    ``model`` is a stitched model built by a registered ``snnet_*`` architecture (its card defaults to the model's
+    counted MACs and params plus the accuracy and latency of its loaded card), or a plain timm model such as an
+    exported anchor route (weights and ``config.json`` only, as timm writes them). The folder is built next to
+    ``save_directory`` and renamed into place, so a failure leaves nothing half-written; an existing folder is
+    replaced.
+    """
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.tmp-'))
+    try:
+        if isinstance(model, StitchedNet):
+            _write_stitched(model, tmp, card, dict(model_args or {}), repo_id or target.name)
+        elif not is_model((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''):
+            raise TypeError(
+                f'cannot save a {type(model).__name__} as a timm model: only stitched models of a registered '
+                'architecture and timm models (such as exported anchor routes) can be saved; export a stitched '
+                'route with torch.export or ONNX, or save the whole stitched model')
+        else:
+            save_for_hf(model, str(tmp), model_args=dict(model_args or {}), safe_serialization=True)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def push_to_hub(
+        model: nn.Module,
+        repo_id: str,
+        card: Optional[RouteCard] = None,
+        model_args: Optional[Mapping[str, Any]] = None,
+        commit_message: str = 'Add stitched model',
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: Optional[bool] = None,
+        create_pr: bool = False,
+) -> Any:
+    """Save ``model`` as :func:`save_pretrained` does and upload the folder to ``repo_id`` in one commit (the repo is
+    created when missing). Returns the ``huggingface_hub`` ``CommitInfo``."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, Path(tmp) / 'repo', card=card, model_args=model_args, repo_id=repo_id)
+        operations = [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f))
+                      for f in sorted(folder.iterdir())]
+        return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision,
+                                 create_pr=create_pr)
+
+
+def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard], model_args: dict,
+                    repo_id: str) -> None:
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+    if not arch or not is_model(arch):
+        raise ValueError(
+            f'cannot save a stitched model without a registered architecture (its pretrained_cfg names {arch!r}): '
+            "build it with timm.create_model('snnet_...') so that timm can rebuild it from config.json")
+    weights = folder / WEIGHTS_NAME
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, str(weights), metadata={'format': 'pt'})
+    # the compat flag changes what the weights compute, so it is always recorded
+    model_args.setdefault('final_norm_on_stitched_routes', model.final_norm_on_stitched_routes)
+    save_config_for_hf(model, str(folder / CONFIG_NAME), model_args=model_args)
+    if card is None:
+        card = _card_for(model, weights)
+    else:
+        card.check_model(model)
+    card.save(folder / CARD_NAME)
+    (folder / README_NAME).write_text(render_model_card(model, card, repo_id), encoding='utf-8')
+
+
+def _card_for(model: StitchedNet, weights: Path) -> RouteCard:
+    """The model's counted card, keeping the accuracy, latency and provenance of the card loaded on it."""
+    card = RouteCard.from_model(model, checkpoint=weights)
+    loaded = model.card
+    if loaded is None:
+        return card
+    for old in loaded.routes:
+        new = card.route(old.id)
+        if new is not None:
+            new.top1, new.top5, new.accuracy, new.latency = old.top1, old.top5, old.accuracy, dict(old.latency)
+    card.provenance = list(loaded.provenance) + card.provenance
+    return card
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst`` only once ``src`` is complete."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'.{dst.name}.old-'))
+    os.replace(dst, old / dst.name)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old / dst.name, dst)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def render_model_card(model: StitchedNet, card: RouteCard, repo_id: str) -> str:
+    """A ``README.md`` for the Hub: metadata header, how to load the model, and the route table from the card."""
+    arch = card.model or 'stitched model'
+    anchors = ', '.join(a.get('weights') or a.get('name') or '?' for a in card.anchors) or ', '.join(
+        model.anchor_names)
+    sources = sorted({(r.accuracy or {}).get('source') for r in card.routes if r.accuracy} - {None})
+    datasets = sorted({(r.accuracy or {}).get('dataset') for r in card.routes if r.accuracy} - {None})
+    by_id = {r.id: r for r in card.routes}
+    lines = [
+        '---',
+        'tags:', '- image-classification', '- timm', '- timm-stitch', '- stitchable-neural-networks',
+        'library_name: timm',
+        f"license: {(getattr(model, 'pretrained_cfg', None) or {}).get('license') or 'apache-2.0'}",
+        '---',
+        f'# {repo_id}',
+        '',
+        f'A stitchable network (SN-Net, Pan et al., CVPR 2023) `{arch}` over the anchors {anchors}: one set of '
+        f'weights, {model.num_routes} routes trading accuracy for cost, built with timm-stitch for '
+        '[timm](https://github.com/huggingface/pytorch-image-models).',
+        '',
+        '## Usage',
+        '',
+        '```python',
+        'import timm, timm_stitch',
+        f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
+        'route = model.select_stitch(max_macs=5e9)  # or model.set_stitch(route_id)',
+        '```',
+        '',
+        '## Routes',
+        '',
+        f"Accuracy: {', '.join(sources) or 'not measured'}{' on ' + ', '.join(datasets) if datasets else ''}. "
+        'MACs in the fvcore convention at batch 1; params are those a route forward uses. '
+        'The full card with provenance is in `routes.json`.',
+        '',
+        '```',
+        format_route_table([_with_card(r, by_id.get(r.id)) for r in model.routes()], model.anchor_names),
+        '```',
+        '',
+    ]
+    return '\n'.join(lines)
+
+
+def _with_card(route: Route, entry: Optional[CardRoute]) -> Route:
+    return route if entry is None else replace(route, top1=entry.top1, top5=entry.top5)
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+
+def load_pretrained_card(model: StitchedNet, cache_dir: Optional[PathLike] = None) -> Optional[RouteCard]:
+    """Load ``routes.json`` from where ``model``'s pretrained weights came from (the same Hub repo, or the folder of
+    a local file) onto the model; returns it, or None when that place has no card (a warning says so)."""
+    load_from, location = _resolve_pretrained_source(model.pretrained_cfg)
+    path = None
+    if load_from == 'hf-hub':
+        repo = location[0] if isinstance(location, (tuple, list)) else location
+        try:
+            path = download_from_hf(repo, CARD_NAME, cache_dir=cache_dir)
+        except EntryNotFoundError:
+            path = None
+    elif load_from in ('file', 'local-dir'):
+        folder = Path(location) if load_from == 'local-dir' else Path(location).parent
+        path = folder / CARD_NAME if (folder / CARD_NAME).is_file() else None
+    if path is None:
+        _logger.warning(f'no {CARD_NAME} route card next to the pretrained weights of '
+                        f"{model.pretrained_cfg.get('architecture')} ({location!r}): routes() has no accuracy")
+        return None
+    card = RouteCard.load(path)
+    model.load_card(card)
+    return card
+
+
+def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: StitchedNet) -> dict:
+    """timm ``pretrained_filter_fn``: refuse a checkpoint whose keys or shapes are not exactly this model's (apart
+    from the classifier heads, which timm resets when ``num_classes`` differs), naming what differs."""
+    expected = model.state_dict()
+    heads = tuple(f'{c}.' for c in _classifiers(model))
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [f'{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})' for k, v in expected.items()
+                 if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(heads)]
+    if not (missing or unexpected or misshaped):
+        return dict(state_dict)
+    arch = model.pretrained_cfg.get('architecture')
+    if any(_is_official_stitch_key(k) for k in unexpected):
+        raise ValueError(f'this is an official SN-Net release checkpoint, not a {arch} checkpoint: convert it first '
+                         f'with `timm-stitch convert CHECKPOINT --arch {arch} --out DIR`')
+    problems = [f'{len(items)} {what} (e.g. {", ".join(items[:3])})'
+                for what, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
+                if items]
+    raise ValueError(f'the pretrained checkpoint does not match {arch} with these arguments: {"; ".join(problems)}. '
+                     'It is a checkpoint of another architecture or configuration.')
+
+
+def _classifiers(model: nn.Module) -> tuple[str, ...]:
+    classifiers = model.pretrained_cfg.get('classifier') or ()
+    return (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+
+
+def _is_official_stitch_key(key: str) -> bool:
+    parts = key.split('.')
+    return parts[0] == 'stitch_layers' and len(parts) == 5 and parts[3] == 'transform'
+
+
+@contextmanager
+def pretrained_errors(variant: str) -> Iterator[None]:
+    """Turn download and file errors while loading ``variant``'s pretrained weights into errors that say what to do."""
+    try:
+        yield
+    except LocalEntryNotFoundError as e:
+        where = 'HF_HUB_OFFLINE=1 is set' if constants.HF_HUB_OFFLINE else \
+            f'the Hugging Face Hub ({constants.ENDPOINT}) is unreachable'
+        raise OSError(
+            f'cannot load the pretrained weights of {variant}: {where} and they are not in the cache '
+            f'({constants.HF_HUB_CACHE}). Download them once while online, then set HF_HUB_OFFLINE=1 to use the '
+            "cache; or load a local file with pretrained_cfg_overlay=dict(file='path/to/model.safetensors')."
+        ) from e
+    except SafetensorError as e:
+        raise ValueError(f'the pretrained weights of {variant} are corrupt or truncated ({e}); delete the file (or '
+                         'its Hub cache entry) and download it again') from e

@@ -1,0 +1,54 @@
+"""Stitched ResNet-18 -> ResNet-50 and ResNet-18 -> Swin-Ti (SN-Net, SPEC §4): 10 and 8 routes.
+
+Both stitch inside stages 1 and 2 with 1x1-convolution stitching layers. Into Swin (channels-last maps in current
+timm) the layer's output is permuted to NHWC as a view. The anchors have BatchNorm: see :mod:`timm_stitch.bn` for
+``model.recalibrate_bn`` on stitched routes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
+
+from ..model import StitchedNet
+from ._factory import create_snnet, snnet_cfg
+from .snnet_swin import SWIN_TSB_ANCHORS
+
+__all__ = ['RESNET_18_50_ANCHORS', 'RESNET18_SWIN_TI_ANCHORS', 'RESNET_STAGES']
+
+RESNET_18_50_ANCHORS = ('resnet18.tv_in1k', 'resnet50.a1_in1k')
+RESNET18_SWIN_TI_ANCHORS = ('resnet18.tv_in1k', SWIN_TSB_ANCHORS[0])
+#: stages stitched inside (ResNet ``layer2``, ``layer3``; Swin ``layers[1]``, ``layers[2]``)
+RESNET_STAGES = (1, 2)
+
+
+def _cfg(classifiers: tuple[str, ...], **kwargs: Any) -> dict[str, Any]:
+    # ResNet anchors take no img_size: the input size is not a model argument here
+    return snnet_cfg(len(classifiers), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                     fixed_input_size=False, first_conv='anchors.0.conv1', classifier=classifiers, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'snnet_resnet_18_50': _cfg(('anchors.0.fc', 'anchors.1.fc')),
+    'snnet_resnet18_swin_ti': _cfg(('anchors.0.fc', 'anchors.1.head.fc'), crop_pct=0.9),
+})
+
+
+@register_model
+def snnet_resnet_18_50(pretrained: bool = False, **kwargs: Any) -> StitchedNet:
+    """ResNet-18 -> ResNet-50 stitched inside stages 1-2 with 1x1 convolutions: 10 routes in the official order.
+    Pass ``layer_mapping='official'`` for weights converted from the official checkpoint (SPEC §9.2)."""
+    kwargs.setdefault('stages', RESNET_STAGES)
+    return create_snnet('snnet_resnet_18_50', RESNET_18_50_ANCHORS, pretrained, **kwargs)
+
+
+@register_model
+def snnet_resnet18_swin_ti(pretrained: bool = False, **kwargs: Any) -> StitchedNet:
+    """ResNet-18 front, Swin-Ti back, stitched inside stages 1-2 (NCHW -> NHWC): 8 routes in the official order.
+    ``img_size`` applies to the Swin anchor only (ResNet takes any size)."""
+    kwargs.setdefault('stages', RESNET_STAGES)
+    anchors: list[Any] = list(RESNET18_SWIN_TI_ANCHORS)
+    if kwargs.get('img_size') is not None:
+        anchors[1] = dict(model_name=anchors[1], img_size=kwargs.pop('img_size'))
+    return create_snnet('snnet_resnet18_swin_ti', anchors, pretrained, **kwargs)

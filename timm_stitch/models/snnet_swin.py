@@ -1,0 +1,36 @@
+"""Stitched Swin-Ti/S/B (SN-Net, Pan et al., CVPR 2023, SPEC §3): 41 routes with the official settings."""
+from __future__ import annotations
+
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
+
+from ..model import StitchedNet
+from ._factory import create_snnet, snnet_cfg
+
+__all__ = ['SWIN_TSB_ANCHORS', 'SWIN_STAGES']
+
+#: the ImageNet-22k -> 1k weights SN-Net stitched (timm's default Swin tags are other weights)
+SWIN_TSB_ANCHORS = (
+    'swin_tiny_patch4_window7_224.ms_in22k_ft_in1k',
+    'swin_small_patch4_window7_224.ms_in22k_ft_in1k',
+    'swin_base_patch4_window7_224.ms_in22k_ft_in1k',
+)
+#: stages stitched inside (the last stage is never stitched)
+SWIN_STAGES = (0, 1, 2)
+
+default_cfgs = generate_default_cfgs({
+    'snnet_swin_tsb': snnet_cfg(
+        3, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.9,
+        classifier=tuple(f'anchors.{i}.head.fc' for i in range(3))),
+})
+
+
+@register_model
+def snnet_swin_tsb(pretrained: bool = False, **kwargs: Any) -> StitchedNet:
+    """Swin-Ti/S/B stitched Ti->S and S->B inside stages 0-2 (kernel 2, stride 1, nearest): 41 routes in the
+    official order. Pass ``layer_mapping='official'`` for weights converted from the official checkpoint
+    (SPEC §9.2)."""
+    kwargs.setdefault('stages', SWIN_STAGES)
+    return create_snnet('snnet_swin_tsb', SWIN_TSB_ANCHORS, pretrained, **kwargs)

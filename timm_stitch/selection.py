@@ -1,0 +1,120 @@
+"""Choosing routes under budgets and finding the cost/accuracy Pareto front (pure functions over ``Route`` lists)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional, Sequence
+
+from .routes import Route
+
+__all__ = ['select_route', 'pareto_front', 'mark_dominated', 'COST_FIELDS', 'QUALITY_FIELDS']
+
+COST_FIELDS = ('macs', 'params', 'latency_ms')
+QUALITY_FIELDS = ('top1', 'top5')
+
+_INF = float('inf')
+
+
+def _check_field(name: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f'{name} must be one of {", ".join(map(repr, valid))}, got {value!r}')
+
+
+def _num(value: float) -> str:
+    return f'{int(value):,}' if float(value).is_integer() and abs(value) >= 1e4 else f'{value:g}'
+
+
+def _cost_key(route: Route) -> tuple:
+    return tuple(_INF if getattr(route, f) is None else getattr(route, f) for f in COST_FIELDS) + (route.id,)
+
+
+def select_route(
+        routes: Sequence[Route],
+        max_macs: Optional[float] = None,
+        max_params: Optional[float] = None,
+        max_latency_ms: Optional[float] = None,
+        min_top1: Optional[float] = None,
+) -> Route:
+    """The best route meeting every bound: highest top-1 (ties: lowest cost), or the lowest cost when no route
+    has a known top-1. Cost order is MACs, then params, then latency, then id.
+
+    A bound excludes routes whose value for it is unknown. Raises ``ValueError`` naming the smallest (largest,
+    for ``min_top1``) available value when nothing fits.
+    """
+    upper = {'macs': max_macs, 'params': max_params, 'latency_ms': max_latency_ms}
+    bounds = {f: b for f, b in upper.items() if b is not None}
+    for name, bound in [*(('max_' + f, b) for f, b in bounds.items()), ('min_top1', min_top1)]:
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
+            raise TypeError(f'{name} must be a number, got {bound!r}')
+    if not routes:
+        raise ValueError('there are no routes to select from')
+
+    def fits(r: Route) -> bool:
+        if any(getattr(r, f) is None or getattr(r, f) > b for f, b in bounds.items()):
+            return False
+        return min_top1 is None or (r.top1 is not None and r.top1 >= min_top1)
+
+    candidates = [r for r in routes if fits(r)]
+    if not candidates:
+        raise ValueError(_nothing_fits(routes, bounds, min_top1))
+    if any(r.top1 is not None for r in candidates):
+        return min(candidates, key=lambda r: (_INF if r.top1 is None else -r.top1, _cost_key(r)))
+    return min(candidates, key=_cost_key)
+
+
+def _nothing_fits(routes: Sequence[Route], bounds: dict, min_top1: Optional[float]) -> str:
+    reasons = []
+    for field, bound in bounds.items():
+        known = [r for r in routes if getattr(r, field) is not None]
+        if not known:
+            hint = ' (profile the model or load a card with latencies)' if field == 'latency_ms' else ''
+            reasons.append(f'no route has a known {field}{hint}')
+            continue
+        best = min(known, key=lambda r: getattr(r, field))
+        if getattr(best, field) > bound:
+            reasons.append(f'max_{field}={_num(bound)} is below the smallest available {field}, '
+                           f'{_num(getattr(best, field))} (route {best.id})')
+    if min_top1 is not None:
+        known = [r for r in routes if r.top1 is not None]
+        if not known:
+            reasons.append('no route has a known top1 (load a card with accuracies)')
+        else:
+            best = max(known, key=lambda r: r.top1)
+            if best.top1 < min_top1:
+                reasons.append(f'min_top1={_num(min_top1)} is above the highest available top1, {_num(best.top1)} '
+                               f'(route {best.id})')
+    if not reasons:
+        reasons.append('each bound alone can be met, but no route meets all of them together')
+    return 'no route meets the bounds: ' + '; '.join(reasons)
+
+
+def _dominated_ids(routes: Sequence[Route], x: str, y: str) -> set[int]:
+    """Ids of routes with both values known that another such route beats (no worse on both, better on one)."""
+    known = sorted((r for r in routes if getattr(r, x) is not None and getattr(r, y) is not None),
+                   key=lambda r: (getattr(r, x), -getattr(r, y)))
+    dominated, best_y, best_x = set(), -_INF, None
+    for r in known:  # sweep by cost: a route is dominated unless it beats every cheaper route's accuracy
+        rx, ry = getattr(r, x), getattr(r, y)
+        if ry < best_y or (ry == best_y and best_x is not None and best_x < rx):
+            dominated.add(r.id)
+        elif ry > best_y:
+            best_y, best_x = ry, rx
+    return dominated
+
+
+def pareto_front(routes: Sequence[Route], x: str = 'macs', y: str = 'top1') -> list[Route]:
+    """The non-dominated routes (lower ``x`` and higher ``y`` are better), sorted by ``x``; routes missing a
+    value are left out."""
+    _check_field('x', x, COST_FIELDS)
+    _check_field('y', y, QUALITY_FIELDS)
+    dominated = _dominated_ids(routes, x, y)
+    front = [r for r in routes if getattr(r, x) is not None and getattr(r, y) is not None and r.id not in dominated]
+    return sorted(front, key=lambda r: (getattr(r, x), r.id))
+
+
+def mark_dominated(routes: Sequence[Route], x: str = 'macs', y: str = 'top1') -> list[Route]:
+    """Copies of ``routes`` with ``dominated`` set (``None`` where ``x`` or ``y`` is unknown)."""
+    _check_field('x', x, COST_FIELDS)
+    _check_field('y', y, QUALITY_FIELDS)
+    dominated = _dominated_ids(routes, x, y)
+    return [replace(r, dominated=None if getattr(r, x) is None or getattr(r, y) is None else r.id in dominated)
+            for r in routes]
