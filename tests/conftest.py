@@ -38,9 +38,13 @@ def hub(tmp_path, monkeypatch):
         yield server
 
 
-@pytest.fixture(scope='module')
-def single_thread():
-    """Run a module's small models on one thread: on a busy shared CPU, several threads are 10-40x slower."""
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models run fastest on one thread (several threads on a busy 2-core CPU are 10-40x slower); the
+    full-size ``slow`` tests keep torch's default."""
+    if request.node.get_closest_marker('slow'):
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

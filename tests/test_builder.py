@@ -12,15 +12,6 @@ from timm_stitch import StitchedNet, StitchOptions
 from timm_stitch.routes import plan_staged_routes, plan_token_routes
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy shared CPU are slower by 10-40x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def convnext(name: str, width: int) -> dict:
     return dict(model_name=name, dims=tuple(width * 2 ** i for i in range(4)), num_classes=10)
 

@@ -19,7 +19,6 @@ from timm_stitch.hub import CARD_NAME
 
 DIMS, HEADS, PATCH = (192, 384, 768), (3, 6, 12), 16  # DeiT-Ti/S/B
 
-pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def official_deit_state(depth: int, img_size: int, num_classes: int, seed: int = 0) -> dict[str, torch.Tensor]:

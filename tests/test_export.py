@@ -14,7 +14,6 @@ from timm_stitch.hub import save_pretrained
 
 FAMILIES = ['deit', 'swin', 'resnet', 'resnet_swin', 'levit']
 
-pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def _family(family: str):

@@ -16,16 +16,6 @@ from timm_stitch.models.snnet_resnet import RESNET18_SWIN_TI_ANCHORS, RESNET_18_
 from timm_stitch.models.snnet_swin import SWIN_STAGES, SWIN_TSB_ANCHORS
 from timm_stitch.stitching import StitchingLayer, to_rows
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy shared CPU are slower by 10-40x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- official route tables (SPEC §3.1, §4, §5), from the registered architectures built on the meta device ----
 
 SWIN_TI_S_STAGE2 = [(0, 1), (0, 2), (1, 3), (1, 4), (1, 5), (2, 6), (2, 7), (2, 8), (3, 9), (3, 10), (3, 11),

@@ -24,7 +24,6 @@ ANCHOR_REPOS = ('timm/deit_tiny_patch16_224.fb_in1k', 'timm/deit_small_patch16_2
                 'timm/deit_base_patch16_224.fb_in1k')
 TOP1 = {0: 70.5, 1: 79.4, 2: 81.9, 3: 75.25, 4: 80.125}
 
-pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -45,15 +45,6 @@ def write_config(path: Path, **overrides) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models on a shared machine: intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp('images'))

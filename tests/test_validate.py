@@ -20,14 +20,6 @@ MODEL_ARGS = ['--model', 'snnet', '--model-kwargs', f'anchors={ANCHORS!r}', '--n
               '--crop-pct', '1.0', '-b', '8', '-j', '0', '--no-progress']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     """A 4-class ImageFolder (10 validation images per class) and an untrained checkpoint."""

@@ -31,6 +31,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from .ls_init import image_batches
 from .macs import model_input_size
 
 if TYPE_CHECKING:
@@ -141,14 +142,6 @@ def _warn_uncalibrated(model: StitchedNet, stitch_id: int, num_layers: int) -> N
         'route', UserWarning, stacklevel=4)
 
 
-def _images(data: Union[torch.Tensor, Iterable], batch_size: int) -> Iterator[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        yield from data.split(batch_size)
-        return
-    for batch in data:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 @torch.no_grad()
 def recalibrate_bn(
         model: StitchedNet,
@@ -193,7 +186,7 @@ def recalibrate_bn(
             m.momentum = None
             m.train()
         device = next(model.parameters()).device
-        batches = itertools.islice(_images(data, batch_size), num_batches)
+        batches = itertools.islice(image_batches(data, batch_size), num_batches)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', UserWarning)
             for images in tqdm(batches, desc=f'BN route {stitch_id}', total=num_batches, disable=not progress):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Iterable, Literal, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -13,10 +13,10 @@ from .stitching import LeastSquaresFit, to_rows
 if TYPE_CHECKING:
     from .model import StitchedNet
 
-__all__ = ['init_stitches']
+__all__ = ['init_stitches', 'image_batches']
 
 
-def _batches(data: Union[torch.Tensor, Iterable], batch_size: int) -> Iterable[torch.Tensor]:
+def image_batches(data: Union[torch.Tensor, Iterable], batch_size: int) -> Iterator[torch.Tensor]:
     """Image batches from a tensor (split into ``batch_size`` chunks) or a loader of tensors / (images, ...)."""
     if isinstance(data, torch.Tensor):
         yield from data.split(batch_size)
@@ -84,7 +84,7 @@ def init_stitches(
     model.eval()
     try:
         device = next(model.parameters()).device
-        batches = itertools.islice(_batches(data, batch_size), num_batches)
+        batches = itertools.islice(image_batches(data, batch_size), num_batches)
         for images in tqdm(batches, desc='LS init', total=num_batches, disable=not progress):
             model._check_input(images)
             images = images.to(device)

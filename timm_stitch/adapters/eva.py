@@ -8,8 +8,8 @@ import torch
 from timm.models.eva import Eva
 from torch import nn
 
-from .base import AnchorAdapter
 from .staged import params_of
+from .vit import ViTAdapter
 
 __all__ = ['EvaAdapter']
 
@@ -29,9 +29,8 @@ class _RopeBlock(nn.Module):
         return self.block(x, rope=rope)
 
 
-class EvaAdapter(AnchorAdapter):
+class EvaAdapter(ViTAdapter):
     """One stage of EVA blocks on all tokens; each block gets the model's fixed rotary embedding."""
-    layout = 'tokens'
     model: Eva
 
     def __init__(self, model: Eva):
@@ -54,35 +53,9 @@ class EvaAdapter(AnchorAdapter):
     def units(self) -> tuple[nn.Module, ...]:
         return self._units
 
-    def stage_depths(self) -> tuple[int, ...]:
-        return (len(self.model.blocks),)
-
-    def stage_dims(self) -> tuple[int, ...]:
-        return (self.model.embed_dim,)
-
-    def unit_index(self, stage: int, block: int) -> int:
-        return block
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.model._pos_embed(self.model.patch_embed(x))
         return self.model.norm_pre(x)
 
-    def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
-        return self.model.norm(x) if final_norm else x
-
     def embed_parameters(self) -> Iterator[nn.Parameter]:
-        m = self.model
-        return params_of(m.patch_embed, m.cls_token, m.reg_token, m.pos_embed, m.rope, m.norm_pre)
-
-    def head_parameters(self, final_norm: bool = True) -> Iterator[nn.Parameter]:
-        m = self.model
-        return itertools.chain(params_of(m.norm) if final_norm else (),
-                               params_of(getattr(m, 'attn_pool', None), m.fc_norm, m.head))
-
-    def input_size(self) -> Optional[tuple[int, int]]:
-        pe = self.model.patch_embed
-        return tuple(pe.img_size) if pe.strict_img_size and not pe.dynamic_img_pad else None
-
-    @property
-    def in_chans(self) -> int:
-        return self.model.patch_embed.proj.in_channels
+        return itertools.chain(super().embed_parameters(), params_of(self.model.rope))

@@ -1,4 +1,4 @@
-"""Plain token models: timm ``VisionTransformer`` (ViT, DeiT, DeiT-3)."""
+"""Plain token models: timm ``VisionTransformer`` (ViT, DeiT, DeiT-3); the base of the EVA adapter."""
 from __future__ import annotations
 
 import itertools
@@ -9,16 +9,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .base import AnchorAdapter
+from .staged import params_of
 
 __all__ = ['ViTAdapter']
-
-
-def _params(*items) -> Iterator[nn.Parameter]:
-    for item in items:
-        if isinstance(item, nn.Parameter):
-            yield item
-        elif isinstance(item, nn.Module):
-            yield from item.parameters()
 
 
 class ViTAdapter(AnchorAdapter):
@@ -51,11 +44,12 @@ class ViTAdapter(AnchorAdapter):
 
     def embed_parameters(self) -> Iterator[nn.Parameter]:
         m = self.model
-        return _params(m.patch_embed, m.cls_token, m.reg_token, m.pos_embed, m.norm_pre)
+        return params_of(m.patch_embed, m.cls_token, m.reg_token, m.pos_embed, m.norm_pre)
 
     def head_parameters(self, final_norm: bool = True) -> Iterator[nn.Parameter]:
         m = self.model
-        return itertools.chain(_params(m.norm) if final_norm else (), _params(m.attn_pool, m.fc_norm, m.head))
+        return itertools.chain(params_of(m.norm) if final_norm else (),
+                               params_of(getattr(m, 'attn_pool', None), m.fc_norm, m.head))
 
     def input_size(self) -> Optional[tuple[int, int]]:
         pe = self.model.patch_embed
