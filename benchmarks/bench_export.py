@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='snnet_deit_tsb')
     parser.add_argument('--repeats', type=int, default=9)
-    parser.add_argument('--bs32-repeats', type=int, default=3)
+    parser.add_argument('--bs32-repeats', type=int, default=5)
     parser.add_argument('--bs32-every', type=int, default=10)
     args = parser.parse_args(argv)
     setup_torch()

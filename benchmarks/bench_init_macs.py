@@ -29,11 +29,16 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     macs = count_route_macs(model)
+    standalone = time.perf_counter() - start
+    start = time.perf_counter()
+    routes = model.routes()
     first = time.perf_counter() - start
     start = time.perf_counter()
     model.routes()
     cached = time.perf_counter() - start
-    print(f'MACs of {len(macs)} routes: first count {first:.2f} s; routes() afterwards {cached * 1e3:.2f} ms')
+    assert [r.macs for r in routes] == macs
+    print(f'MACs of {len(macs)} routes: count_route_macs {standalone:.2f} s; model.routes() first call (counts) '
+          f'{first:.2f} s, then cached {cached * 1e6:.0f} us')
 
 
 if __name__ == '__main__':

@@ -1,14 +1,16 @@
 """Benchmark 1: the cost of switching routes.
 
 Latency of one route when every call runs it (fixed) against when calls alternate with another route, through
-``set_stitch`` and through the per-call ``stitch_id``; and the host-side cost of ``set_stitch`` itself
-(time per call, Python allocations, tensor allocations, weight storage untouched).
+``set_stitch`` and through the per-call ``stitch_id`` (with a control that runs the other route's blocks as a
+separate module, to tell CPU cache eviction from any cost of switching); and the host-side cost of
+``set_stitch`` itself (time per call, Python allocations, tensor allocations, weight storage untouched).
 """
 from __future__ import annotations
 
 import argparse
 import time
 import tracemalloc
+from functools import partial
 
 import timm
 import torch
@@ -17,8 +19,12 @@ from _timing import Stats, _stats, setup_torch
 import timm_stitch  # noqa: F401
 
 
-def fixed_vs_alternating(model, x, route: int, other: int, per_call: bool, repeats: int) -> tuple[Stats, Stats]:
-    """Latency of ``route`` right after itself (fixed) and right after ``other`` (alternating), interleaved."""
+def fixed_vs_alternating(model, x, route: int, other: int, per_call: bool, repeats: int) -> tuple[Stats, ...]:
+    """Latency of ``route`` right after itself (fixed), right after route ``other`` of the same model
+    (alternating), and right after a separate module holding route ``other``'s blocks (control: the same cache
+    eviction with no route switch), interleaved."""
+    standalone_other = model.export_stitch(other).eval()
+
     def run(k: int):
         if per_call:
             return model(x, stitch_id=k)
@@ -30,16 +36,14 @@ def fixed_vs_alternating(model, x, route: int, other: int, per_call: bool, repea
         run(k)
         return time.perf_counter() - start
 
-    fixed, alternating = [], []
+    samples: tuple[list[float], ...] = ([], [], [])
     for i in range(repeats + 2):
-        run(route)
-        fixed_sample = timed(route)
-        run(other)
-        alternating_sample = timed(route)
-        if i >= 2:
-            fixed.append(fixed_sample)
-            alternating.append(alternating_sample)
-    return _stats(fixed), _stats(alternating)
+        for series, before in zip(samples, (partial(run, route), partial(run, other), partial(standalone_other, x))):
+            before()
+            sample = timed(route)
+            if i >= 2:
+                series.append(sample)
+    return tuple(_stats(series) for series in samples)
 
 
 def host_switch_cost(model, calls: int = 200_000) -> dict[str, float]:
@@ -82,10 +86,12 @@ def main(argv=None) -> None:
             repeats = args.repeats if bs == 1 else max(5, args.repeats // 6)
             for per_call in (False, True):
                 how = 'stitch_id=' if per_call else 'set_stitch'
-                fixed, alternating = fixed_vs_alternating(model, x, args.route, args.other, per_call, repeats)
+                fixed, alternating, control = fixed_vs_alternating(model, x, args.route, args.other, per_call,
+                                                                   repeats)
                 print(f'bs{bs:<3} {how:<10} fixed       {fixed}')
-                print(f'bs{bs:<3} {how:<10} alternating {alternating}   '
-                      f'p50 ratio {alternating.median / fixed.median:.3f}, p90 ratio {alternating.p90 / fixed.p90:.3f}')
+                for label, stats in (('alternating', alternating), ('control    ', control)):
+                    print(f'bs{bs:<3} {how:<10} {label} {stats}   p50 ratio {stats.median / fixed.median:.3f}, '
+                          f'p90 ratio {stats.p90 / fixed.p90:.3f}')
     cost = host_switch_cost(model)
     print(f"set_stitch host cost: {cost['ns_per_call'] / 1e3:.3f} us/call; Python bytes retained by model.py: "
           f"{cost['python_bytes_allocated']}; torch ops recorded: {cost['torch_ops']}; "
