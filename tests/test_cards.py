@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 from tiny_models import tiny_snnet
 
 import timm_stitch
@@ -16,9 +17,12 @@ REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'snne
 
 @pytest.fixture(scope='module')
 def profiled():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests run (conftest), so that the latency keys agree
     model = tiny_snnet()
     card = timm_stitch.profile(model, warmup=1, repeats=2, progress=False)
-    return model, card
+    yield model, card
+    torch.set_num_threads(threads)
 
 
 def test_card_from_model_round_trips(tmp_path):
