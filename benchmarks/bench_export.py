@@ -23,6 +23,8 @@ def main(argv=None) -> None:
     parser.add_argument('--repeats', type=int, default=9)
     parser.add_argument('--bs32-repeats', type=int, default=5)
     parser.add_argument('--bs32-every', type=int, default=10)
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32], choices=[1, 32])
+    parser.add_argument('--warmup', type=int, default=2)
     args = parser.parse_args(argv)
     setup_torch()
     model = timm.create_model(args.model).eval()
@@ -31,12 +33,15 @@ def main(argv=None) -> None:
     for bs, repeats, routes, target in (
             (1, args.repeats, range(model.num_routes), 1.05),
             (32, args.bs32_repeats, range(0, model.num_routes, args.bs32_every), 1.03)):
+        if bs not in args.batch_sizes:
+            continue
         x = torch.randn(bs, *size)
         ratios = []
         with torch.no_grad():
             for k in routes:
                 exported = model.export_stitch(k).eval()
-                stats = interleaved({'route': partial(model, x, stitch_id=k), 'export': partial(exported, x)}, repeats)
+                stats = interleaved({'route': partial(model, x, stitch_id=k), 'export': partial(exported, x)}, repeats,
+                                    args.warmup)
                 ratios.append(stats['route'].median / stats['export'].median)
                 print(ratio_line(f'bs{bs} route {k:>3} / export_stitch({k})', stats['route'], stats['export'], target))
         print(f'bs{bs}: {len(ratios)} routes, ratio median {statistics.median(ratios):.3f}, max {max(ratios):.3f}, '
