@@ -331,3 +331,129 @@ def test_swin_tsb_official_layout():
         for s in range(stage + 1, 4):
             y = e.layers[s](y)
         assert (model(x, stitch_id=k) - e.forward_head(e.norm(y))).abs().max() < 1e-3, k
+
+
+# ---- LeViT-192 -> LeViT-256 (SPEC §5: Facebook LeViT layout) ----------------------------------------------------
+
+LEVIT = ((192, 288, 384), (3, 5, 6)), ((256, 384, 512), (4, 6, 8))  # (C, heads) per stage; key dim 32, depth 4/4/4
+
+
+def official_levit_state(seed: int = 0, num_classes: int = 1000) -> dict[str, torch.Tensor]:
+    """Random tensors under the FB LeViT keys of levit_192_256_release.pth, built from the architecture description
+    (Conv2d_BN/Linear_BN = ``c`` + ``bn``, BN_Linear heads = ``bn`` + ``l``, attention ratio 2, MLP ratio 2,
+    subsample: key dim 32, heads C/32, attention ratio 4, MLP ratio 2, stride 2)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def bn(p, n):
+        sd.update({p + 'weight': torch.randn(n, generator=g) * 0.1 + 1, p + 'bias': torch.randn(n, generator=g) * .1,
+                   p + 'running_mean': torch.randn(n, generator=g) * .1,
+                   p + 'running_var': torch.rand(n, generator=g) + 0.5, p + 'num_batches_tracked': torch.tensor(7)})
+
+    def cbn(p, *shape):
+        sd[p + 'c.weight'] = torch.randn(*shape, generator=g) * 0.05
+        bn(p + 'bn.', shape[0])
+
+    for i, (dims, heads) in enumerate(LEVIT):
+        a = f'anchors.{i}.'
+        chans = (3, dims[0] // 8, dims[0] // 4, dims[0] // 2, dims[0])
+        for j in range(4):
+            cbn(f'{a}patch_embed.{2 * j}.', chans[j + 1], chans[j], 3, 3)
+        n, res = 0, 14
+        for s, (d, h) in enumerate(zip(dims, heads)):
+            for _ in range(4):
+                p = f'{a}blocks.{n}.m.'
+                cbn(p + 'qkv.', h * (32 + 32 + 64), d)
+                cbn(p + 'proj.1.', d, h * 64)
+                sd[p + 'attention_biases'] = torch.randn(h, res * res, generator=g)
+                sd[p + 'attention_bias_idxs'] = torch.zeros(res * res, res * res, dtype=torch.long)
+                cbn(f'{a}blocks.{n + 1}.m.0.', 2 * d, d)
+                cbn(f'{a}blocks.{n + 1}.m.2.', d, 2 * d)
+                n += 2
+            if s < 2:
+                p, hs, out = f'{a}blocks.{n}.', d // 32, dims[s + 1]
+                cbn(p + 'kv.', hs * (32 + 128), d)
+                cbn(p + 'q.1.', hs * 32, d)
+                cbn(p + 'proj.1.', out, hs * 128)
+                sd[p + 'attention_biases'] = torch.randn(hs, res * res, generator=g)
+                sd[p + 'attention_bias_idxs'] = torch.zeros((res // 2 + res % 2) ** 2, res * res, dtype=torch.long)
+                cbn(f'{a}blocks.{n + 1}.m.0.', 2 * out, out)
+                cbn(f'{a}blocks.{n + 1}.m.2.', out, 2 * out)
+                n, res = n + 2, (res - 1) // 2 + 1
+        for head in ('head', 'head_dist'):
+            bn(f'{a}{head}.bn.', dims[-1])
+            sd[f'{a}{head}.l.weight'] = torch.randn(num_classes, dims[-1], generator=g) * 0.05
+            sd[f'{a}{head}.l.bias'] = torch.randn(num_classes, generator=g) * 0.05
+    for s in range(2):
+        for layer in range(3):
+            sd[f'stitch_layers.{s}.0.{layer}.transform.weight'] = torch.randn(
+                LEVIT[1][0][s], LEVIT[0][0][s], generator=g) * 0.05
+            sd[f'stitch_layers.{s}.0.{layer}.transform.bias'] = torch.randn(LEVIT[1][0][s], generator=g) * 0.05
+    return sd
+
+
+@pytest.fixture(scope='module')
+def official_levit():
+    return official_levit_state()
+
+
+def test_levit_every_tensor_lands_once(official_levit):
+    model = convert_official(official_levit, 'snnet_levit_192_256')
+    ours = model.state_dict()
+    kept = {k: v for k, v in official_levit.items() if 'attention_bias_idxs' not in k}
+    assert len(kept) == len(ours)
+    # values are distinct random draws: every official tensor has exactly one equal counterpart under our keys
+    by_value = {}
+    for k, v in ours.items():
+        if v.ndim:
+            by_value.setdefault((tuple(v.shape), round(float(v.flatten()[0]), 6), float(v.sum())), []).append(k)
+    for k, v in kept.items():
+        if v.ndim:
+            assert by_value.get((tuple(v.shape), round(float(v.flatten()[0]), 6), float(v.sum()))), k
+    sample = {'anchors.1.patch_embed.6.c.weight': 'anchors.1.stem.conv4.linear.weight',
+              'anchors.0.blocks.7.m.2.bn.running_var': 'anchors.0.stages.0.blocks.3.mlp.ln2.bn.running_var',
+              'anchors.0.blocks.8.q.1.c.weight': 'anchors.0.stages.1.downsample.attn_downsample.q.ln.linear.weight',
+              'anchors.1.blocks.19.m.0.c.weight': 'anchors.1.stages.2.downsample.mlp.ln1.linear.weight',
+              'anchors.1.blocks.26.m.attention_biases': 'anchors.1.stages.2.blocks.3.attn.attention_biases',
+              'anchors.0.head_dist.l.bias': 'anchors.0.head_dist.linear.bias',
+              'stitch_layers.1.0.2.transform.weight': 'stitch_layers.1.0.2.transform.weight'}
+    for theirs, mine in sample.items():
+        assert torch.equal(official_levit[theirs], ours[mine]), theirs
+
+
+@pytest.mark.filterwarnings('ignore:route 6 runs')
+def test_levit_routes_run_and_anchors_match_timm(official_levit):
+    model = convert_official(official_levit, 'snnet_levit_192_256')
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        for a, name in enumerate(('levit_192', 'levit_256')):
+            ref = timm.create_model(name).eval()
+            ref.load_state_dict({k[len(f'anchors.{a}.'):]: v for k, v in model.state_dict().items()
+                                 if k.startswith(f'anchors.{a}.')})
+            torch.testing.assert_close(model(x, stitch_id=a), ref(x))
+        assert model.num_routes == 8
+        assert torch.isfinite(model(x, stitch_id=6)).all()
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda sd: sd.update({'anchors.0.blocks.3.m.extra.weight': torch.zeros(1)}), 'anchors.0.blocks.3.m.extra'),
+    (lambda sd: sd.pop('anchors.1.blocks.9.m.2.bn.bias'), 'anchors.1.stages.1.downsample.mlp.ln2.bn.bias'),
+    (lambda sd: sd.update({'anchors.0.blocks.0.m.qkv.c.weight': torch.zeros(384, 191)}),
+     'anchors.0.stages.0.blocks.0.attn.qkv.linear.weight'),
+])
+def test_levit_bad_keys_fail_loudly(official_levit, change, message):
+    sd = dict(official_levit)
+    change(sd)
+    with pytest.raises(ValueError, match=message.replace('.', r'\.')):
+        convert_official(sd, 'snnet_levit_192_256')
+
+
+def test_levit_cli_convert_to_hub_folder(official_levit, tmp_path):
+    ckpt = tmp_path / 'levit_192_256_release.pth'
+    torch.save({'model': official_levit, 'epoch': 99}, ckpt)
+    out = tmp_path / 'hub'
+    assert main(['convert', str(ckpt), '--arch', 'snnet_levit_192_256', '--out', str(out)]) == 0
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    ref = convert_official(ckpt, 'snnet_levit_192_256')
+    for k, v in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
