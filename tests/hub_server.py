@@ -132,15 +132,22 @@ def _handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 self._error(404, 'RepoNotFound', f'Repository Not Found for url: {self.path}.')
             return found
 
+        def _revision(self, repo: str, revision: str):
+            """(repo, its files at ``revision``), or (repo or None, None) after answering 404."""
+            found = self._repo(repo)
+            if found is None:
+                return None, None
+            files = found.files(revision)
+            if files is None:
+                self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+            return found, files
+
         # ---- routes ----
 
         def resolve(self, method: str, body: bytes, repo: str, revision: str, filename: str) -> None:
-            found = self._repo(repo)
-            if found is None:
-                return
-            files = found.files(revision)
+            found, files = self._revision(repo, revision)
             if files is None:
-                return self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+                return
             sha = found.head if revision == 'main' else revision
             if filename not in files:
                 return self._error(404, 'EntryNotFound', f'{filename} does not exist at {revision}',
@@ -158,22 +165,16 @@ def _handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             self._send(200, data, headers, method)
 
         def model_info(self, method: str, body: bytes, repo: str, revision: str = 'main') -> None:
-            found = self._repo(repo)
-            if found is None:
-                return
-            files = found.files(revision)
+            found, files = self._revision(repo, revision)
             if files is None:
-                return self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+                return
             self._json({'id': repo, 'modelId': repo, 'sha': found.head if revision == 'main' else revision,
                         'private': False, 'siblings': [{'rfilename': p} for p in sorted(files)]}, method=method)
 
         def tree(self, method: str, body: bytes, repo: str, revision: str) -> None:
-            found = self._repo(repo)
-            if found is None:
-                return
-            files = found.files(revision)
+            _, files = self._revision(repo, revision)
             if files is None:
-                return self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+                return
             self._json([{'type': 'file', 'path': p, 'size': len(d), 'oid': _git_blob_id(d)}
                         for p, d in sorted(files.items())], method=method)
 
