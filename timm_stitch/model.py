@@ -197,19 +197,23 @@ class StitchedNet(nn.Module):
     def forward_features(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
         """Features of route ``stitch_id`` (default: the active route), before the head."""
         stitch_id = self._resolve(stitch_id)
+        with route_bn_stats(self, stitch_id):
+            return self._route_features(x, stitch_id)
+
+    def _route_features(self, x: torch.Tensor, stitch_id: int) -> torch.Tensor:
+        """``forward_features`` of a resolved route, inside the caller's BatchNorm-statistics context."""
         self._check_input(x)
         route = self.plan.routes[stitch_id]
-        with route_bn_stats(self, stitch_id):
-            if route.is_anchor:
-                return self.anchors[route.anchors[0]].forward_features(x)
-            x = self.adapters[route.anchors[0]].embed(x)
-            use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-            for segment in self._segments[stitch_id]:
-                for unit in segment.units:
-                    x = checkpoint(unit, x, use_reentrant=False) if use_checkpoint else unit(x)
-                if segment.stitch is not None:
-                    x = segment.stitch(x)
-            return self.adapters[route.anchors[-1]].finish(x, self.final_norm_on_stitched_routes)
+        if route.is_anchor:
+            return self.anchors[route.anchors[0]].forward_features(x)
+        x = self.adapters[route.anchors[0]].embed(x)
+        use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+        for segment in self._segments[stitch_id]:
+            for unit in segment.units:
+                x = checkpoint(unit, x, use_reentrant=False) if use_checkpoint else unit(x)
+            if segment.stitch is not None:
+                x = segment.stitch(x)
+        return self.adapters[route.anchors[-1]].finish(x, self.final_norm_on_stitched_routes)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, stitch_id: Optional[int] = None) -> torch.Tensor:
         """Head of the last anchor of route ``stitch_id`` on features from ``forward_features``."""
@@ -219,7 +223,7 @@ class StitchedNet(nn.Module):
     def forward(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
         stitch_id = self._resolve(stitch_id)
         with route_bn_stats(self, stitch_id):  # BatchNorm in heads (LeViT) too
-            return self.forward_head(self.forward_features(x, stitch_id), stitch_id=stitch_id)
+            return self.forward_head(self._route_features(x, stitch_id), stitch_id=stitch_id)
 
     # ---- timm model conventions ---------------------------------------------------------------------------------
 
