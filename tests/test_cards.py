@@ -160,3 +160,12 @@ def test_loading_another_card_replaces_values_without_recounting(monkeypatch):
     model.load_card(card.with_accuracy({1: (66.0, None)}, 'tiny', 'measured'))
     assert [r.top1 for r in model.routes()[:3]] == [None, 66.0, None]
     assert model.routes()[0].macs > 0 and model.card.routes[1].top1 == 66.0
+
+
+def test_readme_names_timm_reader_datasets_and_small_macs_units(profiled):
+    model, card = profiled
+    card = card.with_accuracy({r.id: (50.0, None) for r in model.routes()}, 'torch/fashion_mnist/test', 'measured')
+    readme = render_readme(card)
+    assert '\ndatasets:\n- fashion_mnist\n---\n' in readme
+    assert max(r.macs for r in model.routes()) < 1e9  # tiny anchors: costs read in MMACs
+    assert '| params (M) | MMACs |' in readme and ' M per image' in readme

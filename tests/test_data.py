@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import timm.data
 
-from timm_stitch.data import load_fashion_mnist, prepare_fashion_mnist, read_idx
+from timm_stitch.data import (
+    GreyImageDataset,
+    load_fashion_mnist,
+    load_fashion_mnist_sample,
+    prepare_fashion_mnist,
+    read_idx,
+)
 
 
 def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
@@ -57,3 +63,15 @@ def test_missing_source_names_the_fix(tmp_path):
         load_fashion_mnist('train', tmp_path)
     with pytest.raises(ValueError, match="'train' or 'test'"):
         load_fashion_mnist('val', tmp_path)
+
+
+def test_shipped_sample_and_grey_dataset():
+    images, labels = load_fashion_mnist_sample()
+    assert images.shape == (1000, 28, 28) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [107, 105, 111, 93, 115, 87, 97, 95, 95, 95]  # the test split's first 1k
+    dataset = GreyImageDataset(images, labels, transform=np.asarray)
+    image, label = dataset[7]
+    np.testing.assert_array_equal(image, images[7])
+    assert label == labels[7] and len(dataset) == 1000
+    with pytest.raises(ValueError, match='need images'):
+        GreyImageDataset(images, labels[:10])

@@ -1,4 +1,5 @@
 """Route planning (pure functions) against the official SN-Net enumeration (SPEC §2.1, §3.1, §4, §5)."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -147,3 +148,11 @@ def test_format_route_table():
     lines = table.splitlines()
     assert lines[0].split()[:2] == ['id', 'route'] and len(lines) == 6
     assert 'Ti -> S (0,0)' in lines[5]
+
+
+def test_format_route_table_macs_unit():
+    routes = plan_token_routes([12] * 3).routes[:2]
+    small = [dataclasses.replace(r, macs=m) for r, m in zip(routes, (5_312_000, 17_000_000))]
+    assert 'MMACs' in format_route_table(small) and '  5.312 ' in format_route_table(small)
+    large = [dataclasses.replace(r, macs=m) for r, m in zip(routes, (1_258_411_200, 4_608_338_304))]
+    assert 'GMACs' in format_route_table(large) and '  1.258 ' in format_route_table(large)

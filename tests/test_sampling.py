@@ -90,3 +90,17 @@ def test_state_round_trip_continues_the_sequence():
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RouteSampler(**kwargs)
+
+
+def test_route_weights_skew_draws_towards_the_anchor_routes():
+    weights = [5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # two anchors drawn 5x as often as each stitched route
+    sampler = RouteSampler(7, route_weights=weights, seed=0)
+    counts = Counter(sampler() for _ in range(15000))
+    assert all(abs(counts[i] - 5000) < 300 for i in (0, 1)) and all(abs(counts[i] - 1000) < 150 for i in range(2, 7))
+    resumed = RouteSampler(7, route_weights=weights, seed=0)
+    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.draw(3) == sampler.draw(3)
+    with pytest.raises(ValueError, match='other settings'):
+        RouteSampler(7, seed=0).load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match='7 positive numbers'):
+        RouteSampler(7, route_weights=[1.0] * 6)

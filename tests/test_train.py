@@ -78,7 +78,8 @@ def test_single_process_loss_falls_and_checkpoints_load(tmp_path, data):
 
 
 def test_resume_continues_with_the_same_state(tmp_path, data):
-    extra = ('--model-ema', '--route-sampling', 'flops-grouped', '--route-group-gap', '1e-6', '--mixup', '0.2')
+    extra = ('--model-ema', '--route-sampling', 'flops-grouped', '--route-group-gap', '1e-6', '--mixup', '0.2',
+             '--anchor-route-weight', '3')
     full = _train(tmp_path, data, *extra, name='full')
     _train(tmp_path, data, *extra, '--stop-epoch', '2', name='part')
     assert torch.load(tmp_path / 'part' / 'last.state.pth', weights_only=False)['epoch'] == 1
@@ -89,6 +90,8 @@ def test_resume_continues_with_the_same_state(tmp_path, data):
         assert all(torch.equal(a[k], b[k]) for k in a), suffix
     sa, sb = (torch.load(r / 'last.state.pth', weights_only=False) for r in (full, tmp_path / 'part'))
     assert sa['sampler'] == sb['sampler'] and sa['num_updates'] == sb['num_updates'] == 30
+    weights = sa['sampler']['route_weights']
+    assert weights[:len(ANCHORS)] == [3.0] * len(ANCHORS) and set(weights[len(ANCHORS):]) == {1.0}
     assert [r['train_loss'] for r in _summary(full)] == [r['train_loss'] for r in _summary(tmp_path / 'part')]
 
 
@@ -127,6 +130,7 @@ def test_param_groups_split_stitches_and_anchors_and_skip_decay():
     (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--freeze-anchors', '--anchor-lr-scale', '0.1'], ValueError,
      'contradict'),
     (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--route-group-k', '2'], ValueError, 'flops-grouped only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--anchor-route-weight', '0'], ValueError, 'must be > 0'),
 ])
 def test_bad_arguments_raise_clear_errors(argv, error, match):
     with pytest.raises(error, match=match):

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+from .routes import macs_unit
+
 if TYPE_CHECKING:
     from .model import StitchedNet
 
@@ -310,6 +312,13 @@ def _fmt(value: Optional[float], scale: float = 1.0, digits: int = 2) -> str:
     return '–' if value is None else f'{value / scale:.{digits}f}'
 
 
+def _dataset_tag(dataset: str) -> str:
+    """The Hub dataset tag of a timm dataset name: 'imagenet/val' -> 'imagenet', 'torch/fashion_mnist/test' ->
+    'fashion_mnist' (timm's reader prefixes dropped)."""
+    parts = dataset.split('/')
+    return parts[1] if len(parts) > 1 and parts[0] in ('torch', 'hfds', 'hfids', 'tfds', 'wds') else parts[0]
+
+
 def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME) -> str:
     """A Hugging Face model card (YAML front matter + markdown) for ``card``: summary, usage, plot, route table,
     provenance."""
@@ -318,7 +327,7 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME) -> str:
     routes = card_routes(card, profile)
     accuracy = next((r.accuracy for r in card.routes if r.accuracy), None)
     name = card.model or 'stitched network'
-    datasets = sorted({r.accuracy['dataset'].split('/')[0] for r in card.routes if r.accuracy})
+    datasets = sorted({_dataset_tag(r.accuracy['dataset']) for r in card.routes if r.accuracy})
     front = ['---', 'license: apache-2.0', 'library_name: timm', 'pipeline_tag: image-classification', 'tags:',
              '- image-classification', '- timm', '- timm-stitch', '- stitchable-neural-networks']
     if datasets:
@@ -327,6 +336,7 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME) -> str:
 
     macs = [r.macs for r in routes if r.macs is not None]
     params = [r.params for r in routes if r.params is not None]
+    unit, scale = macs_unit(macs)
     size = card.settings.get('input_size')
     lines = [*front, f'# Model card for {name}', '',
              f'A stitchable neural network (SN-Net) over the timm anchors {", ".join(f"`{n}`" for n in names)}: '
@@ -336,7 +346,7 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME) -> str:
         weights = a.get('weights') if a.get('weights') not in (None, a['name']) else None
         lines.append(f"- Anchor `{a['name']}`" + (f' (initial weights `{weights}`)' if weights else ''))
     if macs:
-        lines.append(f'- MACs: {min(macs) / 1e9:.2f} to {max(macs) / 1e9:.2f} G per image'
+        lines.append(f'- MACs: {min(macs) / scale:.2f} to {max(macs) / scale:.2f} {unit[0]} per image'
                      + (f' at {"x".join(map(str, size))}' if size else '')
                      + ' (fvcore convention, counted by timm-stitch)')
     if params:
@@ -350,23 +360,24 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME) -> str:
     if profile:
         lines.append(f'- Latency: median over repeated batch runs on `{profile}`')
     args = [repr(name), 'pretrained=True'] if accuracy else [repr(name)]
+    budget = sorted(macs)[len(macs) // 2] if macs else 5e9  # the usage example's budget: the median route
     if card.settings.get('final_norm_on_stitched_routes') is False:
         args.append('final_norm_on_stitched_routes=False')
     lines += ['', '## Usage', '', '```python', 'import timm', 'import timm_stitch', '',
               f"model = timm.create_model({', '.join(args)}).eval()",
               "model.load_card('routes.json')  # accuracy and latency of every route",
-              'route = model.select_stitch(max_macs=5e9)  # best route within a budget, made active',
+              f'route = model.select_stitch(max_macs={budget:.3g})  # best route within a budget, made active',
               'print(timm_stitch.format_route_table(model.pareto(), model.anchor_names))', '```', '']
     if plot_name:
         what = 'accuracy' if accuracy else 'params'
         lines += [f'## MACs and {what}', '', f'![MACs vs {what} of every route]({plot_name})', '']
     lat = f' | {profile} ms' if profile else ''
     lines += ['## Routes', '', '`*` marks routes on the MACs/top-1 Pareto front.', '',
-              f'| id | route | params (M) | GMACs | top-1 | top-5{lat} |',
+              f'| id | route | params (M) | {unit} | top-1 | top-5{lat} |',
               '|---:|---|---:|---:|---:|---:|' + ('---:|' if profile else '')]
     for r in routes:
         mark = '*' if r.dominated is False else ''
-        row = (f'| {r.id}{mark} | {_describe(r, names)} | {_fmt(r.params, 1e6)} | {_fmt(r.macs, 1e9, 3)} | '
+        row = (f'| {r.id}{mark} | {_describe(r, names)} | {_fmt(r.params, 1e6)} | {_fmt(r.macs, scale, 3)} | '
                f'{_fmt(r.top1)} | {_fmt(r.top5)} |')
         lines.append(row + (f' {_fmt(r.latency_ms)} |' if profile else ''))
     lines += ['', '## Provenance', '']
@@ -393,6 +404,7 @@ def plot_card(card: RouteCard, path: PathLike) -> None:
     y_of = (lambda r: r.top1) if has_acc else (lambda r: None if r.params is None else r.params / 1e6)
     routes = [r for r in routes if y_of(r) is not None]
     names = _short_names(card)
+    unit, scale = macs_unit([r.macs for r in routes])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     groups: dict[tuple, list] = {}
     for r in routes:
@@ -401,22 +413,22 @@ def plot_card(card: RouteCard, path: PathLike) -> None:
         if key == ('anchor',):
             continue
         label = ' → '.join(names[a] for a in key) if key else 'routes'
-        ax.scatter([r.macs / 1e9 for r in members], [y_of(r) for r in members], s=18, alpha=0.8, label=label)
+        ax.scatter([r.macs / scale for r in members], [y_of(r) for r in members], s=18, alpha=0.8, label=label)
     anchors = groups.get(('anchor',), [])
-    ax.scatter([r.macs / 1e9 for r in anchors], [y_of(r) for r in anchors], marker='*', s=160, c='black',
+    ax.scatter([r.macs / scale for r in anchors], [y_of(r) for r in anchors], marker='*', s=160, c='black',
                label='anchors', zorder=3)
     for r in anchors:
-        ax.annotate(names[r.anchors[0]], (r.macs / 1e9, y_of(r)), fontsize=7,
+        ax.annotate(names[r.anchors[0]], (r.macs / scale, y_of(r)), fontsize=7,
                     xytext=(4, -10), textcoords='offset points')
     if has_acc:
         front = pareto_front(routes, 'macs', 'top1')
-        ax.step([r.macs / 1e9 for r in front], [r.top1 for r in front], where='post', c='grey', lw=0.8,
+        ax.step([r.macs / scale for r in front], [r.top1 for r in front], where='post', c='grey', lw=0.8,
                 label='Pareto front', zorder=1)
     source = next((r.accuracy for r in card.routes if r.accuracy), None)
     ylabel = 'top-1 (%)' if has_acc else 'params (M)'
     if source:
         ylabel += f" ({source['dataset']}, {source['source']})"
-    ax.set(xlabel='GMACs per image', ylabel=ylabel, title=card.model or 'stitched network')
+    ax.set(xlabel=f'{unit} per image', ylabel=ylabel, title=card.model or 'stitched network')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -253,6 +253,11 @@ def plan_staged_routes(
     return StitchPlan(tuple(routes), tuple(groups))
 
 
+def macs_unit(macs: Sequence[Optional[float]]) -> tuple[str, float]:
+    """``('GMACs', 1e9)``, or ``('MMACs', 1e6)`` when every known value is under a billion (small models)."""
+    return ('MMACs', 1e6) if all(m is None or m < 1e9 for m in macs) else ('GMACs', 1e9)
+
+
 def format_route_table(routes: Sequence[Route], anchor_names: Optional[Sequence[str]] = None) -> str:
     """A fixed-width text table of routes: id, anchors, stage and cuts, params, MACs, accuracy, latency."""
     def name(a: int) -> str:
@@ -269,12 +274,13 @@ def format_route_table(routes: Sequence[Route], anchor_names: Optional[Sequence[
 
     descs = [describe(r) for r in routes]
     width = max([len('route'), *map(len, descs)])
-    header = f"{'id':>4}  {'route':<{width}} {'params(M)':>9} {'GMACs':>7} {'top1':>6} {'ms':>8}"
+    unit, scale = macs_unit([r.macs for r in routes])
+    header = f"{'id':>4}  {'route':<{width}} {'params(M)':>9} {unit:>7} {'top1':>6} {'ms':>8}"
     lines = [header, '-' * len(header)]
     for r, desc in zip(routes, descs):
         mark = '*' if r.dominated is False else ' '
         lines.append(
-            f'{r.id:>4}{mark} {desc:<{width}} {fmt(r.params, 1e6):>9} {fmt(r.macs, 1e9, 3):>7} '
+            f'{r.id:>4}{mark} {desc:<{width}} {fmt(r.params, 1e6):>9} {fmt(r.macs, scale, 3):>7} '
             f'{fmt(r.top1):>6} {fmt(r.latency_ms, 1.0, 3):>8}'
         )
     return '\n'.join(lines)

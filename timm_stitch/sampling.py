@@ -3,7 +3,8 @@
 ``uniform`` draws over every route (anchors included), as SN-Net v1 does. ``flops-grouped`` is SN-Netv2's
 resource-constrained sampling (ROS, SPEC §8.3): routes sorted by cost are split into groups whose costs stay within
 ``gap`` of the group's first route; a step picks a group (uniformly, or with weights ``i/k + 1/G`` when ``k`` is
-set), then a route of it uniformly.
+set), then a route of it uniformly. ``route_weights`` skews the draw within a group (for example towards the anchor
+routes, so that a long stitched training keeps the anchors' accuracy).
 
 Draws are a pure function of ``(seed, step)`` (``synced``: the same route on every rank, so each optimizer step
 trains one route) or of ``(seed, rank, step)`` (``per-rank``: each rank its own route, whose gradients DDP then
@@ -46,6 +47,7 @@ class RouteSampler:
         costs: Per-route cost (MACs) for ``'flops-grouped'``.
         gap: Group width, in the units of ``costs``.
         group_k: Group weighting ``i/k + 1/G`` (SN-Netv2 ``--flops_sampling_k``); None for uniform groups.
+        route_weights: Relative weight of each route within its group; None for uniform.
         sync: ``'synced'`` (same route on every rank) or ``'per-rank'``.
         seed: Base seed.
         rank: This process's rank (used only by ``'per-rank'``).
@@ -58,6 +60,7 @@ class RouteSampler:
             costs: Optional[Sequence[float]] = None,
             gap: float = 1e9,
             group_k: Optional[float] = None,
+            route_weights: Optional[Sequence[float]] = None,
             sync: Literal['synced', 'per-rank'] = 'synced',
             seed: int = 0,
             rank: int = 0,
@@ -70,7 +73,10 @@ class RouteSampler:
             raise ValueError(f'route sync must be one of {SYNC_MODES}, got {sync!r}')
         if group_k is not None and group_k <= 0:
             raise ValueError(f'group_k must be > 0, got {group_k}')
+        if route_weights is not None and (len(route_weights) != num_routes or min(route_weights) <= 0):
+            raise ValueError(f'route_weights must be {num_routes} positive numbers, got {list(route_weights)}')
         self.num_routes, self.mode, self.sync, self.seed, self.rank = num_routes, mode, sync, seed, rank
+        self.route_weights = None if route_weights is None else [float(w) for w in route_weights]
         self.gap, self.group_k = gap, group_k
         if mode == 'flops-grouped':
             if costs is None or len(costs) != num_routes:
@@ -95,7 +101,10 @@ class RouteSampler:
         rng = np.random.default_rng(key)
         group = self.groups[rng.choice(len(self.groups), p=self.group_probs)] if len(self.groups) > 1 \
             else self.groups[0]
-        return int(group[rng.integers(len(group))])
+        if self.route_weights is None:
+            return int(group[rng.integers(len(group))])
+        weights = np.array([self.route_weights[i] for i in group])
+        return int(group[rng.choice(len(group), p=weights / weights.sum())])
 
     def __call__(self) -> int:
         """The route of the next step; advances the step counter."""
@@ -105,7 +114,8 @@ class RouteSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {'step': self.step, 'mode': self.mode, 'sync': self.sync, 'seed': self.seed,
-                'num_routes': self.num_routes, 'gap': self.gap, 'group_k': self.group_k}
+                'num_routes': self.num_routes, 'gap': self.gap, 'group_k': self.group_k,
+                'route_weights': self.route_weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved state; raises ``ValueError`` when it was saved with other settings."""

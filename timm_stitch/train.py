@@ -159,6 +159,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--freeze-anchors', action='store_true', help='train the stitching layers only')
     g.add_argument('--route-sampling', default='uniform', choices=SAMPLING_MODES, help='route of each step')
     g.add_argument('--route-group-gap', type=float, default=1.0, help='flops-grouped: group width in GMACs')
+    g.add_argument('--anchor-route-weight', type=float, default=1.0,
+                   help='how much more often an anchor route is drawn than a stitched one (default: 1, uniform)')
     g.add_argument('--route-group-k', type=float, default=None, help='flops-grouped: group weights i/k + 1/G')
     g.add_argument('--route-sync', default='synced', choices=SYNC_MODES,
                    help="'synced': one route per step on every rank; 'per-rank': each its own (official)")
@@ -207,6 +209,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError('--freeze-anchors and --anchor-lr-scale contradict: frozen anchors have no lr')
     if args.stitch_init_samples < 0:
         raise ValueError(f'--stitch-init-samples must be >= 0, got {args.stitch_init_samples}')
+    if args.anchor_route_weight <= 0:
+        raise ValueError(f'--anchor-route-weight must be > 0, got {args.anchor_route_weight}')
     if args.route_group_k is not None and args.route_sampling != 'flops-grouped':
         raise ValueError('--route-group-k applies to --route-sampling flops-grouped only')
     if args.kd_checkpoint and not args.kd_model:
@@ -503,8 +507,12 @@ def run(args: argparse.Namespace) -> int:
     if args.route_sampling == 'flops-grouped':
         all_costs = route_costs(model)
         costs = [all_costs[i] for i in route_ids]
+    weights = None
+    if args.anchor_route_weight != 1.0:
+        weights = [args.anchor_route_weight if model.plan.routes[i].is_anchor else 1.0 for i in route_ids]
     sampler = RouteSampler(len(route_ids), args.route_sampling, costs, gap=args.route_group_gap * 1e9,
-                           group_k=args.route_group_k, sync=args.route_sync, seed=args.seed, rank=args.rank)
+                           group_k=args.route_group_k, route_weights=weights, sync=args.route_sync, seed=args.seed,
+                           rank=args.rank)
     if state:
         sampler.load_state_dict(state['sampler'])
 
@@ -627,8 +635,8 @@ def run(args: argparse.Namespace) -> int:
     digest = check_ranks_agree(model)
     if primary:
         ranks = f'identical on {args.world_size} ranks, ' if args.distributed else ''
-        _logger.info(f'done: weights {ranks}sha256 {digest[:16]}; best {args.eval_metric} {best[0]} '
-                     f'(epoch {best[1]})')
+        best_text = 'none (no evaluation)' if best[0] is None else f'{best[0]:.4g} (epoch {best[1]})'
+        _logger.info(f'done: weights {ranks}sha256 {digest[:16]}; best {args.eval_metric} {best_text}')
     if args.distributed:
         dist.destroy_process_group()
     return 0

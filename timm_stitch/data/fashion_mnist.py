@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import torch
+from PIL import Image
 
-__all__ = ['FASHION_MNIST_CLASSES', 'DEFAULT_SOURCES', 'read_idx', 'find_source', 'prepare_fashion_mnist',
-           'load_fashion_mnist']
+__all__ = ['FASHION_MNIST_CLASSES', 'DEFAULT_SOURCES', 'SAMPLE_FILE', 'read_idx', 'find_source',
+           'prepare_fashion_mnist', 'load_fashion_mnist', 'load_fashion_mnist_sample', 'GreyImageDataset']
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                          'Ankle boot')
 #: where Debian's ``dataset-fashion-mnist`` package installs the IDX files
 DEFAULT_SOURCES = (Path('/usr/share/datasets/fashion-mnist'),)
+#: the first 1,000 test images and labels, shipped so that tests and the demo run without the full dataset
+SAMPLE_FILE = Path(__file__).resolve().parent / 'fashion_mnist_test_1k.npz'
 _FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
@@ -79,6 +83,28 @@ def load_fashion_mnist(split: str = 'test', source: Optional[PathLike] = None) -
     if len(images) != len(labels):
         raise ValueError(f'{split} split has {len(images)} images but {len(labels)} labels')
     return images, labels.astype(np.int64)
+
+
+def load_fashion_mnist_sample() -> tuple[np.ndarray, np.ndarray]:
+    """The first 1,000 test images and labels, shipped with the package (the test split's first rows)."""
+    with np.load(SAMPLE_FILE) as sample:
+        return sample['images'], sample['labels'].astype(np.int64)
+
+
+class GreyImageDataset(torch.utils.data.Dataset):
+    """``(PIL image, label)`` pairs from uint8 arrays, like torchvision's ``FashionMNIST``, for timm's transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        if images.ndim != 3 or len(images) != len(labels):
+            raise ValueError(f'need images (N, H, W) and N labels, got {images.shape} and {labels.shape}')
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index])
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
 def prepare_fashion_mnist(root: PathLike, source: Optional[PathLike] = None) -> Path:
