@@ -18,7 +18,6 @@ Stages, each with the project's own trainer/validator (``timm_stitch.train`` / `
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import subprocess
@@ -33,7 +32,13 @@ from timm.data import resolve_data_config
 
 import timm_stitch
 from timm_stitch.cards import RouteCard, write_card_dir
-from timm_stitch.data import GreyImageDataset, load_fashion_mnist, load_fashion_mnist_sample, prepare_fashion_mnist
+from timm_stitch.data import (
+    GreyImageDataset,
+    load_fashion_mnist,
+    load_fashion_mnist_sample,
+    prepare_fashion_mnist,
+    write_idx,
+)
 from timm_stitch.data.fashion_mnist import SAMPLE_FILE
 from timm_stitch.models.snnet_vit_fmnist import FMNIST_ANCHORS, SHIPPED_DIR
 from timm_stitch.validate import eval_loader, evaluate_routes
@@ -50,10 +55,8 @@ def write_subset(source: Path | None, out: Path, n_train: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_train // 4)):
         images, labels = load_fashion_mnist('train' if split == 'train' else 'test', source)
-        for kind, array in (('images-idx3', images[:n]), ('labels-idx1', labels[:n])):
-            header = bytes([0, 0, 8, array.ndim]) + b''.join(d.to_bytes(4, 'big') for d in array.shape)
-            with gzip.open(out / f'{split}-{kind}-ubyte.gz', 'wb') as f:
-                f.write(header + array.astype('uint8').tobytes())
+        write_idx(out / f'{split}-images-idx3-ubyte.gz', images[:n])
+        write_idx(out / f'{split}-labels-idx1-ubyte.gz', labels[:n])
     return out
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import timm.data
 
+import timm_stitch.data
 from timm_stitch.data import (
     GreyImageDataset,
     load_fashion_mnist,
@@ -35,6 +36,15 @@ def test_read_idx_round_trip(tmp_path):
     array = np.arange(24).reshape(2, 3, 4)
     write_idx(tmp_path / 'a', array)
     np.testing.assert_array_equal(read_idx(tmp_path / 'a'), array)
+
+
+def test_library_idx_writer_matches_the_format(tmp_path):
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / 'expected', array)
+    timm_stitch.data.write_idx(tmp_path / 'plain', array)
+    timm_stitch.data.write_idx(tmp_path / 'packed.gz', array)
+    assert (tmp_path / 'plain').read_bytes() == (tmp_path / 'expected').read_bytes()
+    assert gzip.decompress((tmp_path / 'packed.gz').read_bytes()) == (tmp_path / 'expected').read_bytes()
 
 
 def test_read_idx_rejects_bad_files(tmp_path):

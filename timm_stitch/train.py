@@ -159,9 +159,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--freeze-anchors', action='store_true', help='train the stitching layers only')
     g.add_argument('--route-sampling', default='uniform', choices=SAMPLING_MODES, help='route of each step')
     g.add_argument('--route-group-gap', type=float, default=1.0, help='flops-grouped: group width in GMACs')
+    g.add_argument('--route-group-k', type=float, default=None, help='flops-grouped: group weights i/k + 1/G')
     g.add_argument('--anchor-route-weight', type=float, default=1.0,
                    help='how much more often an anchor route is drawn than a stitched one (default: 1, uniform)')
-    g.add_argument('--route-group-k', type=float, default=None, help='flops-grouped: group weights i/k + 1/G')
     g.add_argument('--route-sync', default='synced', choices=SYNC_MODES,
                    help="'synced': one route per step on every rank; 'per-rank': each its own (official)")
     g.add_argument('--val-routes', default='anchors',

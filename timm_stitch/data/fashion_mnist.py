@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['FASHION_MNIST_CLASSES', 'DEFAULT_SOURCES', 'SAMPLE_FILE', 'read_idx', 'find_source',
+__all__ = ['FASHION_MNIST_CLASSES', 'DEFAULT_SOURCES', 'SAMPLE_FILE', 'read_idx', 'write_idx', 'find_source',
            'prepare_fashion_mnist', 'load_fashion_mnist', 'load_fashion_mnist_sample', 'GreyImageDataset']
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
@@ -59,6 +59,14 @@ def read_idx(path: PathLike) -> np.ndarray:
     if array.size != int(np.prod(shape)):
         raise ValueError(f'{path} is truncated: header says {shape}, found {array.size} values')
     return array.reshape(shape)
+
+
+def write_idx(path: PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzipped when ``path`` ends in ``.gz``), as :func:`read_idx` reads it."""
+    path = Path(path)
+    header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == '.gz' else data)
 
 
 def find_source(source: Optional[PathLike] = None) -> Path:
