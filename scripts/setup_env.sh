@@ -12,11 +12,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
 fi
 if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
-    echo "[setup] installing $TORCH_PACKAGES"
+    echo "[setup] installing $TORCH_PACKAGES (about 1 minute from a local wheel store, longer from the network)"
+    # pip's own lines (collecting, downloading, installing) show progress; a progress bar where a terminal is open
     # shellcheck disable=SC2086
-    "$VENV/bin/pip" install -q $TORCH_PACKAGES 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/pip" install --progress-bar on $TORCH_PACKAGES 2>&1 | grep --line-buffered -v "^WARNING: Location" || true
     "$VENV/bin/python" -c "import torch, torchvision"
 fi
 echo "[setup] installing timm-stitch[test]"
-"$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep --line-buffered -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import timm_stitch"

@@ -6,13 +6,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from reported_tables import DEIT_TSB, read_rows
 from tiny_models import tiny_snnet
 
 import timm_stitch
 from timm_stitch.cards import SCHEMA_VERSION, RouteCard, atomic_write, render_readme, write_card_dir
 from timm_stitch.profile import device_profile
-
-REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'snnet_deit_tsb_official.jsonl'
 
 
 @pytest.fixture(scope='module')
@@ -45,13 +44,13 @@ def test_card_from_model_round_trips(tmp_path):
 
 
 def test_official_jsonl_reader(tmp_path):
-    card = RouteCard.load(REFERENCE, model='snnet_deit_tsb')
-    rows = [json.loads(line) for line in REFERENCE.read_text().splitlines()]
+    card = RouteCard.load(DEIT_TSB, model='snnet_deit_tsb')
+    rows = read_rows()
     assert [r.id for r in card.routes] == list(range(71))
     assert [(r.macs, r.params, r.top1) for r in card.routes] == [(x['flops'], x['params'], x['acc1']) for x in rows]
     assert card.routes[0].accuracy['source'] == 'reported' and card.routes[0].anchors is None
     truncated = tmp_path / 'res.txt'
-    truncated.write_text(REFERENCE.read_text()[:-20])
+    truncated.write_text(DEIT_TSB.read_text()[:-20])
     with pytest.warns(UserWarning, match='truncated last line'):
         assert len(RouteCard.load(truncated).routes) == 70
     (tmp_path / 'bad.json').write_text('{"routes": []}')
@@ -70,7 +69,7 @@ def test_card_for_another_model_is_rejected():
     with pytest.raises(ValueError, match="card is for 'snnet_deit_sb', not for 'stitched"):
         model.load_card(other)
     with pytest.raises(ValueError, match='route card entry 23 is out of range: the model has routes 0..22'):
-        model.load_card(REFERENCE)
+        model.load_card(DEIT_TSB)
     card.routes[5].cuts = [[3, 3]]
     with pytest.raises(ValueError, match='route card entry 5 .* does not match'):
         model.load_card(card)

@@ -3,6 +3,7 @@
 Importing ``timm.optim`` (its Kron optimizer) raises dynamo's recompile limit to 1,000,000 for the whole process, so
 these tests pin torch's default of 8.
 """
+import pytest
 import torch
 import torch._dynamo.testing
 from tiny_models import tiny_images, tiny_snnet
@@ -10,6 +11,7 @@ from tiny_models import tiny_images, tiny_snnet
 import timm_stitch
 
 DEFAULT_LIMIT = torch._dynamo.config.patch(recompile_limit=8)
+pytestmark = pytest.mark.integration
 
 
 @DEFAULT_LIMIT

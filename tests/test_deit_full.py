@@ -1,14 +1,12 @@
 """Full-size snnet_deit_tsb (untrained weights): routes, parameter counts and anchor parity with timm."""
-import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from reported_tables import read_rows
 
 import timm_stitch  # noqa: F401  (registers snnet_*)
 
-REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'snnet_deit_tsb_official.jsonl'
 pytestmark = pytest.mark.slow
 
 
@@ -18,7 +16,7 @@ def model():
 
 
 def official_rows() -> list[dict]:
-    return [json.loads(line) for line in REFERENCE.read_text().splitlines()]
+    return read_rows()
 
 
 def test_routes_and_stitch_layers(model):

@@ -66,6 +66,7 @@ def test_training_mode_is_restored():
     assert model.training
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('family', FAMILIES)
 @pytest.mark.filterwarnings('ignore:The tensor attributes')  # timm LeViT's attention-bias cache, set while tracing
 def test_torch_export_and_onnx(family, tmp_path):

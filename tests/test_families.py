@@ -1,7 +1,6 @@
 """Swin, ResNet, ResNet->Swin and LeViT: official route tables, anchor parity, every route runs, BN, LS init."""
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -307,17 +306,22 @@ def test_recalibrate_bn_covers_levit_heads_and_is_a_no_op_without_bn():
 @pytest.mark.filterwarnings('ignore:route')  # BN families: uncalibrated routes warn
 @pytest.mark.parametrize('arch', list(REGISTERED))
 def test_registered_real_size_runs(arch):
-    """Untrained real-size anchors: anchor parity, every route's forward, backward through two stitched routes."""
-    start = time.perf_counter()
+    """Untrained real-size anchors: anchor parity; the forward of every anchor and of the first and last route of each
+    (stage, anchor pair), so that every stitched stage runs at its real size (every route runs at tiny size above,
+    and every stitching layer's real shape is checked on the meta device); backward through two stitched routes."""
     torch.manual_seed(0)
     model = timm.create_model(arch).eval()
     images = torch.randn(1, 3, 224, 224)
+    by_group: dict[tuple[int, int], list] = {}
+    for route in model.plan.routes:
+        if route.stitches:
+            by_group.setdefault((route.stitches[0].stage, route.stitches[0].pair), []).append(route)
+    sampled = [r for r in model.plan.routes if not r.stitches] + [r for g in by_group.values() for r in (g[0], g[-1])]
     with torch.no_grad():
         assert torch.equal(model(images, stitch_id=0), model.anchors[0](images))
-        for route in model.plan.routes:
+        for route in sampled:
             assert model(images, stitch_id=route.id).shape == (1, 1000)
     model.train()
     for route in (model.plan.routes[len(model.anchors)], model.plan.routes[-1]):
         model(images.expand(2, -1, -1, -1), stitch_id=route.id).logsumexp(1).mean().backward()
         assert model.stitch_layer(route.stitches[0]).transform.weight.grad is not None
-    assert time.perf_counter() - start < 60

@@ -1,9 +1,8 @@
 """Route planning (pure functions) against the official SN-Net enumeration (SPEC §2.1, §3.1, §4, §5)."""
 import dataclasses
-import json
-from pathlib import Path
 
 import pytest
+from reported_tables import read_rows
 
 from timm_stitch.routes import (
     StitchPosition,
@@ -14,8 +13,6 @@ from timm_stitch.routes import (
     plan_token_routes,
     window_positions,
 )
-
-REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'snnet_deit_tsb_official.jsonl'
 
 
 def official_deit_position(p: int) -> tuple[int, int, int]:
@@ -42,7 +39,7 @@ def test_deit_71_routes_in_official_order():
 
 
 def test_deit_route_ids_cover_reference_table():
-    ids = [json.loads(line)['cfg_id'] for line in REFERENCE.read_text().splitlines()]
+    ids = [r['cfg_id'] for r in read_rows()]
     assert ids == [r.id for r in plan_token_routes([12] * 3).routes]
 
 

@@ -1,14 +1,11 @@
 """Route samplers: uniform and flops-grouped (SN-Netv2 ROS), synced or per rank, resumable."""
-import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+from reported_tables import read_rows
 
 from timm_stitch.sampling import RouteSampler, group_by_cost
-
-REFERENCE = Path('/work/shared/reference/snnet_deit_tsb_official.jsonl')
 
 
 def test_group_by_cost_walks_sorted_costs_from_each_groups_first():
@@ -20,9 +17,8 @@ def test_group_by_cost_walks_sorted_costs_from_each_groups_first():
         group_by_cost([1.0], gap=-1)
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason='official DeiT table not available')
 def test_groups_of_the_official_deit_table_partition_the_routes_within_the_gap():
-    rows = [json.loads(line) for line in REFERENCE.read_text().splitlines() if line.strip()]
+    rows = read_rows()
     costs = [r['flops'] for r in sorted(rows, key=lambda r: r['cfg_id'])]
     groups = group_by_cost(costs, gap=1e9)
     assert sorted(i for g in groups for i in g) == list(range(71))

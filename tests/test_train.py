@@ -153,6 +153,7 @@ def test_recipe_configs_parse(configs):
     assert args.model and args.epochs >= 1
 
 
+@pytest.mark.integration
 def test_torchrun_two_ranks_agree_and_loss_falls(tmp_path, data):
     cfg = write_config(tmp_path / 'ddp.yaml', epochs=3, batch_size=8)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}

@@ -99,6 +99,7 @@ def test_errors(tmp_path, setup):
         main([*MODEL_ARGS, '--data-dir', str(data), '--stitch-ids', '99', '--output', str(tmp_path / 'o')])
 
 
+@pytest.mark.integration
 def test_torchrun_shards_give_the_single_process_result(tmp_path, setup):
     data, weights, model = setup
     args = [*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights)]

@@ -1,4 +1,5 @@
-"""Per-route MACs in the convention of the SN-Net tables (fvcore's; SPEC §6), counted piece by piece.
+"""Per-route MACs in the convention of the SN-Net tables (fvcore's: one multiply-add per
+multiplication, attention matmuls and LayerNorm counted), counted piece by piece.
 
 Every piece of a stitched network (each anchor's embed, each unit, each stitching layer at each cut, the finish
 with and without the final norm, the head) is counted once at batch 1; a route's MACs are then a pure sum

@@ -131,7 +131,7 @@ def interpolated_positions(
 
     Every end block ``i`` whose nearest front block ``j`` is before it gives the position ``(j, i)``.
     ``layer_mapping='corrected'`` shares layer ``j``; ``'official'`` reproduces the released code, which gives
-    the m-th position layer ``end_map[m]`` (SPEC §9.2), needed to load the official checkpoints.
+    the m-th position layer ``end_map[m]``, as the official checkpoints are laid out.
     """
     if layer_mapping not in ('corrected', 'official'):
         raise ValueError(f"layer_mapping must be 'corrected' or 'official', got {layer_mapping!r}")

@@ -1,7 +1,7 @@
 """Route samplers for SN-Net training: which route each training step runs.
 
 ``uniform`` draws over every route (anchors included), as SN-Net v1 does. ``flops-grouped`` is SN-Netv2's
-resource-constrained sampling (ROS, SPEC §8.3): routes sorted by cost are split into groups whose costs stay within
+resource-constrained sampling (ROS): routes sorted by cost are split into groups whose costs stay within
 ``gap`` of the group's first route; a step picks a group (uniformly, or with weights ``i/k + 1/G`` when ``k`` is
 set), then a route of it uniformly. ``route_weights`` skews the draw within a group (for example towards the anchor
 routes, so that a long stitched training keeps the anchors' accuracy).
