@@ -6,8 +6,7 @@ import warnings
 import pytest
 import timm
 import torch
-from test_families import tiny_family
-from tiny_models import tiny_images, tiny_snnet
+from tiny_models import tiny_family, tiny_images, tiny_snnet
 
 from timm_stitch.export import StitchedRoute
 from timm_stitch.hub import save_pretrained

@@ -6,13 +6,14 @@ import warnings
 import pytest
 import timm
 import torch
+from tiny_models import tiny_family
 from torch import nn
 
 from timm_stitch import StitchedNet
 from timm_stitch.bn import stitched_bn_layers
-from timm_stitch.models.snnet_levit import LEVIT_192_256_ANCHORS, LEVIT_STAGES
-from timm_stitch.models.snnet_resnet import RESNET18_SWIN_TI_ANCHORS, RESNET_18_50_ANCHORS, RESNET_STAGES
-from timm_stitch.models.snnet_swin import SWIN_STAGES, SWIN_TSB_ANCHORS
+from timm_stitch.models.snnet_levit import LEVIT_192_256_ANCHORS
+from timm_stitch.models.snnet_resnet import RESNET18_SWIN_TI_ANCHORS, RESNET_18_50_ANCHORS
+from timm_stitch.models.snnet_swin import SWIN_TSB_ANCHORS
 from timm_stitch.stitching import StitchingLayer, to_rows
 
 # ---- official route tables (SPEC §3.1, §4, §5), from the registered architectures built on the meta device ----
@@ -88,39 +89,6 @@ def test_registered_stitch_layers_and_params():
 
 
 # ---- tiny configs of each family: anchor parity and every route forward + backward ------------------------------
-
-def tiny_swin(embed_dim: int, depths: tuple, img_size: int = 32, patch_size: int = 2) -> nn.Module:
-    heads = tuple(max(1, embed_dim * 2 ** i // 16) for i in range(len(depths)))
-    return timm.create_model('swin_tiny_patch4_window7_224', img_size=img_size, patch_size=patch_size, window_size=2,
-                             embed_dim=embed_dim, depths=depths, num_heads=heads, num_classes=10)
-
-
-def tiny_resnet(name: str, width: int = 8) -> nn.Module:
-    return timm.create_model(name, channels=tuple(width * 2 ** i for i in range(4)), num_classes=10)
-
-
-def tiny_levit(dims: tuple) -> nn.Module:
-    return timm.create_model('levit_192', img_size=64, embed_dim=dims, key_dim=8, num_heads=(2, 3, 4),
-                             depth=(4, 4, 4), num_classes=10)
-
-
-def tiny_family(family: str) -> tuple[StitchedNet, torch.Tensor, int]:
-    """A tiny stitched network with the registered architecture's settings, its input batch and route count."""
-    torch.manual_seed(0)
-    if family == 'swin':
-        anchors = [tiny_swin(16, (2, 2, 6, 2)), tiny_swin(16, (2, 2, 18, 2)), tiny_swin(32, (2, 2, 18, 2))]
-        return StitchedNet(anchors, num_classes=10, stages=SWIN_STAGES), torch.randn(2, 3, 32, 32), 41
-    if family == 'resnet':
-        anchors = [tiny_resnet('resnet18'), tiny_resnet('resnet50')]
-        return StitchedNet(anchors, num_classes=10, stages=RESNET_STAGES), torch.randn(2, 3, 32, 32), 10
-    if family == 'resnet_swin':
-        anchors = [tiny_resnet('resnet18'), tiny_swin(16, (2, 2, 6, 2), img_size=64, patch_size=4)]
-        return StitchedNet(anchors, num_classes=10, stages=RESNET_STAGES), torch.randn(2, 3, 64, 64), 8
-    if family == 'levit':
-        anchors = [tiny_levit((16, 24, 32)), tiny_levit((32, 48, 64))]
-        return StitchedNet(anchors, num_classes=10, stages=LEVIT_STAGES), torch.randn(2, 3, 64, 64), 8
-    raise KeyError(family)
-
 
 FAMILIES = ['swin', 'resnet', 'resnet_swin', 'levit']
 

@@ -1,10 +1,15 @@
-"""Tiny anchors shared by the tests: DeiT-like ViTs that differ only in width, fast on CPU."""
+"""Tiny anchors shared by the tests, fast on CPU: DeiT-like ViTs that differ only in width, and tiny Swin, ResNet,
+ResNet->Swin and LeViT stitched networks with the registered architectures' settings."""
 from __future__ import annotations
 
 import timm
 import torch
+from torch import nn
 
 from timm_stitch import StitchedNet
+from timm_stitch.models.snnet_levit import LEVIT_STAGES
+from timm_stitch.models.snnet_resnet import RESNET_STAGES
+from timm_stitch.models.snnet_swin import SWIN_STAGES
 
 TINY_IMG = 32
 TINY_WIDTHS = ((16, 2), (32, 2), (64, 4))  # (embed_dim, heads) like Ti/S/B
@@ -39,3 +44,36 @@ def low_rank_images(n: int, seed: int = 0, rank: int = 6, patch: int = 8) -> tor
     coef = torch.randn(n, grid * grid, rank, generator=torch.Generator().manual_seed(seed))
     patches = (coef @ basis).reshape(n, grid, grid, 3, patch, patch)
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, TINY_IMG, TINY_IMG)
+
+
+def tiny_swin(embed_dim: int, depths: tuple, img_size: int = 32, patch_size: int = 2) -> nn.Module:
+    heads = tuple(max(1, embed_dim * 2 ** i // 16) for i in range(len(depths)))
+    return timm.create_model('swin_tiny_patch4_window7_224', img_size=img_size, patch_size=patch_size, window_size=2,
+                             embed_dim=embed_dim, depths=depths, num_heads=heads, num_classes=10)
+
+
+def tiny_resnet(name: str, width: int = 8) -> nn.Module:
+    return timm.create_model(name, channels=tuple(width * 2 ** i for i in range(4)), num_classes=10)
+
+
+def tiny_levit(dims: tuple) -> nn.Module:
+    return timm.create_model('levit_192', img_size=64, embed_dim=dims, key_dim=8, num_heads=(2, 3, 4),
+                             depth=(4, 4, 4), num_classes=10)
+
+
+def tiny_family(family: str) -> tuple[StitchedNet, torch.Tensor, int]:
+    """A tiny stitched network with the registered architecture's settings, its input batch and route count."""
+    torch.manual_seed(0)
+    if family == 'swin':
+        anchors = [tiny_swin(16, (2, 2, 6, 2)), tiny_swin(16, (2, 2, 18, 2)), tiny_swin(32, (2, 2, 18, 2))]
+        return StitchedNet(anchors, num_classes=10, stages=SWIN_STAGES), torch.randn(2, 3, 32, 32), 41
+    if family == 'resnet':
+        anchors = [tiny_resnet('resnet18'), tiny_resnet('resnet50')]
+        return StitchedNet(anchors, num_classes=10, stages=RESNET_STAGES), torch.randn(2, 3, 32, 32), 10
+    if family == 'resnet_swin':
+        anchors = [tiny_resnet('resnet18'), tiny_swin(16, (2, 2, 6, 2), img_size=64, patch_size=4)]
+        return StitchedNet(anchors, num_classes=10, stages=RESNET_STAGES), torch.randn(2, 3, 64, 64), 8
+    if family == 'levit':
+        anchors = [tiny_levit((16, 24, 32)), tiny_levit((32, 48, 64))]
+        return StitchedNet(anchors, num_classes=10, stages=LEVIT_STAGES), torch.randn(2, 3, 64, 64), 8
+    raise KeyError(family)
