@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from image_folders import ANCHORS, make_image_folder
 from safetensors.torch import save_file
-from test_train import ANCHORS, make_image_folder
 
 from timm_stitch.cards import RouteCard
 from timm_stitch.cli import main as cli_main
