@@ -111,6 +111,20 @@ def test_param_groups_split_stitches_and_anchors_and_skip_decay():
      'contradict'),
     (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--route-group-k', '2'], ValueError, 'flops-grouped only'),
     (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--anchor-route-weight', '0'], ValueError, 'must be > 0'),
+    # options that act only with another one are errors without it, not silent no-ops
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--amp-dtype', 'bfloat16'], ValueError, 'needs --amp'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--model-ema-decay', '0.9'], ValueError,
+     '--model-ema-decay applies with --model-ema only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--model-ema-warmup'], ValueError, 'with --model-ema only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--clip-mode', 'agc'], ValueError, 'with --clip-grad only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--route-group-gap', '2'], ValueError, 'flops-grouped only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--kd-alpha', '0.3'], ValueError, 'with --kd-model only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--no-kd-pretrained'], ValueError, 'with --kd-model only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--kd-model', 'resnet18', '--kd-tau', '2'], ValueError,
+     '--kd-tau applies with --kd-type soft only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--no-resume-opt'], ValueError, 'with --resume only'),
+    (['--model', 'snnet_vit_fmnist_tsb', '--data-dir', '.', '--input-img-mode', 'RGB'], ValueError,
+     'the model takes 1'),
 ])
 def test_bad_arguments_raise_clear_errors(argv, error, match):
     with pytest.raises(error, match=match):

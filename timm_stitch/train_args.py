@@ -12,8 +12,8 @@ from .validate import check_data_dir, resolve_amp_dtype
 __all__ = ['build_parser', 'parse_args', 'check_args']
 
 #: options that act only together with another one: (option, what it needs, whether the arguments have it), and
-#: the value each takes when not given. They default to None (or False), so that giving one without what it needs
-#: is an error instead of a silent no-op.
+#: the value each takes when not given. They default to None, so that giving one without what it needs is an error
+#: instead of a silent no-op.
 _DEPENDENT: tuple[tuple[str, str, Callable[[argparse.Namespace], bool]], ...] = (
     ('model_ema_decay', '--model-ema', lambda a: a.model_ema),
     ('model_ema_warmup', '--model-ema', lambda a: a.model_ema),
@@ -28,8 +28,9 @@ _DEPENDENT: tuple[tuple[str, str, Callable[[argparse.Namespace], bool]], ...] = 
     ('kd_tau', '--kd-type soft', lambda a: a.kd_type == 'soft'),
     ('no_resume_opt', '--resume', lambda a: bool(a.resume)),
 )
-_UNSET_DEFAULTS: dict[str, Any] = dict(model_ema_decay=0.9998, clip_mode='norm', route_group_gap=1.0,
-                                       kd_pretrained=True, kd_type='hard', kd_alpha=0.5, kd_tau=1.0)
+_UNSET_DEFAULTS: dict[str, Any] = dict(
+    model_ema_decay=0.9998, model_ema_warmup=False, model_ema_force_cpu=False, clip_mode='norm', route_group_gap=1.0,
+    kd_checkpoint='', kd_pretrained=True, kd_type='hard', kd_alpha=0.5, kd_tau=1.0, no_resume_opt=False)
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -54,7 +55,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--pretrained-anchors', action='store_true', help="start from each anchor's timm weights")
     g.add_argument('--initial-checkpoint', default='', help='weights to start from (.safetensors or .pth)')
     g.add_argument('--resume', default='', help='resume from a .state.pth (or its .safetensors, or the output dir)')
-    g.add_argument('--no-resume-opt', action='store_true', help='do not restore the optimizer when resuming')
+    g.add_argument('--no-resume-opt', action='store_true', default=None,
+                   help='do not restore the optimizer when resuming')
     g.add_argument('--num-classes', type=int, default=None, help='number of classes')
     g.add_argument('--img-size', type=int, default=None, help='input image size')
     g.add_argument('--crop-pct', type=float, default=None, help='validation center crop fraction')
@@ -118,9 +120,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--drop-path', type=float, default=None, help='drop path rate of every anchor')
     g = p.add_argument_group('EMA and precision')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights')
-    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
+    g.add_argument('--model-ema-force-cpu', action='store_true', default=None, help='keep the EMA on the CPU')
     g.add_argument('--model-ema-decay', type=float, default=None, help='EMA decay (default: 0.9998)')
-    g.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warmup')
+    g.add_argument('--model-ema-warmup', action='store_true', default=None, help='EMA decay warmup')
     g.add_argument('--amp', action='store_true', help='mixed precision training')
     g.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
                    help='autocast dtype with --amp (default: float16)')
@@ -160,7 +162,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--val-routes', default='anchors',
                    help="routes validated each epoch: 'anchors', 'all', 'none' or ids like '0,3,5-9'")
     g.add_argument('--kd-model', default='', help='timm teacher model for distillation (e.g. regnety_160)')
-    g.add_argument('--kd-checkpoint', default='', help='teacher weights file')
+    g.add_argument('--kd-checkpoint', default=None, help='teacher weights file')
     g.add_argument('--kd-pretrained', action=argparse.BooleanOptionalAction, default=None,
                    help="load the teacher's timm pretrained weights (default: yes)")
     g.add_argument('--kd-type', default=None, choices=('hard', 'soft'), help='distillation type (default: hard)')
@@ -210,7 +212,7 @@ def check_args(args: argparse.Namespace) -> None:
     resolve_amp_dtype(args)
     for name, needs, has in _DEPENDENT:
         value = getattr(args, name)
-        if value is not None and value is not False and value != '' and not has(args):
+        if value is not None and not has(args):
             raise ValueError(f"--{name.replace('_', '-')} applies with {needs} only, which is not set")
     for name, default in _UNSET_DEFAULTS.items():
         if getattr(args, name) is None:
