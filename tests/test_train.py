@@ -123,6 +123,13 @@ def test_param_groups_split_stitches_and_anchors_and_skip_decay():
     (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--kd-model', 'resnet18', '--kd-tau', '2'], ValueError,
      '--kd-tau applies with --kd-type soft only'),
     (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--no-resume-opt'], ValueError, 'with --resume only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--lr', '0.1', '--lr-base', '0.5'], ValueError,
+     '--lr-base applies with no --lr only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--mixup-prob', '0.5'], ValueError, 'with --mixup, --cutmix'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--stitch-init-mode', 'average'], ValueError,
+     'with --stitch-init-samples only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--val-routes', 'none', '-vb', '8'], ValueError,
+     "--validation-batch-size applies with --val-routes other than 'none' only"),
     (['--model', 'snnet_vit_fmnist_tsb', '--data-dir', '.', '--input-img-mode', 'RGB'], ValueError,
      'the model takes 1'),
 ])

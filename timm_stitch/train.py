@@ -36,7 +36,7 @@ from timm.utils import (
 from torch import nn
 
 from .sampling import RouteSampler
-from .train_args import build_parser, check_args, parse_args
+from .train_args import build_parser, check_args, mixup_active, parse_args
 from .validate import (
     create_image_dataset,
     create_stitched_model,
@@ -136,11 +136,11 @@ def _ls_init(model: nn.Module, args: argparse.Namespace, data_config: dict[str, 
             dist.broadcast(param.data, 0)
 
 
-def _build_criterion(args: argparse.Namespace, mixup_active: bool, num_classes: int, device: torch.device
+def _build_criterion(args: argparse.Namespace, use_mixup: bool, num_classes: int, device: torch.device
                      ) -> tuple[nn.Module, bool]:
     """Training loss (timm's), wrapped for distillation; returns it and whether it takes the images."""
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    if mixup_active:
+    if use_mixup:
         base = SoftTargetCrossEntropy()
     elif args.smoothing:
         base = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
@@ -364,10 +364,10 @@ def run(args: argparse.Namespace) -> int:
         dataset_eval = create_image_dataset(args, args.val_split, model.in_chans)
         loader_eval = eval_loader(dataset_eval, data_config, args.validation_batch_size or args.batch_size,
                                   args.workers, args.rank, args.world_size, pin_memory=args.pin_mem)
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    use_mixup = mixup_active(args)
     use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
     collate_fn = mixup_fn = None
-    if mixup_active:
+    if use_mixup:
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                           label_smoothing=args.smoothing, num_classes=model.num_classes)
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     if len(loader_train) == 0:
         raise ValueError(f'the training set ({len(dataset_train)} images) has less than one batch of '
                          f'{args.batch_size} per rank')
-    criterion, takes_images = _build_criterion(args, mixup_active, model.num_classes, device)
+    criterion, takes_images = _build_criterion(args, use_mixup, model.num_classes, device)
 
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
@@ -421,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
         random_seed(args.seed + 100_003 * epoch, args.rank)
         if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
-        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if use_mixup and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             if mixup_fn is not None:
                 mixup_fn.mixup_enabled = False
             elif hasattr(loader_train, 'mixup_enabled'):

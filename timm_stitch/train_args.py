@@ -9,7 +9,12 @@ from typing import Any, Callable, Optional, Sequence
 from .sampling import SAMPLING_MODES, SYNC_MODES
 from .validate import check_data_dir, resolve_amp_dtype
 
-__all__ = ['build_parser', 'parse_args', 'check_args']
+__all__ = ['build_parser', 'parse_args', 'check_args', 'mixup_active']
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    """Whether mixup or cutmix is on."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
 
 #: options that act only together with another one: (option, what it needs, whether the arguments have it), and
 #: the value each takes when not given. They default to None, so that giving one without what it needs is an error
@@ -27,10 +32,19 @@ _DEPENDENT: tuple[tuple[str, str, Callable[[argparse.Namespace], bool]], ...] = 
     ('kd_alpha', '--kd-model', lambda a: bool(a.kd_model)),
     ('kd_tau', '--kd-type soft', lambda a: a.kd_type == 'soft'),
     ('no_resume_opt', '--resume', lambda a: bool(a.resume)),
+    ('lr_base', 'no --lr', lambda a: a.lr is None),
+    ('lr_base_size', 'no --lr', lambda a: a.lr is None),
+    ('lr_base_scale', 'no --lr', lambda a: a.lr is None),
+    *((name, '--mixup, --cutmix or --cutmix-minmax', mixup_active)
+      for name in ('mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'mixup_off_epoch')),
+    ('stitch_init_mode', '--stitch-init-samples', lambda a: a.stitch_init_samples > 0),
+    ('validation_batch_size', "--val-routes other than 'none'", lambda a: a.val_routes != 'none'),
 )
 _UNSET_DEFAULTS: dict[str, Any] = dict(
     model_ema_decay=0.9998, model_ema_warmup=False, model_ema_force_cpu=False, clip_mode='norm', route_group_gap=1.0,
-    kd_checkpoint='', kd_pretrained=True, kd_type='hard', kd_alpha=0.5, kd_tau=1.0, no_resume_opt=False)
+    kd_checkpoint='', kd_pretrained=True, kd_type='hard', kd_alpha=0.5, kd_tau=1.0, no_resume_opt=False, lr_base=0.1,
+    lr_base_size=256, lr_base_scale='', mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode='batch', mixup_off_epoch=0,
+    stitch_init_mode='joint')
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -64,7 +78,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--std', type=float, nargs='+', default=None, help='pixel std')
     g.add_argument('--interpolation', default='', help='validation resize interpolation')
     g.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per rank (default: 128)')
-    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, help='validation batch size')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None,
+                   help='validation batch size (default: --batch-size)')
     g.add_argument('--grad-checkpointing', action='store_true', help='gradient checkpointing through the blocks')
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='sgd', help='optimizer (default: sgd)')
@@ -79,9 +94,11 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--sched', default='cosine', help='scheduler (default: cosine)')
     g.add_argument('--sched-on-updates', action='store_true', help='step the schedule per update, not per epoch')
     g.add_argument('--lr', type=float, default=None, help='learning rate (default: --lr-base scaled by batch)')
-    g.add_argument('--lr-base', type=float, default=0.1, help='base lr for --lr-base-size (default: 0.1)')
-    g.add_argument('--lr-base-size', type=int, default=256, help='batch size of --lr-base (default: 256)')
-    g.add_argument('--lr-base-scale', default='', help="'linear' or 'sqrt' (default: by optimizer)")
+    g.add_argument('--lr-base', type=float, default=None,
+                   help='without --lr: base lr for --lr-base-size (default: 0.1)')
+    g.add_argument('--lr-base-size', type=int, default=None,
+                   help='without --lr: batch size of --lr-base (default: 256)')
+    g.add_argument('--lr-base-scale', default=None, help="without --lr: 'linear' or 'sqrt' (default: by optimizer)")
     g.add_argument('--warmup-lr', type=float, default=1e-5, help='warmup learning rate (default: 1e-5)')
     g.add_argument('--min-lr', type=float, default=0, help='lower lr bound (default: 0)')
     g.add_argument('--epochs', type=int, default=300, help='epochs (default: 300)')
@@ -110,10 +127,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (enabled if > 0)')
     g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (enabled if > 0)')
     g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio')
-    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
-    g.add_argument('--mixup-mode', default='batch', help="'batch', 'pair' or 'elem'")
-    g.add_argument('--mixup-off-epoch', type=int, default=0, help='turn mixup off from this epoch (0: never)')
+    g.add_argument('--mixup-prob', type=float, default=None,
+                   help='probability of mixup or cutmix per batch (default: 1)')
+    g.add_argument('--mixup-switch-prob', type=float, default=None,
+                   help='probability of cutmix instead of mixup (default: 0.5)')
+    g.add_argument('--mixup-mode', default=None, help="'batch', 'pair' or 'elem' (default: batch)")
+    g.add_argument('--mixup-off-epoch', type=int, default=None, help='turn mixup off from this epoch (default: never)')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
     g.add_argument('--train-interpolation', default='random', help="training interpolation (default: 'random')")
     g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
@@ -146,8 +165,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group('stitching')
     g.add_argument('--stitch-init-samples', type=int, default=0,
                    help='least-squares init of the stitching layers from this many clean training images (0: off)')
-    g.add_argument('--stitch-init-mode', default='joint', choices=('joint', 'average'),
-                   help="LS init: one solve per shared layer ('joint') or averaged per-position solves (official)")
+    g.add_argument('--stitch-init-mode', default=None, choices=('joint', 'average'),
+                   help="LS init: one solve per shared layer ('joint', the default) or averaged per-position solves "
+                   '(official)')
     g.add_argument('--stitch-lr-scale', type=float, default=1.0, help='lr multiplier of the stitching layers')
     g.add_argument('--anchor-lr-scale', type=float, default=1.0, help='lr multiplier of the anchors')
     g.add_argument('--freeze-anchors', action='store_true', help='train the stitching layers only')
