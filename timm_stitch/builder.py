@@ -32,7 +32,8 @@ class StitchOptions:
         multi_anchor: Also build routes through three or more anchors (single-stage token models only).
         stages: Stages of hierarchical anchors to stitch inside; default every stage but the last whose token
             counts / spatial sizes match.
-        layer_mapping: ``'corrected'`` layer sharing between unequal-depth stages, or ``'official'`` (SPEC §9.2).
+        layer_mapping: ``'corrected'`` layer sharing between unequal-depth stages, or ``'official'`` (the released
+            code's sharing, needed to load the official checkpoints).
     """
     kernel_size: int = 2
     stride: int = 1
