@@ -5,35 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import yaml
-from PIL import Image
+from image_folders import ANCHORS, make_image_folder
 from safetensors.torch import load_file
 
 import timm_stitch  # noqa: F401
 from timm_stitch.train import main, param_groups, parse_args
-
-ANCHORS = [dict(model_name='vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=d, depth=2, num_heads=2)
-           for d in (16, 32)]
-COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 220, 50))
-
-
-def make_image_folder(root: Path, per_class=(40, 10), size: int = 32, seed: int = 0) -> Path:
-    """``train/`` and ``validation/`` ImageFolders of 4 classes told apart by colour (and stripes on odd classes)."""
-    rng = np.random.default_rng(seed)
-    for split, n in zip(('train', 'validation'), per_class):
-        for c, colour in enumerate(COLOURS):
-            folder = root / split / f'class{c}'
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.array(colour, dtype=np.float64) * rng.uniform(0.6, 1.0) + rng.normal(0, 30, (size, size, 3))
-                if c % 2:
-                    img[::4] *= 0.3
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f'{i}.png')
-    return root
 
 
 def write_config(path: Path, **overrides) -> Path:
@@ -131,6 +111,27 @@ def test_param_groups_split_stitches_and_anchors_and_skip_decay():
      'contradict'),
     (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--route-group-k', '2'], ValueError, 'flops-grouped only'),
     (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--anchor-route-weight', '0'], ValueError, 'must be > 0'),
+    # options that act only with another one are errors without it, not silent no-ops
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--amp-dtype', 'bfloat16'], ValueError, 'needs --amp'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--model-ema-decay', '0.9'], ValueError,
+     '--model-ema-decay applies with --model-ema only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--model-ema-warmup'], ValueError, 'with --model-ema only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--clip-mode', 'agc'], ValueError, 'with --clip-grad only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--route-group-gap', '2'], ValueError, 'flops-grouped only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--kd-alpha', '0.3'], ValueError, 'with --kd-model only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--no-kd-pretrained'], ValueError, 'with --kd-model only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--kd-model', 'resnet18', '--kd-tau', '2'], ValueError,
+     '--kd-tau applies with --kd-type soft only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--no-resume-opt'], ValueError, 'with --resume only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--lr', '0.1', '--lr-base', '0.5'], ValueError,
+     '--lr-base applies with no --lr only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--mixup-prob', '0.5'], ValueError, 'with --mixup, --cutmix'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--stitch-init-mode', 'average'], ValueError,
+     'with --stitch-init-samples only'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--val-routes', 'none', '-vb', '8'], ValueError,
+     "--validation-batch-size applies with --val-routes other than 'none' only"),
+    (['--model', 'snnet_vit_fmnist_tsb', '--data-dir', '.', '--input-img-mode', 'RGB'], ValueError,
+     'the model takes 1'),
 ])
 def test_bad_arguments_raise_clear_errors(argv, error, match):
     with pytest.raises(error, match=match):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from image_folders import ANCHORS, make_image_folder
 from safetensors.torch import save_file
-from test_train import ANCHORS, make_image_folder
 
 from timm_stitch.cards import RouteCard
 from timm_stitch.cli import main as cli_main
@@ -123,3 +123,72 @@ def test_evaluate_routes_counts_top5_hits():
     loader = [(torch.zeros(2, 3, 4, 4), torch.tensor([5, 0]))]
     r = evaluate_routes(Fixed(), loader, [0], torch.device('cpu'), progress=False)[0]
     assert r['top1'] == 50 and r['top5'] == 50 and r['count'] == 2  # class 0 ranks sixth
+
+
+@pytest.fixture(scope='module')
+def ema_run(tmp_path_factory, setup):
+    """A tiny model trained two steps with a fast EMA: ``last.safetensors`` and ``last_ema.safetensors`` differ."""
+    from timm_stitch.train import main as train_main
+    data, _, _ = setup
+    root = tmp_path_factory.mktemp('ema')
+    assert train_main([*MODEL_ARGS, '-b', '4', '--data-dir', str(data), '--epochs', '2', '--warmup-epochs', '0',
+                       '--opt', 'adamw', '--lr', '1e-2', '--model-ema', '--model-ema-decay', '0.5',
+                       '--val-routes', 'none', '--output', str(root), '--experiment', 'run']) == 0
+    return root / 'run'
+
+
+def _own_losses(weights: Path, data: Path) -> dict[int, float]:
+    """Every route's loss with ``weights`` loaded directly, through the evaluation loop alone."""
+    from safetensors.torch import load_file
+    from timm.data import create_dataset, resolve_data_config
+
+    from timm_stitch.validate import eval_loader
+    model = timm.create_model('snnet', anchors=ANCHORS, num_classes=4)
+    model.load_state_dict(load_file(weights))
+    config = resolve_data_config({'crop_pct': 1.0, 'img_size': 32}, model=model)
+    loader = eval_loader(create_dataset('', root=str(data), split='validation'), config, 8)
+    results = evaluate_routes(model, loader, range(model.num_routes), torch.device('cpu'), progress=False)
+    return {k: r['loss'] for k, r in results.items()}
+
+
+def test_use_ema_loads_the_ema_weights(tmp_path, setup, ema_run):
+    data, _, _ = setup
+    args = [*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(ema_run / 'last.safetensors')]
+    assert main([*args, '--output', str(tmp_path / 'plain')]) == 0
+    assert main([*args, '--use-ema', '--output', str(tmp_path / 'ema')]) == 0
+    plain, ema = _records(tmp_path / 'plain'), _records(tmp_path / 'ema')
+    own_plain, own_ema = _own_losses(ema_run / 'last.safetensors', data), _own_losses(
+        ema_run / 'last_ema.safetensors', data)
+    for k in plain:
+        assert abs(plain[k]['loss'] - ema[k]['loss']) > 1e-4
+        assert plain[k]['loss'] == pytest.approx(own_plain[k], abs=1e-6)
+        assert ema[k]['loss'] == pytest.approx(own_ema[k], abs=1e-6)
+
+
+def test_use_ema_of_a_pth_and_without_ema_weights(tmp_path, setup, ema_run):
+    from safetensors.torch import load_file
+    data, weights, _ = setup
+    args = [*MODEL_ARGS, '--data-dir', str(data), '--output', str(tmp_path / 'o')]
+    with pytest.raises(FileNotFoundError, match=r'no EMA weights beside it \(expected .*w_ema.safetensors'):
+        main([*args, '--checkpoint', str(weights), '--use-ema'])
+    plain = load_file(ema_run / 'last.safetensors')
+    torch.save({'state_dict': plain}, tmp_path / 'plain.pth')
+    with pytest.raises(ValueError, match='holds no EMA weights'):
+        main([*args, '--checkpoint', str(tmp_path / 'plain.pth'), '--use-ema'])
+    with pytest.raises(ValueError, match='--use-ema needs --checkpoint'):
+        main([*args, '--use-ema'])
+    torch.save({'state_dict': plain, 'state_dict_ema': load_file(ema_run / 'last_ema.safetensors')},
+               tmp_path / 'both.pth')
+    assert main([*args, '--checkpoint', str(tmp_path / 'both.pth'), '--use-ema', '--stitch-ids', '0']) == 0
+    assert _records(tmp_path / 'o')[0]['loss'] == pytest.approx(_own_losses(ema_run / 'last_ema.safetensors',
+                                                                             data)[0], abs=1e-6)
+
+
+@pytest.mark.parametrize('extra, match', [
+    (['--amp-dtype', 'bfloat16'], '--amp-dtype bfloat16 needs --amp'),
+    (['--routes-per-pass', '-1'], '--routes-per-pass must be >= 0'),
+])
+def test_ineffective_options_are_errors(tmp_path, setup, extra, match):
+    data, weights, _ = setup
+    with pytest.raises(ValueError, match=match):
+        main([*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights), *extra])

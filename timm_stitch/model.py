@@ -55,6 +55,8 @@ class StitchedNet(nn.Module):
         final_norm_on_stitched_routes: Apply the last anchor's final norm on stitched routes (the official DeiT
             code skips it; set False to reproduce its checkpoint).
         pretrained_anchors: Load each anchor's own timm pretrained weights.
+        stitch_id: The route made active (as ``set_stitch``; default: the largest anchor's), so that
+            ``timm.create_model(..., stitch_id=k)`` and stock timm scripts' ``--model-kwargs stitch_id=k`` pick a route.
         **anchor_kwargs: Passed to ``timm.create_model`` for every anchor given by name (``drop_path_rate``...).
     """
 
@@ -72,6 +74,7 @@ class StitchedNet(nn.Module):
             layer_mapping: LayerMapping = 'corrected',
             final_norm_on_stitched_routes: bool = True,
             pretrained_anchors: bool = False,
+            stitch_id: Optional[int] = None,
             **anchor_kwargs: Any,
     ):
         super().__init__()
@@ -110,6 +113,8 @@ class StitchedNet(nn.Module):
         self._segments = [self._route_segments(r) for r in self.plan.routes]
         self._stitch_id = len(self.anchors) - 1  # the largest anchor, as a plain timm model would behave
         self._route_cache: Optional[list[Route]] = None
+        if stitch_id is not None:
+            self.set_stitch(stitch_id)
 
     # ---- routes -------------------------------------------------------------------------------------------------
 

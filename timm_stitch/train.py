@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import timm
 import torch
 import torch.distributed as dist
-from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import (
@@ -35,188 +35,21 @@ from timm.utils import (
 )
 from torch import nn
 
-from .sampling import SAMPLING_MODES, SYNC_MODES, RouteSampler
-from .validate import check_data_dir, create_stitched_model, eval_loader, evaluate_routes, parse_ids, resolve_device
+from .sampling import RouteSampler
+from .train_args import build_parser, check_args, mixup_active, parse_args
+from .validate import (
+    create_image_dataset,
+    create_stitched_model,
+    eval_loader,
+    evaluate_routes,
+    parse_ids,
+    resolve_amp_dtype,
+    resolve_device,
+)
 
 __all__ = ['build_parser', 'parse_args', 'main', 'add_parser', 'param_groups', 'save_checkpoint', 'load_state']
 
 _logger = logging.getLogger('timm_stitch.train')
-
-
-def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The training arguments (timm ``train.py`` names and defaults, then the stitching ones)."""
-    from timm.utils import ParseKwargs
-    p = argparse.ArgumentParser(prog='timm-stitch train', description=__doc__.split('\n')[0], add_help=add_help)
-    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of argument defaults')
-    g = p.add_argument_group('dataset')
-    g.add_argument('--data-dir', default=None, help='dataset root (an ImageFolder, or what --dataset expects)')
-    g.add_argument('--dataset', default='', help='timm dataset type/name (default: folder)')
-    g.add_argument('--train-split', default='train', help='training split (default: train)')
-    g.add_argument('--val-split', default='validation', help='validation split (default: validation)')
-    g.add_argument('--dataset-download', action='store_true', help='allow download of the dataset (torch/ types)')
-    g.add_argument('--class-map', default='', help='path to a class to index mapping file')
-    g = p.add_argument_group('model')
-    g.add_argument('--model', default=None, help='snnet_* architecture, or snnet with --anchors')
-    g.add_argument('--anchors', default=None, help='comma-separated timm anchor names for --model snnet')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
-    g.add_argument('--pretrained', action='store_true', help="start from --model's pretrained stitched weights")
-    g.add_argument('--pretrained-anchors', action='store_true', help="start from each anchor's timm weights")
-    g.add_argument('--initial-checkpoint', default='', help='weights to start from (.safetensors or .pth)')
-    g.add_argument('--resume', default='', help='resume from a .state.pth (or its .safetensors, or the output dir)')
-    g.add_argument('--no-resume-opt', action='store_true', help='do not restore the optimizer when resuming')
-    g.add_argument('--num-classes', type=int, default=None, help='number of classes')
-    g.add_argument('--img-size', type=int, default=None, help='input image size')
-    g.add_argument('--crop-pct', type=float, default=None, help='validation center crop fraction')
-    g.add_argument('--mean', type=float, nargs='+', default=None, help='pixel mean')
-    g.add_argument('--std', type=float, nargs='+', default=None, help='pixel std')
-    g.add_argument('--interpolation', default='', help='validation resize interpolation')
-    g.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per rank (default: 128)')
-    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, help='validation batch size')
-    g.add_argument('--grad-checkpointing', action='store_true', help='gradient checkpointing through the blocks')
-    g = p.add_argument_group('optimizer')
-    g.add_argument('--opt', default='sgd', help='optimizer (default: sgd)')
-    g.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon')
-    g.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
-    g.add_argument('--momentum', type=float, default=0.9, help='optimizer momentum (default: 0.9)')
-    g.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
-    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (default: none)')
-    g.add_argument('--clip-mode', default='norm', help="'norm', 'value' or 'agc'")
-    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra optimizer kwargs')
-    g = p.add_argument_group('learning rate schedule')
-    g.add_argument('--sched', default='cosine', help='scheduler (default: cosine)')
-    g.add_argument('--sched-on-updates', action='store_true', help='step the schedule per update, not per epoch')
-    g.add_argument('--lr', type=float, default=None, help='learning rate (default: --lr-base scaled by batch)')
-    g.add_argument('--lr-base', type=float, default=0.1, help='base lr for --lr-base-size (default: 0.1)')
-    g.add_argument('--lr-base-size', type=int, default=256, help='batch size of --lr-base (default: 256)')
-    g.add_argument('--lr-base-scale', default='', help="'linear' or 'sqrt' (default: by optimizer)")
-    g.add_argument('--warmup-lr', type=float, default=1e-5, help='warmup learning rate (default: 1e-5)')
-    g.add_argument('--min-lr', type=float, default=0, help='lower lr bound (default: 0)')
-    g.add_argument('--epochs', type=int, default=300, help='epochs (default: 300)')
-    g.add_argument('--start-epoch', type=int, default=None, help='epoch to start from (default: 0 or resumed)')
-    g.add_argument('--stop-epoch', type=int, default=None,
-                   help='stop before this epoch, schedule unchanged (time-limited jobs; --resume continues)')
-    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270], help='multistep milestones')
-    g.add_argument('--decay-epochs', type=float, default=90, help='epochs between lr decays (step)')
-    g.add_argument('--warmup-epochs', type=int, default=5, help='warmup epochs (default: 5)')
-    g.add_argument('--warmup-prefix', action='store_true', help='warmup outside the decay schedule')
-    g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at min lr after the schedule')
-    g.add_argument('--patience-epochs', type=int, default=10, help='plateau patience')
-    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, help='lr decay rate')
-    g = p.add_argument_group('augmentation and regularization')
-    g.add_argument('--no-aug', action='store_true', help='no training augmentation')
-    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], help='random resized crop scale')
-    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], help='random resized crop ratio')
-    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    g.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
-    g.add_argument('--color-jitter', type=float, default=0.4, help='color jitter factor (default: 0.4)')
-    g.add_argument('--aa', default=None, help="AutoAugment policy, e.g. 'rand-m9-mstd0.5-inc1'")
-    g.add_argument('--aug-repeats', type=float, default=0, help='repeated augmentation count (distributed)')
-    g.add_argument('--reprob', type=float, default=0., help='random erase probability')
-    g.add_argument('--remode', default='pixel', help="random erase mode (default: 'pixel')")
-    g.add_argument('--recount', type=int, default=1, help='random erase count')
-    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (enabled if > 0)')
-    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (enabled if > 0)')
-    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio')
-    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
-    g.add_argument('--mixup-mode', default='batch', help="'batch', 'pair' or 'elem'")
-    g.add_argument('--mixup-off-epoch', type=int, default=0, help='turn mixup off from this epoch (0: never)')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
-    g.add_argument('--train-interpolation', default='random', help="training interpolation (default: 'random')")
-    g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
-    g.add_argument('--drop-path', type=float, default=None, help='drop path rate of every anchor')
-    g = p.add_argument_group('EMA and precision')
-    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights')
-    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay (default: 0.9998)')
-    g.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warmup')
-    g.add_argument('--amp', action='store_true', help='mixed precision training')
-    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='autocast dtype')
-    g = p.add_argument_group('misc')
-    g.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
-    g.add_argument('--log-interval', type=int, default=50, help='batches between log lines (default: 50)')
-    g.add_argument('--checkpoint-hist', type=int, default=10, help='epoch checkpoints kept (default: 10)')
-    g.add_argument('-j', '--workers', type=int, default=4, help='data loading workers per rank (default: 4)')
-    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loaders')
-    g.add_argument('--no-prefetcher', action='store_true', help="disable timm's CUDA prefetcher")
-    g.add_argument('--output', default='', help='output root (default: ./output/train)')
-    g.add_argument('--experiment', default='', help='run folder name under --output')
-    g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'), help='checkpoint metric')
-    g.add_argument('--device', default=None, help='device (default: cuda if available, else cpu)')
-    g.add_argument('--dist-backend', default=None, help='torch.distributed backend (default: by device)')
-    g.add_argument('--dist-url', default='env://', help='torch.distributed init url')
-    g.add_argument('--dist-bn', default='reduce', choices=('broadcast', 'reduce', ''),
-                   help='sync BatchNorm statistics across ranks after each epoch')
-    g.add_argument('--no-ddp-bb', action='store_true', help='DDP without broadcast_buffers')
-    g.add_argument('--no-progress', action='store_true', help='hide progress bars')
-    g = p.add_argument_group('stitching')
-    g.add_argument('--stitch-init-samples', type=int, default=0,
-                   help='least-squares init of the stitching layers from this many clean training images (0: off)')
-    g.add_argument('--stitch-init-mode', default='joint', choices=('joint', 'average'),
-                   help="LS init: one solve per shared layer ('joint') or averaged per-position solves (official)")
-    g.add_argument('--stitch-lr-scale', type=float, default=1.0, help='lr multiplier of the stitching layers')
-    g.add_argument('--anchor-lr-scale', type=float, default=1.0, help='lr multiplier of the anchors')
-    g.add_argument('--freeze-anchors', action='store_true', help='train the stitching layers only')
-    g.add_argument('--route-sampling', default='uniform', choices=SAMPLING_MODES, help='route of each step')
-    g.add_argument('--route-group-gap', type=float, default=1.0, help='flops-grouped: group width in GMACs')
-    g.add_argument('--route-group-k', type=float, default=None, help='flops-grouped: group weights i/k + 1/G')
-    g.add_argument('--anchor-route-weight', type=float, default=1.0,
-                   help='how much more often an anchor route is drawn than a stitched one (default: 1, uniform)')
-    g.add_argument('--route-sync', default='synced', choices=SYNC_MODES,
-                   help="'synced': one route per step on every rank; 'per-rank': each its own (official)")
-    g.add_argument('--val-routes', default='anchors',
-                   help="routes validated each epoch: 'anchors', 'all', 'none' or ids like '0,3,5-9'")
-    g.add_argument('--kd-model', default='', help='timm teacher model for distillation (e.g. regnety_160)')
-    g.add_argument('--kd-checkpoint', default='', help='teacher weights file')
-    g.add_argument('--kd-pretrained', action=argparse.BooleanOptionalAction, default=True,
-                   help="load the teacher's timm pretrained weights (default: yes)")
-    g.add_argument('--kd-type', default='hard', choices=('hard', 'soft'), help='distillation type')
-    g.add_argument('--kd-alpha', type=float, default=0.5, help='weight of the distillation term (default: 0.5)')
-    g.add_argument('--kd-tau', type=float, default=1.0, help='soft distillation temperature (default: 1)')
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse ``argv``; a ``-c/--config`` YAML file supplies defaults that the command line overrides."""
-    import yaml
-    parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('-c', '--config', default='')
-    config, _ = pre.parse_known_args(argv)
-    if config.config:
-        if not os.path.isfile(config.config):
-            raise FileNotFoundError(f'config file {config.config!r} does not exist')
-        with open(config.config) as f:
-            values = yaml.safe_load(f) or {}
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f'{config.config}: unknown options {unknown}')
-        parser.set_defaults(**values)
-    return parser.parse_args(argv)
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Raise ``ValueError`` for missing or contradicting arguments."""
-    if not args.model:
-        raise ValueError('--model is required (an snnet_* architecture, or snnet with --anchors)')
-    check_data_dir(args)
-    if args.pretrained and args.pretrained_anchors:
-        raise ValueError('--pretrained (stitched weights) and --pretrained-anchors (anchor weights) contradict')
-    if args.resume and args.initial_checkpoint:
-        raise ValueError('--resume and --initial-checkpoint contradict: resume restores the weights')
-    if args.freeze_anchors and args.anchor_lr_scale != 1.0:
-        raise ValueError('--freeze-anchors and --anchor-lr-scale contradict: frozen anchors have no lr')
-    if args.stitch_init_samples < 0:
-        raise ValueError(f'--stitch-init-samples must be >= 0, got {args.stitch_init_samples}')
-    if args.anchor_route_weight <= 0:
-        raise ValueError(f'--anchor-route-weight must be > 0, got {args.anchor_route_weight}')
-    if args.route_group_k is not None and args.route_sampling != 'flops-grouped':
-        raise ValueError('--route-group-k applies to --route-sampling flops-grouped only')
-    if args.kd_checkpoint and not args.kd_model:
-        raise ValueError('--kd-checkpoint needs --kd-model')
-    if args.epochs < 1 or args.batch_size < 1:
-        raise ValueError(f'--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size}')
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------------
@@ -291,8 +124,7 @@ def load_state(path: str, model: nn.Module, model_ema: Optional[nn.Module] = Non
 def _ls_init(model: nn.Module, args: argparse.Namespace, data_config: dict[str, Any], device: torch.device) -> None:
     """LS init on rank 0 from ``--stitch-init-samples`` clean (eval-transformed) training images, then broadcast."""
     if args.rank == 0:
-        dataset = create_dataset(args.dataset, root=args.data_dir, split=args.train_split,
-                                 download=args.dataset_download, class_map=args.class_map)
+        dataset = create_image_dataset(args, args.train_split, model.in_chans)
         indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
         loader = eval_loader(dataset, data_config, min(64, args.stitch_init_samples), args.workers,
                              indices=indices[:args.stitch_init_samples].tolist())
@@ -304,11 +136,11 @@ def _ls_init(model: nn.Module, args: argparse.Namespace, data_config: dict[str, 
             dist.broadcast(param.data, 0)
 
 
-def _build_criterion(args: argparse.Namespace, mixup_active: bool, num_classes: int, device: torch.device
+def _build_criterion(args: argparse.Namespace, use_mixup: bool, num_classes: int, device: torch.device
                      ) -> tuple[nn.Module, bool]:
     """Training loss (timm's), wrapped for distillation; returns it and whether it takes the images."""
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    if mixup_active:
+    if use_mixup:
         base = SoftTargetCrossEntropy()
     elif args.smoothing:
         base = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
@@ -481,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     optimizer = create_optimizer_v2(
         param_groups(model, args.weight_decay, args.stitch_lr_scale, args.anchor_lr_scale),
         opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum, **opt_kwargs)
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    amp_dtype = resolve_amp_dtype(args)
     loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     model_ema = None
     if args.model_ema:
@@ -524,20 +356,18 @@ def run(args: argparse.Namespace) -> int:
         train_model = DistributedDataParallel(
             model, device_ids=[device] if device.type == 'cuda' else None, find_unused_parameters=True, **ddp_kwargs)
 
-    dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                                   download=args.dataset_download, class_map=args.class_map,
-                                   batch_size=args.batch_size, seed=args.seed)
+    dataset_train = create_image_dataset(args, args.train_split, model.in_chans, is_training=True,
+                                         batch_size=args.batch_size, seed=args.seed)
     val_ids = _val_route_ids(args.val_routes, model)
     loader_eval = None
     if val_ids:
-        dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split,
-                                      download=args.dataset_download, class_map=args.class_map)
+        dataset_eval = create_image_dataset(args, args.val_split, model.in_chans)
         loader_eval = eval_loader(dataset_eval, data_config, args.validation_batch_size or args.batch_size,
                                   args.workers, args.rank, args.world_size, pin_memory=args.pin_mem)
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    use_mixup = mixup_active(args)
     use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
     collate_fn = mixup_fn = None
-    if mixup_active:
+    if use_mixup:
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                           label_smoothing=args.smoothing, num_classes=model.num_classes)
@@ -556,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     if len(loader_train) == 0:
         raise ValueError(f'the training set ({len(dataset_train)} images) has less than one batch of '
                          f'{args.batch_size} per rank')
-    criterion, takes_images = _build_criterion(args, mixup_active, model.num_classes, device)
+    criterion, takes_images = _build_criterion(args, use_mixup, model.num_classes, device)
 
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
@@ -591,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
         random_seed(args.seed + 100_003 * epoch, args.rank)
         if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
-        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if use_mixup and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             if mixup_fn is not None:
                 mixup_fn.mixup_enabled = False
             elif hasattr(loader_train, 'mixup_enabled'):

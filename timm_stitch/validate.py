@@ -22,9 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-__all__ = ['evaluate_routes', 'eval_loader', 'parse_ids', 'main', 'add_parser']
+__all__ = ['evaluate_routes', 'eval_loader', 'parse_ids', 'image_mode', 'create_image_dataset', 'load_weights', 'main',
+           'add_parser']
 
 _logger = logging.getLogger('timm_stitch.validate')
+
+#: the Pillow mode images are read in for a model's number of input channels
+_IMAGE_MODES = {1: 'L', 3: 'RGB'}
 
 
 def parse_ids(text: str, num_routes: int) -> list[int]:
@@ -62,6 +66,79 @@ def eval_loader(
     indices = list(range(len(dataset))) if indices is None else list(indices)
     return DataLoader(Subset(dataset, indices[rank::world_size]), batch_size=batch_size, shuffle=False,
                       num_workers=workers, pin_memory=pin_memory)
+
+
+def image_mode(in_chans: int, override: Optional[str] = None) -> str:
+    """The Pillow mode to read images in for a model with ``in_chans`` input channels ('L' for 1, 'RGB' for 3), or
+    ``override`` (timm's ``--input-img-mode``) when it has that many bands; raises ``ValueError`` otherwise."""
+    from PIL import Image
+    if not override:
+        if in_chans not in _IMAGE_MODES:
+            raise ValueError(f'no default image mode for a model with {in_chans} input channels (1 reads L, 3 reads '
+                             'RGB): pass --input-img-mode')
+        return _IMAGE_MODES[in_chans]
+    try:
+        bands = len(Image.new(override, (1, 1)).getbands())
+    except ValueError:
+        raise ValueError(f'--input-img-mode {override!r} is not a Pillow image mode (e.g. L, RGB, RGBA)') from None
+    if bands != in_chans:
+        raise ValueError(f'--input-img-mode {override!r} gives {bands}-channel images, the model takes {in_chans}')
+    return override
+
+
+class _ConvertedDataset(torch.utils.data.Dataset):
+    """A torchvision dataset (timm's ``torch/`` names ignore ``input_img_mode``) whose images are converted to
+    ``mode`` before ``transform``, which the loaders set on this wrapper."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, mode: str):
+        self.dataset, self.mode, self.transform = dataset, mode, getattr(dataset, 'transform', None)
+        dataset.transform = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, target = self.dataset[index]
+        image = image.convert(self.mode)
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+def create_image_dataset(args: argparse.Namespace, split: str, in_chans: int, **kwargs: Any
+                         ) -> torch.utils.data.Dataset:
+    """timm's ``create_dataset`` for ``args`` (``--dataset``, ``--data-dir``...) with the images read in the mode the
+    model takes (:func:`image_mode`), whatever mode the files are in."""
+    from timm.data import create_dataset
+    mode = image_mode(in_chans, args.input_img_mode)
+    dataset = create_dataset(args.dataset, root=args.data_dir, split=split, download=args.dataset_download,
+                             class_map=args.class_map, input_img_mode=mode, **kwargs)
+    return _ConvertedDataset(dataset, mode) if args.dataset.startswith('torch/') else dataset
+
+
+def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:
+    """Load the weights file ``path`` into ``model`` and return the file read. With ``use_ema``, the EMA weights:
+    ``{stem}_ema.safetensors`` beside the trainer's ``{stem}.safetensors``, or the ``state_dict_ema``/``model_ema``
+    entry of a ``.pth``; raises ``FileNotFoundError``/``ValueError`` when there are none, rather than loading the
+    plain weights."""
+    import timm
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    if not use_ema or path.endswith('_ema.safetensors'):
+        timm.models.load_checkpoint(model, path, use_ema=False)
+        return path
+    if path.endswith('.safetensors'):
+        ema = path.removesuffix('.safetensors') + '_ema.safetensors'
+        if not os.path.isfile(ema):
+            raise FileNotFoundError(f'--use-ema: {path} has no EMA weights beside it (expected {ema}, which the '
+                                    'trainer writes with --model-ema)')
+        timm.models.load_checkpoint(model, ema, use_ema=False)
+        return ema
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint, dict)
+                and checkpoint.get(k) is not None), None)
+    if key is None:
+        raise ValueError(f'--use-ema: {path} holds no EMA weights (no state_dict_ema or model_ema entry)')
+    model.load_state_dict(timm.models.clean_state_dict(checkpoint[key]))
+    return path
 
 
 @torch.no_grad()
@@ -134,12 +211,15 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument('--split', default='validation', help='dataset split (default: validation)')
     p.add_argument('--dataset-download', action='store_true', help='allow download of the dataset (torch/ types)')
     p.add_argument('--class-map', default='', help='path to a class to index mapping file')
+    p.add_argument('--input-img-mode', default=None,
+                   help="Pillow mode to read images in (default: the model's, L for 1 channel, RGB for 3)")
     p.add_argument('--model', '-m', required=True, help='snnet_* architecture, or snnet with --anchors')
     p.add_argument('--anchors', default=None, help='comma-separated timm anchor names for --model snnet')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
     p.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
     p.add_argument('--checkpoint', default='', help='weights to load (.safetensors or .pth)')
-    p.add_argument('--use-ema', action='store_true', help='use the EMA weights of a .pth checkpoint')
+    p.add_argument('--use-ema', action='store_true',
+                   help='load the EMA weights of --checkpoint (the _ema.safetensors beside it, or a .pth\'s EMA entry)')
     p.add_argument('--num-classes', type=int, default=None, help='number of classes (default: the model\'s)')
     p.add_argument('--img-size', type=int, default=None, help='input image size')
     p.add_argument('--crop-pct', type=float, default=None, help='center crop fraction')
@@ -150,7 +230,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument('-j', '--workers', type=int, default=4, help='data loading workers per rank (default: 4)')
     p.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loader')
     p.add_argument('--amp', action='store_true', help='mixed precision autocast')
-    p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='autocast dtype')
+    p.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                   help='autocast dtype with --amp (default: float16)')
     p.add_argument('--device', default=None, help='device (default: cuda if available, else cpu)')
     p.add_argument('--stitch-ids', default='all', help="routes to evaluate: 'all' or e.g. '0,3,5-9'")
     p.add_argument('--routes-per-pass', type=int, default=0,
@@ -186,10 +267,29 @@ def create_stitched_model(args: argparse.Namespace, **kwargs: Any) -> nn.Module:
 
 
 def check_data_dir(args: argparse.Namespace) -> None:
+    """Raise for a folder dataset without ``--data-dir`` or a ``--data-dir`` that does not exist."""
     if not args.dataset and not args.data_dir:
         raise ValueError('--data-dir is required for a folder dataset')
     if args.data_dir and not os.path.exists(args.data_dir):
         raise FileNotFoundError(f'dataset path {args.data_dir!r} does not exist')
+
+
+def resolve_amp_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp``/``--amp-dtype`` (None without ``--amp``); ``--amp-dtype`` alone is an
+    error, not a silent no-op."""
+    if args.amp_dtype and not args.amp:
+        raise ValueError(f'--amp-dtype {args.amp_dtype} needs --amp')
+    return getattr(torch, args.amp_dtype or 'float16') if args.amp else None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError``/``FileNotFoundError`` for missing, contradicting or ineffective arguments."""
+    check_data_dir(args)
+    if args.use_ema and not args.checkpoint:
+        raise ValueError('--use-ema needs --checkpoint (the EMA weights of which file?)')
+    if args.routes_per_pass < 0:
+        raise ValueError(f'--routes-per-pass must be >= 0, got {args.routes_per_pass}')
+    resolve_amp_dtype(args)
 
 
 def resolve_device(name: Optional[str]) -> str:
@@ -197,27 +297,27 @@ def resolve_device(name: Optional[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
-    from timm.data import create_dataset, resolve_data_config
+    from timm.data import resolve_data_config
     from timm.utils import init_distributed_device, setup_default_logging
 
     from .cards import RouteCard, atomic_write
     if not logging.root.handlers:
         setup_default_logging()
-    check_data_dir(args)
+    check_args(args)
     args.device = resolve_device(args.device)
     device = init_distributed_device(args)
     model = create_stitched_model(args)
     if args.checkpoint:
-        timm.models.load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+        loaded = load_weights(model, args.checkpoint, args.use_ema)
+        if args.rank == 0:
+            _logger.info(f'loaded {loaded}')
     model.to(device).eval()
     route_ids = parse_ids(args.stitch_ids, model.num_routes)
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, download=args.dataset_download,
-                             class_map=args.class_map)
+    dataset = create_image_dataset(args, args.split, model.in_chans)
     loader = eval_loader(dataset, data_config, args.batch_size, args.workers, args.rank, args.world_size,
                          pin_memory=args.pin_mem)
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    dtype = resolve_amp_dtype(args)
 
     output = args.output or f'validate-{args.model}'
     records_path = os.path.join(output, 'routes.jsonl')
@@ -230,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     chunk = args.routes_per_pass or len(todo) or 1
     for start in range(0, len(todo), chunk):
         ids = todo[start:start + chunk]
-        results = evaluate_routes(model, loader, ids, device, amp_dtype, progress=not args.no_progress
+        results = evaluate_routes(model, loader, ids, device, dtype, progress=not args.no_progress
                                   and args.rank == 0)
         if args.rank == 0:
             for k, r in results.items():
