@@ -56,7 +56,7 @@ def to_official_swin(sd: dict) -> dict:
 LEVIT = ((192, 288, 384), (3, 5, 6)), ((256, 384, 512), (4, 6, 8))  # (C, heads) per stage; key dim 32, depth 4/4/4
 
 
-def official_levit_state(seed: int = 0, num_classes: int = 1000) -> dict[str, torch.Tensor]:
+def official_levit_state(seed: int = 0, num_classes: int = 1000, img_size: int = 224) -> dict[str, torch.Tensor]:
     """Random tensors under the FB LeViT keys of levit_192_256_release.pth, built from the architecture description
     (Conv2d_BN/Linear_BN = ``c`` + ``bn``, BN_Linear heads = ``bn`` + ``l``, attention ratio 2, MLP ratio 2,
     subsample: key dim 32, heads C/32, attention ratio 4, MLP ratio 2, stride 2)."""
@@ -77,7 +77,7 @@ def official_levit_state(seed: int = 0, num_classes: int = 1000) -> dict[str, to
         chans = (3, dims[0] // 8, dims[0] // 4, dims[0] // 2, dims[0])
         for j in range(4):
             cbn(f'{a}patch_embed.{2 * j}.', chans[j + 1], chans[j], 3, 3)
-        n, res = 0, 14
+        n, res = 0, img_size // 16
         for s, (d, h) in enumerate(zip(dims, heads)):
             for _ in range(4):
                 p = f'{a}blocks.{n}.m.'

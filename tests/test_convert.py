@@ -6,6 +6,7 @@ torch (SPEC §2.3: stitched DeiT routes end last block -> cls token -> head, wit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import pytest
@@ -355,5 +356,34 @@ def test_levit_cli_convert_to_hub_folder(official_levit, tmp_path):
     assert main(['convert', str(ckpt), '--arch', 'snnet_levit_192_256', '--out', str(out)]) == 0
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     ref = convert_official(ckpt, 'snnet_levit_192_256')
+    ours = loaded.state_dict()
     for k, v in ref.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
+        assert torch.equal(ours[k], v), k
+
+
+@pytest.mark.parametrize('kind', ['legacy', 'random', 'json', 'truncated'])
+def test_legacy_and_unreadable_files(official, kind, tmp_path):
+    """Legacy (non-zip) torch.save files with pickled args are read; anything else names the file and what was
+    expected instead of failing inside torch."""
+    path = tmp_path / 'snnet_deit.pth'
+    if kind == 'legacy':
+        torch.save({'model': official, 'args': argparse.Namespace(lr=5e-4)}, path, _use_new_zipfile_serialization=False)
+        assert main(['convert', str(path), '--out', str(tmp_path / 'out'), '--model-args', json.dumps(TINY)]) == 0
+        assert (tmp_path / 'out' / 'model.safetensors').is_file()
+        return
+    if kind == 'truncated':
+        torch.save({'model': official, 'args': argparse.Namespace(lr=5e-4)}, path, _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        path.write_bytes(os.urandom(2048) if kind == 'random' else b'{"model": {"anchors.0.cls_token": [0.1]}}')
+    what = 'is not a readable PyTorch checkpoint' if kind == 'truncated' else 'is not a PyTorch checkpoint'
+    with pytest.raises(ValueError, match=rf'{path} {what} \(expected the ziplab/SN-Net v1.0 snnet_deit.pth release'):
+        convert_official(path, 'snnet_deit_tsb', **TINY)
+
+
+def test_convert_help(capsys):
+    with pytest.raises(SystemExit):
+        main(['convert', '--help'])
+    text = capsys.readouterr().out
+    assert '``' not in text and 'SPEC' not in text
+    assert 'snnet_swin_tsb for ziplab/SN-Net v1.0 snnet_swin.pth' in ' '.join(text.split())

@@ -29,7 +29,7 @@ SMALL = {
     'snnet_swin_tsb': (dict(embed_dim=32, num_heads=(1, 2, 4, 8), img_size=64, num_classes=10), 64),
     'snnet_resnet_18_50': (dict(channels=(8, 16, 32, 64), num_classes=10), 64),
     'snnet_resnet18_swin_ti': (dict(img_size=64, num_classes=10), 64),
-    'snnet_levit_192_256': (dict(num_classes=10), 224),
+    'snnet_levit_192_256': (dict(num_classes=10, img_size=64), 64),
 }
 ARCHS = list(SMALL)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def releases(tmp_path_factory):
     served = {}
     for arch, (kwargs, _) in SMALL.items():
         if arch == 'snnet_levit_192_256':
-            state = official_levit_state(num_classes=10)
+            state = official_levit_state(num_classes=10, img_size=64)
         else:
             torch.manual_seed(0)
             state = official_state(timm.create_model(arch, **OFFICIAL_FORMATS[arch].model_kwargs, **kwargs), arch)
@@ -106,9 +106,10 @@ def test_release_loads_through_timm(arch, releases):
     url, original = served[arch]
     model = _create(arch, url).eval()
     reference = convert_official(original, arch, **SMALL[arch][0])
-    assert model.state_dict().keys() == reference.state_dict().keys()
-    for k, v in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[k], v), k
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v), k
     # the release's compat settings, applied: final norm (DeiT) and layer mapping (in the route plan)
     assert model.final_norm_on_stitched_routes is (arch != 'snnet_deit_tsb')
     assert model.plan == reference.plan
@@ -210,8 +211,9 @@ def test_legacy_format_release_and_converted_mirror(releases, tmp_path, monkeypa
     mirrored = _create('snnet_deit_tsb', server.put('/converted/model.safetensors',
                                                     (tmp_path / 'model.safetensors').read_bytes()))
     for model in (loaded, mirrored):
+        ours = model.state_dict()
         for k, v in reference.state_dict().items():
-            assert torch.equal(model.state_dict()[k], v), k
+            assert torch.equal(ours[k], v), k
 
 
 def test_pretrained_anchors_offline_names_the_anchors(hub):
