@@ -223,3 +223,18 @@ def test_pretrained_anchors_offline_names_the_anchors(hub):
                                       r'\(timm/deit_tiny_patch16_224\.fb_in1k\), deit_small_patch16_224 .*'
                                       r'online to cache them.*built anchor models'):
         timm.create_model('snnet_deit_ts', pretrained_anchors=True, depth=1, img_size=32)
+
+
+def test_other_num_classes_resets_the_heads(releases, tmp_path, monkeypatch):
+    """As for any timm model: pretrained weights with another num_classes keep everything but the heads."""
+    server, served, _ = releases
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    url, original = served['snnet_resnet_18_50']
+    kwargs = dict(SMALL['snnet_resnet_18_50'][0], num_classes=7)
+    model = timm.create_model('snnet_resnet_18_50', pretrained=True, **kwargs,
+                              pretrained_cfg_overlay=dict(url=url, hf_hub_id=None))
+    reference = convert_official(original, 'snnet_resnet_18_50', **SMALL['snnet_resnet_18_50'][0]).state_dict()
+    ours = model.state_dict()
+    assert ours['anchors.1.fc.weight'].shape == (7, 256)
+    assert all(torch.equal(ours[k], v) for k, v in reference.items() if not k.endswith(('fc.weight', 'fc.bias')))
+    assert [p.name for p in (tmp_path / 'torch' / 'hub' / 'checkpoints').iterdir()] == ['resnet_18_50.pth']

@@ -210,8 +210,13 @@ def read_checkpoint(path: PathLike, expected: str = 'an official SN-Net checkpoi
 
 # ---- mapping ----------------------------------------------------------------------------------------------------
 
-def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet) -> StateDict:
-    """Official keys to ``model``'s, raising ``ValueError`` listing every unmatched, missing or mis-shaped key."""
+def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet,
+                      keep_mis_shaped: tuple[str, ...] = ()) -> StateDict:
+    """Official keys to ``model``'s, raising ``ValueError`` listing every unmatched, missing or mis-shaped key.
+
+    Mis-shaped tensors under the prefixes ``keep_mis_shaped`` (classifier heads of a model built with other
+    ``num_classes``) are not errors: the model's own values are kept there, as timm resets a pretrained head.
+    """
     anchors: dict[int, StateDict] = {}
     out: StateDict = {}
     origin: dict[str, str] = {}  # our key -> the official one, for error messages
@@ -236,6 +241,9 @@ def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet)
     expected = model.state_dict()
     unmatched += [origin.get(k, k) for k in out if k not in expected]
     missing = [k for k in expected if k not in out]
+    kept = [k for k, v in out.items() if k in expected and v.shape != expected[k].shape and k.startswith(
+        keep_mis_shaped)] if keep_mis_shaped else []
+    out.update({k: expected[k] for k in kept})
     misshaped = [f'{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})' for k, v in out.items()
                  if k in expected and v.shape != expected[k].shape]
     problems = [f'{len(keys)} {what}: {", ".join(keys[:6])}{", ..." if len(keys) > 6 else ""}'

@@ -62,6 +62,6 @@ def create_snnet(
         with release_download_errors(variant, release):
             model = build_model_with_cfg(_naming_anchor_errors(builder, variant), variant, pretrained,
                                          anchors=list(anchors), **kwargs)
-        if pretrained and model.card is None:
+        if pretrained and model.card is None and release is None:  # a release URL has no routes.json beside it
             load_pretrained_card(model, cache_dir=kwargs.get('cache_dir'))
     return model

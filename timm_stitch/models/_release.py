@@ -84,6 +84,7 @@ def _write_cached(state: StateDict, cached: Path, source: Path, fmt: OfficialFor
         os.close(fd)
         metadata = {'format': 'pt', 'release': fmt.release, **_source_stamp(source)}
         safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # as a plain download would be, not mkstemp's 0600
         os.replace(tmp, cached)
     except OSError as e:
         _logger.warning(f'could not cache the converted weights at {cached} ({e}); the next load converts again')
@@ -115,11 +116,17 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
             if set(official) == set(model.state_dict()):  # a state dict of this model saved with torch.save
                 model.load_state_dict(check_pretrained_state_dict(official, model), strict=True)
                 return
-            state = map_official_keys(official, fmt, model)
+            heads = _reset_heads(model)
+            state = map_official_keys(official, fmt, model, keep_mis_shaped=heads)
         except ValueError as e:
             raise ValueError(f'cannot load {path} as the pretrained weights of {arch}: {e}. If it is a cached '
                              'download, delete it so that it is downloaded again') from e
-        _write_cached(state, cached, path, fmt)
+        own = model.state_dict()
+        reset = [k for k in state if k.startswith(heads) and state[k].data_ptr() == own[k].data_ptr()] if heads else []
+        if reset:  # freshly initialised heads are not the release's weights: nothing to cache
+            _logger.info(f'{arch} has {model.num_classes} classes: {len(reset)} classifier tensors keep their init')
+        else:
+            _write_cached(state, cached, path, fmt)
         _logger.info(f'converted {path} ({fmt.release}) in {time.perf_counter() - start:.1f} s; cached at {cached}')
     model.load_state_dict(state, strict=True)
     card = official_card(model)
@@ -128,6 +135,16 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
                      'is not attached')
     else:
         model.load_card(card)
+
+
+def _reset_heads(model: StitchedNet) -> tuple[str, ...]:
+    """The classifier prefixes to keep as initialised: every head when ``model`` has other classes than the release
+    (as timm does for any pretrained model), none otherwise."""
+    cfg = model.pretrained_cfg
+    if model.num_classes == cfg.get('num_classes'):
+        return ()
+    classifiers = cfg.get('classifier') or ()
+    return tuple(f'{c}.' for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
 
 
 def _offline() -> bool:
