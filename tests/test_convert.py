@@ -13,7 +13,15 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from official_layouts import DIMS, HEADS, PATCH, official_deit_state, official_levit_state, to_official_swin
+from official_layouts import (
+    DIMS,
+    HEADS,
+    PATCH,
+    official_deit_state,
+    official_levit_state,
+    official_state,
+    to_official_swin,
+)
 
 from timm_stitch.cli import main
 from timm_stitch.convert import convert_official, read_checkpoint
@@ -387,3 +395,18 @@ def test_convert_help(capsys):
     text = capsys.readouterr().out
     assert '``' not in text and 'SPEC' not in text
     assert 'snnet_swin_tsb for ziplab/SN-Net v1.0 snnet_swin.pth' in ' '.join(text.split())
+
+
+def test_converted_swin_folder_records_the_layer_mapping(tmp_path):
+    """A converted Swin release rebuilds with the official layer mapping from config.json alone (local-dir:), which
+    the load does not override."""
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=32, num_heads=(1, 2, 4, 8), img_size=64, num_classes=10)
+    model = timm.create_model('snnet_swin_tsb', layer_mapping='official', **kwargs)
+    torch.save({'model': official_state(model, 'snnet_swin_tsb')}, tmp_path / 'snnet_swin.pth')
+    assert main(['convert', str(tmp_path / 'snnet_swin.pth'), '--arch', 'snnet_swin_tsb',
+                 '--out', str(tmp_path / 'out'), '--model-args', json.dumps(kwargs)]) == 0
+    loaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
+    assert loaded.plan == model.plan != timm.create_model('snnet_swin_tsb', **kwargs).plan
+    ours = loaded.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items())

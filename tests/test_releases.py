@@ -198,8 +198,8 @@ def test_damaged_or_foreign_file_names_file_and_release(damage, releases, tmp_pa
 
 
 def test_legacy_format_release_and_converted_mirror(releases, tmp_path, monkeypatch):
-    """A release saved in torch's legacy (non-zip) format loads too; a converted safetensors file at a mirror URL
-    loads as it is."""
+    """A release saved in torch's legacy (non-zip) format loads too, from a URL or a local file; a converted
+    safetensors file at a mirror URL loads as it is."""
     server, served, _ = releases
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     reference = convert_official(served['snnet_deit_tsb'][1], 'snnet_deit_tsb', **SMALL['snnet_deit_tsb'][0])
@@ -210,7 +210,10 @@ def test_legacy_format_release_and_converted_mirror(releases, tmp_path, monkeypa
     safetensors.torch.save_file(reference.state_dict(), str(tmp_path / 'model.safetensors'))
     mirrored = _create('snnet_deit_tsb', server.put('/converted/model.safetensors',
                                                     (tmp_path / 'model.safetensors').read_bytes()))
-    for model in (loaded, mirrored):
+    local = timm.create_model('snnet_deit_tsb', pretrained=True, pretrained_cfg_overlay=dict(file=str(legacy)),
+                              **SMALL['snnet_deit_tsb'][0])  # a release file you already have
+    assert local.card is not None and converted_path(legacy, local).is_file()
+    for model in (loaded, mirrored, local):
         ours = model.state_dict()
         for k, v in reference.state_dict().items():
             assert torch.equal(ours[k], v), k

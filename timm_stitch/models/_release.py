@@ -153,18 +153,20 @@ def _offline() -> bool:
 
 
 def prepare_release_load(variant: str, kwargs: dict[str, Any]) -> Optional[tuple[str, Path]]:
-    """Before ``build_model_with_cfg`` loads ``variant``'s pretrained weights: apply the release's compat settings,
-    keep ``custom_load`` when an overlay names another ``url``/``file`` (timm resets it, and its plain url path
-    cannot read the releases' pickles), and fail at once when offline and the download is not cached. Returns the
-    URL and the cache file timm will download it to, or None when the weights come from elsewhere."""
-    fmt = OFFICIAL_FORMATS[variant]
-    for key, value in fmt.model_kwargs.items():
-        kwargs.setdefault(key, value)
+    """Before ``build_model_with_cfg`` loads ``variant``'s pretrained weights: keep ``custom_load`` when an overlay
+    names another ``url``/``file`` (timm resets it, and its plain url path cannot read the releases' pickles), apply
+    the release's compat settings unless an ``hf-hub:``/``local-dir:`` name brings its own config, and fail at once
+    when offline and the download is not cached. Returns the URL and the cache file timm will download it to, or
+    None when the weights come from elsewhere."""
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     if any(overlay.get(k) for k in ('url', 'file')):
         overlay.setdefault('custom_load', True)
         kwargs['pretrained_cfg_overlay'] = overlay
     cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay).to_dict()
+    if cfg.get('source') in ('hf-hub', 'local-dir'):
+        return None  # 'hf-hub:'/'local-dir:' names: the saved config.json says how the model was built
+    for key, value in OFFICIAL_FORMATS[variant].model_kwargs.items():
+        kwargs.setdefault(key, value)
     load_from, url = _resolve_pretrained_source(cfg)
     if load_from != 'url' or not cfg.get('custom_load'):
         return None
