@@ -241,3 +241,7 @@ def test_other_num_classes_resets_the_heads(releases, tmp_path, monkeypatch):
     assert ours['anchors.1.fc.weight'].shape == (7, 256)
     assert all(torch.equal(ours[k], v) for k, v in reference.items() if not k.endswith(('fc.weight', 'fc.bias')))
     assert [p.name for p in (tmp_path / 'torch' / 'hub' / 'checkpoints').iterdir()] == ['resnet_18_50.pth']
+    safetensors.torch.save_file(reference, str(tmp_path / 'model.safetensors'))  # a converted mirror, too
+    mirrored = timm.create_model('snnet_resnet_18_50', pretrained=True, **kwargs,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / 'model.safetensors')))
+    assert torch.equal(mirrored.state_dict()['anchors.0.conv1.weight'], reference['anchors.0.conv1.weight'])

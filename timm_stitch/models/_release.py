@@ -105,7 +105,7 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
         except SafetensorError as e:
             raise ValueError(f'{path} is a truncated or corrupt safetensors file ({e}); expected {expected}. Delete '
                              'it and download it again') from e
-        model.load_state_dict(check_pretrained_state_dict(state, model), strict=True)
+        _load_native(model, state)
         return
     cached = converted_path(path, model)
     state = _read_cached(cached, path)
@@ -114,7 +114,7 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
         try:
             official = read_checkpoint(path, expected)
             if set(official) == set(model.state_dict()):  # a state dict of this model saved with torch.save
-                model.load_state_dict(check_pretrained_state_dict(official, model), strict=True)
+                _load_native(model, official)
                 return
             heads = _reset_heads(model)
             state = map_official_keys(official, fmt, model, keep_mis_shaped=heads)
@@ -135,6 +135,14 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
                      'is not attached')
     else:
         model.load_card(card)
+
+
+def _load_native(model: StitchedNet, state: StateDict) -> None:
+    """Load a state dict with ``model``'s own keys; heads of another ``num_classes`` keep their init, as in timm."""
+    state = check_pretrained_state_dict(state, model)  # only classifier heads may differ in shape
+    own = model.state_dict()
+    state.update({k: own[k] for k, v in state.items() if v.shape != own[k].shape})
+    model.load_state_dict(state, strict=True)
 
 
 def _reset_heads(model: StitchedNet) -> tuple[str, ...]:
