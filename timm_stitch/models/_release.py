@@ -109,6 +109,7 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
         return
     cached = converted_path(path, model)
     state = _read_cached(cached, path)
+    reset: list[str] = []
     if state is None:
         start = time.perf_counter()
         try:
@@ -123,16 +124,16 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
                              'download, delete it so that it is downloaded again') from e
         own = model.state_dict()
         reset = [k for k in state if k.startswith(heads) and state[k].data_ptr() == own[k].data_ptr()] if heads else []
-        if reset:  # freshly initialised heads are not the release's weights: nothing to cache
+        _logger.info(f'converted {path} ({fmt.release}) in {time.perf_counter() - start:.1f} s')
+        if reset:  # freshly initialised heads are not the release's weights: nothing to cache, no reported card
             _logger.info(f'{arch} has {model.num_classes} classes: {len(reset)} classifier tensors keep their init')
         else:
             _write_cached(state, cached, path, fmt)
-        _logger.info(f'converted {path} ({fmt.release}) in {time.perf_counter() - start:.1f} s; cached at {cached}')
     model.load_state_dict(state, strict=True)
-    card = official_card(model)
+    card = None if reset else official_card(model)
     if card is None:
-        _logger.info(f'{arch} is built with other routes than the {fmt.release} release: its reported route card '
-                     'is not attached')
+        _logger.info(f'{arch} is built with other routes or classes than the {fmt.release} release: its reported '
+                     'route card is not attached')
     else:
         model.load_card(card)
 
