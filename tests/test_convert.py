@@ -1,4 +1,4 @@
-"""Official checkpoint converters, on synthetic checkpoints with the official key layout (SPEC §2.2, §7).
+"""Official checkpoint converters, on synthetic checkpoints with the official key layout (official_layouts.py).
 
 The converted models are checked against an independent forward of the raw official tensors written here in plain
 torch (SPEC §2.3: stitched DeiT routes end last block -> cls token -> head, with no final norm).
@@ -6,48 +6,26 @@ torch (SPEC §2.3: stitched DeiT routes end last block -> cls token -> head, wit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from official_layouts import (
+    DIMS,
+    HEADS,
+    PATCH,
+    official_deit_state,
+    official_levit_state,
+    official_state,
+    to_official_swin,
+)
 
 from timm_stitch.cli import main
 from timm_stitch.convert import convert_official, read_checkpoint
 from timm_stitch.hub import CARD_NAME
-
-DIMS, HEADS, PATCH = (192, 384, 768), (3, 6, 12), 16  # DeiT-Ti/S/B
-
-
-
-def official_deit_state(depth: int, img_size: int, num_classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under the official snnet_deit.pth keys: ``anchors.{i}.*`` and ``stitch_layers.{c}.{l}.*``."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=0.05, offset=0.0):
-        return torch.randn(*shape, generator=g) * scale + offset
-
-    tokens = (img_size // PATCH) ** 2 + 1
-    sd = {}
-    for i, d in enumerate(DIMS):
-        p = f'anchors.{i}.'
-        sd.update({p + 'cls_token': rnd(1, 1, d), p + 'pos_embed': rnd(1, tokens, d),
-                   p + 'patch_embed.proj.weight': rnd(d, 3, PATCH, PATCH), p + 'patch_embed.proj.bias': rnd(d)})
-        for b in range(depth):
-            q = f'{p}blocks.{b}.'
-            for norm in ('norm1', 'norm2'):
-                sd[q + norm + '.weight'], sd[q + norm + '.bias'] = rnd(d, offset=1.0), rnd(d)
-            for name, out_dim, in_dim in (('attn.qkv', 3 * d, d), ('attn.proj', d, d), ('mlp.fc1', 4 * d, d),
-                                          ('mlp.fc2', d, 4 * d)):
-                sd[q + name + '.weight'], sd[q + name + '.bias'] = rnd(out_dim, in_dim), rnd(out_dim)
-        sd[p + 'norm.weight'], sd[p + 'norm.bias'] = rnd(d, offset=1.0), rnd(d)
-        sd[p + 'head.weight'], sd[p + 'head.bias'] = rnd(num_classes, d), rnd(num_classes)
-    for c, (d_in, d_out) in enumerate(zip(DIMS, DIMS[1:])):
-        for layer in range(depth - 1):  # window 2, stride 1: one layer per window that adds positions
-            sd[f'stitch_layers.{c}.{layer}.transform.weight'] = rnd(d_out, d_in)
-            sd[f'stitch_layers.{c}.{layer}.transform.bias'] = rnd(d_out)
-    return sd
 
 
 def official_routes(depth: int) -> list[tuple]:
@@ -216,18 +194,6 @@ RESNET_ROUTES = {
 END_ANCHOR = {'snnet_resnet_18_50': 'resnet50', 'snnet_resnet18_swin_ti': 'swin_tiny_patch4_window7_224'}
 
 
-def _to_official_swin(sd: dict) -> dict:
-    """timm Swin keys -> the Microsoft/old-timm layout (downsample at the end of a stage, plain head, mask buffers)."""
-    out = {}
-    for k, v in sd.items():
-        parts = k.split('.')
-        if parts[0] == 'layers' and parts[2] == 'downsample':
-            parts[1] = str(int(parts[1]) - 1)
-        out['.'.join(parts).replace('head.fc.', 'head.')] = v
-    out['layers.0.blocks.1.attn_mask'] = torch.zeros(64, 49, 49)
-    return out
-
-
 @pytest.fixture(scope='module', params=list(RESNET_ROUTES))
 def official_resnet(request):
     arch = request.param
@@ -237,7 +203,7 @@ def official_resnet(request):
         for bn in (b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.1, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
-    end_sd = end.state_dict() if arch == 'snnet_resnet_18_50' else _to_official_swin(end.state_dict())
+    end_sd = end.state_dict() if arch == 'snnet_resnet_18_50' else to_official_swin(end.state_dict())
     state = {f'module.anchors.0.{k}': v for k, v in front.state_dict().items()}
     state |= {f'module.anchors.1.{k}': v for k, v in end_sd.items()}
     state['module.anchors.0.bn1.aux_bn.0.weight'] = torch.ones(64)  # --split-bn training copies are dropped
@@ -303,7 +269,7 @@ def test_swin_tsb_official_layout():
     torch.manual_seed(0)
     names = ['swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224', 'swin_base_patch4_window7_224']
     anchors = [timm.create_model(n).eval() for n in names]
-    state = {f'anchors.{i}.{k}': v for i, a in enumerate(anchors) for k, v in _to_official_swin(a.state_dict()).items()}
+    state = {f'anchors.{i}.{k}': v for i, a in enumerate(anchors) for k, v in to_official_swin(a.state_dict()).items()}
     dims = [(96, 192, 384), (96, 192, 384), (128, 256, 512)]
     layers = {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1, (2, 0): 6, (2, 1): 17}
     g = torch.Generator().manual_seed(1)
@@ -334,63 +300,6 @@ def test_swin_tsb_official_layout():
 
 
 # ---- LeViT-192 -> LeViT-256 (SPEC §5: Facebook LeViT layout) ----------------------------------------------------
-
-LEVIT = ((192, 288, 384), (3, 5, 6)), ((256, 384, 512), (4, 6, 8))  # (C, heads) per stage; key dim 32, depth 4/4/4
-
-
-def official_levit_state(seed: int = 0, num_classes: int = 1000) -> dict[str, torch.Tensor]:
-    """Random tensors under the FB LeViT keys of levit_192_256_release.pth, built from the architecture description
-    (Conv2d_BN/Linear_BN = ``c`` + ``bn``, BN_Linear heads = ``bn`` + ``l``, attention ratio 2, MLP ratio 2,
-    subsample: key dim 32, heads C/32, attention ratio 4, MLP ratio 2, stride 2)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-
-    def bn(p, n):
-        sd.update({p + 'weight': torch.randn(n, generator=g) * 0.1 + 1, p + 'bias': torch.randn(n, generator=g) * .1,
-                   p + 'running_mean': torch.randn(n, generator=g) * .1,
-                   p + 'running_var': torch.rand(n, generator=g) + 0.5, p + 'num_batches_tracked': torch.tensor(7)})
-
-    def cbn(p, *shape):
-        sd[p + 'c.weight'] = torch.randn(*shape, generator=g) * 0.05
-        bn(p + 'bn.', shape[0])
-
-    for i, (dims, heads) in enumerate(LEVIT):
-        a = f'anchors.{i}.'
-        chans = (3, dims[0] // 8, dims[0] // 4, dims[0] // 2, dims[0])
-        for j in range(4):
-            cbn(f'{a}patch_embed.{2 * j}.', chans[j + 1], chans[j], 3, 3)
-        n, res = 0, 14
-        for s, (d, h) in enumerate(zip(dims, heads)):
-            for _ in range(4):
-                p = f'{a}blocks.{n}.m.'
-                cbn(p + 'qkv.', h * (32 + 32 + 64), d)
-                cbn(p + 'proj.1.', d, h * 64)
-                sd[p + 'attention_biases'] = torch.randn(h, res * res, generator=g)
-                sd[p + 'attention_bias_idxs'] = torch.zeros(res * res, res * res, dtype=torch.long)
-                cbn(f'{a}blocks.{n + 1}.m.0.', 2 * d, d)
-                cbn(f'{a}blocks.{n + 1}.m.2.', d, 2 * d)
-                n += 2
-            if s < 2:
-                p, hs, out = f'{a}blocks.{n}.', d // 32, dims[s + 1]
-                cbn(p + 'kv.', hs * (32 + 128), d)
-                cbn(p + 'q.1.', hs * 32, d)
-                cbn(p + 'proj.1.', out, hs * 128)
-                sd[p + 'attention_biases'] = torch.randn(hs, res * res, generator=g)
-                sd[p + 'attention_bias_idxs'] = torch.zeros((res // 2 + res % 2) ** 2, res * res, dtype=torch.long)
-                cbn(f'{a}blocks.{n + 1}.m.0.', 2 * out, out)
-                cbn(f'{a}blocks.{n + 1}.m.2.', out, 2 * out)
-                n, res = n + 2, (res - 1) // 2 + 1
-        for head in ('head', 'head_dist'):
-            bn(f'{a}{head}.bn.', dims[-1])
-            sd[f'{a}{head}.l.weight'] = torch.randn(num_classes, dims[-1], generator=g) * 0.05
-            sd[f'{a}{head}.l.bias'] = torch.randn(num_classes, generator=g) * 0.05
-    for s in range(2):
-        for layer in range(3):
-            sd[f'stitch_layers.{s}.0.{layer}.transform.weight'] = torch.randn(
-                LEVIT[1][0][s], LEVIT[0][0][s], generator=g) * 0.05
-            sd[f'stitch_layers.{s}.0.{layer}.transform.bias'] = torch.randn(LEVIT[1][0][s], generator=g) * 0.05
-    return sd
-
 
 @pytest.fixture(scope='module')
 def official_levit():
@@ -455,5 +364,49 @@ def test_levit_cli_convert_to_hub_folder(official_levit, tmp_path):
     assert main(['convert', str(ckpt), '--arch', 'snnet_levit_192_256', '--out', str(out)]) == 0
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     ref = convert_official(ckpt, 'snnet_levit_192_256')
+    ours = loaded.state_dict()
     for k, v in ref.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
+        assert torch.equal(ours[k], v), k
+
+
+@pytest.mark.parametrize('kind', ['legacy', 'random', 'json', 'truncated'])
+def test_legacy_and_unreadable_files(official, kind, tmp_path):
+    """Legacy (non-zip) torch.save files with pickled args are read; anything else names the file and what was
+    expected instead of failing inside torch."""
+    path = tmp_path / 'snnet_deit.pth'
+    if kind == 'legacy':
+        torch.save({'model': official, 'args': argparse.Namespace(lr=5e-4)}, path, _use_new_zipfile_serialization=False)
+        assert main(['convert', str(path), '--out', str(tmp_path / 'out'), '--model-args', json.dumps(TINY)]) == 0
+        assert (tmp_path / 'out' / 'model.safetensors').is_file()
+        return
+    if kind == 'truncated':
+        torch.save({'model': official, 'args': argparse.Namespace(lr=5e-4)}, path, _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        path.write_bytes(os.urandom(2048) if kind == 'random' else b'{"model": {"anchors.0.cls_token": [0.1]}}')
+    what = 'is not a readable PyTorch checkpoint' if kind == 'truncated' else 'is not a PyTorch checkpoint'
+    with pytest.raises(ValueError, match=rf'{path} {what} \(expected the ziplab/SN-Net v1.0 snnet_deit.pth release'):
+        convert_official(path, 'snnet_deit_tsb', **TINY)
+
+
+def test_convert_help(capsys):
+    with pytest.raises(SystemExit):
+        main(['convert', '--help'])
+    text = capsys.readouterr().out
+    assert '``' not in text and 'SPEC' not in text
+    assert 'snnet_swin_tsb for ziplab/SN-Net v1.0 snnet_swin.pth' in ' '.join(text.split())
+
+
+def test_converted_swin_folder_records_the_layer_mapping(tmp_path):
+    """A converted Swin release rebuilds with the official layer mapping from config.json alone (local-dir:), which
+    the load does not override."""
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=32, num_heads=(1, 2, 4, 8), img_size=64, num_classes=10)
+    model = timm.create_model('snnet_swin_tsb', layer_mapping='official', **kwargs)
+    torch.save({'model': official_state(model, 'snnet_swin_tsb')}, tmp_path / 'snnet_swin.pth')
+    assert main(['convert', str(tmp_path / 'snnet_swin.pth'), '--arch', 'snnet_swin_tsb',
+                 '--out', str(tmp_path / 'out'), '--model-args', json.dumps(kwargs)]) == 0
+    loaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
+    assert loaded.plan == model.plan != timm.create_model('snnet_swin_tsb', **kwargs).plan
+    ours = loaded.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items())

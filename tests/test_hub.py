@@ -1,7 +1,8 @@
 """Publishing and loading stitched models through the real huggingface_hub client and a local Hub (hub_server.py).
 
 The registered ``snnet_deit_tsb`` is built with one block per anchor at 32 px, so that its weights (~43 MB) travel
-through timm's own pretrained machinery quickly; ``timm.create_model`` uses the architecture's real ``hf_hub_id``.
+through timm's own pretrained machinery quickly; ``FROM_HUB`` points ``timm.create_model`` at a repo of the local Hub
+(the registered cfg names the official release URL, see test_releases.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from timm_stitch.cards import RouteCard
 from timm_stitch.hub import CARD_NAME, CONFIG_NAME, README_NAME, WEIGHTS_NAME, push_to_hub, save_pretrained
 
 SMALL = dict(depth=1, img_size=32)  # snnet_deit_tsb with 1-block anchors: 5 routes
-REPO = 'timm-stitch/snnet_deit_tsb.in1k'  # the registered hf_hub_id
+REPO = 'someone/snnet_deit_tsb.in1k'
+FROM_HUB = dict(pretrained_cfg_overlay=dict(hf_hub_id=REPO))
 ANCHOR_REPOS = ('timm/deit_tiny_patch16_224.fb_in1k', 'timm/deit_small_patch16_224.fb_in1k',
                 'timm/deit_base_patch16_224.fb_in1k')
 TOP1 = {0: 70.5, 1: 79.4, 2: 81.9, 3: 75.25, 4: 80.125}
@@ -69,7 +71,7 @@ def test_saved_folder(published):
 def test_pretrained_from_hub(hub, published):
     model, folder = published
     hub.put(REPO, _files(folder))
-    loaded = timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL).eval()
+    loaded = timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB).eval()
     _assert_same_weights(model, loaded)
     assert loaded.final_norm_on_stitched_routes is False
     assert [r.top1 for r in loaded.routes()] == [TOP1[i] for i in range(5)]
@@ -83,7 +85,7 @@ def test_pretrained_from_hub(hub, published):
     # cached: offline loads the same weights and card without a single request
     hub.requests.clear()
     hub.offline()
-    again = timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL)
+    again = timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB)
     _assert_same_weights(model, again)
     assert again.card is not None and hub.requests == []
 
@@ -91,7 +93,7 @@ def test_pretrained_from_hub(hub, published):
 def test_offline_without_cache(hub):
     hub.offline()
     with pytest.raises(OSError, match='HF_HUB_OFFLINE=1 is set.*pretrained_cfg_overlay'):
-        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL)
+        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB)
 
 
 def test_unreachable_hub(hub, monkeypatch):
@@ -100,7 +102,7 @@ def test_unreachable_hub(hub, monkeypatch):
     monkeypatch.setattr('huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE',
                         'http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}')
     with pytest.raises(OSError, match=r'Hub \(http://127.0.0.1:9\) is unreachable.*HF_HUB_OFFLINE=1'):
-        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL)
+        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB)
 
 
 def test_push_then_load_hf_hub(hub, published):
@@ -136,7 +138,7 @@ def test_local_file(hub, published):
 def test_num_classes_resets_every_head(hub, published):
     model, folder = published
     hub.put(REPO, _files(folder))
-    loaded = timm.create_model('snnet_deit_tsb', pretrained=True, num_classes=7, **SMALL)
+    loaded = timm.create_model('snnet_deit_tsb', pretrained=True, num_classes=7, **SMALL, **FROM_HUB)
     heads = tuple(f'anchors.{i}.head.' for i in range(3))
     sd, ref = loaded.state_dict(), model.state_dict()
     for k, v in sd.items():
@@ -152,7 +154,7 @@ def test_corrupt_weights(hub, published):
     files = _files(folder)
     hub.put(REPO, {**files, WEIGHTS_NAME: files[WEIGHTS_NAME][:len(files[WEIGHTS_NAME]) // 2]})
     with pytest.raises(ValueError, match='corrupt or truncated'):
-        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL)
+        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB)
 
 
 def test_checkpoint_of_another_architecture(hub, published, tmp_path):
@@ -161,7 +163,7 @@ def test_checkpoint_of_another_architecture(hub, published, tmp_path):
     safetensors.torch.save_file(other.state_dict(), str(tmp_path / WEIGHTS_NAME))
     hub.put(REPO, {**_files(folder), WEIGHTS_NAME: (tmp_path / WEIGHTS_NAME).read_bytes()})
     with pytest.raises(ValueError, match='does not match snnet_deit_tsb.*mis-shaped.*another architecture'):
-        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL)
+        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB)
 
 
 def test_card_for_another_model(hub, published, tmp_path):
@@ -170,13 +172,13 @@ def test_card_for_another_model(hub, published, tmp_path):
     RouteCard.from_model(other).save(tmp_path / CARD_NAME)
     hub.put(REPO, {**_files(folder), CARD_NAME: (tmp_path / CARD_NAME).read_bytes()})
     with pytest.raises(ValueError, match="card is for 'snnet_deit_sb', not for 'snnet_deit_tsb'"):
-        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL)
+        timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB)
 
 
 def test_missing_card_warns(hub, published, caplog):
     model, folder = published
     hub.put(REPO, {k: v for k, v in _files(folder).items() if k != CARD_NAME})
-    loaded = timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL)
+    loaded = timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB)
     _assert_same_weights(model, loaded)
     assert loaded.card is None and 'no routes.json route card' in caplog.text
 

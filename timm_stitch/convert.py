@@ -1,8 +1,9 @@
-"""Converters from the official SN-Net release checkpoints (ziplab/SN-Net, SPEC §7) to timm-stitch models.
+"""Converters from the official SN-Net release checkpoints (ziplab/SN-Net v1.0-v1.2) to timm-stitch models.
 
-The checkpoints are read without running pickled code: ``torch.load(weights_only=True)``, or, when the pickle also
-holds training arguments or configs (argparse/yacs objects), an unpickler that builds tensors and containers only
-and turns every other object into an inert placeholder. Every key is mapped (``module.`` stripped; persistent index
+The checkpoints (zip or legacy ``torch.save`` files) are read without running pickled code:
+``torch.load(weights_only=True)``, or, when the pickle also holds training arguments or configs (argparse/yacs
+objects), an unpickler that builds tensors and containers only and turns every other object into an inert
+placeholder. Every key is mapped (``module.`` stripped; persistent index
 buffers and split-BN ``aux_bn`` copies dropped; stitching-layer indices moved to ``stitch_layers.{stage}.{pair}.
 {layer}``; each anchor through its timm family's own ``checkpoint_filter_fn`` where the layout changed), the compat
 flags the official code needs are set, and any unmatched, missing or mis-shaped key is an error.
@@ -41,15 +42,17 @@ DROPPED_PARTS = ('aux_bn', 'relative_position_index', 'attn_mask', 'attention_bi
 class OfficialFormat:
     """How one official release maps onto a registered architecture.
 
-    ``stitch_key`` maps the indices after ``stitch_layers.`` (official order) to ours; ``anchor_filters`` convert an
-    anchor's official keys (prefix stripped) to timm's; ``reported`` names the authors' per-route results shipped in
-    ``timm_stitch/data/reported``.
+    ``url`` is the release file (relative to ``RELEASE_URL``); ``model_kwargs`` are the compat settings its weights
+    need; ``stitch_key`` maps the indices after ``stitch_layers.`` (official order) to ours; ``anchor_filters``
+    convert an anchor's official keys (prefix stripped) to timm's. The authors' per-route results ship in
+    ``timm_stitch/data/reported/{architecture}.jsonl`` and the route card built from them in
+    ``{architecture}.routes.json``.
     """
     release: str
+    url: str
     model_kwargs: dict[str, Any]
     stitch_key: Callable[[tuple[int, ...]], Optional[tuple[int, int, int]]]
     anchor_filters: dict[int, Callable[[StateDict, nn.Module], StateDict]] = field(default_factory=dict)
-    reported: Optional[str] = None
 
 
 def _deit_stitch(idx: tuple[int, ...]) -> Optional[tuple[int, int, int]]:
@@ -76,7 +79,7 @@ def levit_filter(state: StateDict, model: nn.Module) -> StateDict:
     timm's (``stem.conv{1-4}``, ``stages.{s}.[downsample.]``, ``head{,_dist}.{bn,linear}``).
 
     The flat block index is mapped by walking timm's stages in order: a stage's downsample (AttentionSubsample +
-    Residual(MLP), 2 entries) comes first, then 2 entries (attention, MLP) per block; SPEC §5. A key that fits none of
+    Residual(MLP), 2 entries) comes first, then 2 entries (attention, MLP) per block. A key that fits none of
     the patterns is passed through unchanged, so that the caller reports it as unmatched; shapes are checked there.
     """
     units: list[tuple[str, str]] = []  # flat official index -> (timm prefix, unit kind)
@@ -105,20 +108,25 @@ def levit_filter(state: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
+#: where the official SN-Net releases are published
+RELEASE_URL = 'https://github.com/ziplab/SN-Net/releases/download/'
+
 OFFICIAL_FORMATS: dict[str, OfficialFormat] = {
     'snnet_deit_tsb': OfficialFormat(
-        'ziplab/SN-Net v1.0 snnet_deit.pth', dict(final_norm_on_stitched_routes=False), _deit_stitch,
-        reported='snnet_deit_tsb.jsonl'),
+        'ziplab/SN-Net v1.0 snnet_deit.pth', RELEASE_URL + 'v1.0/snnet_deit.pth',
+        dict(final_norm_on_stitched_routes=False), _deit_stitch),
     'snnet_swin_tsb': OfficialFormat(
-        'ziplab/SN-Net v1.0 snnet_swin.pth', dict(layer_mapping='official'), _staged_stitch(0),
-        {i: swin_filter for i in range(3)}),
+        'ziplab/SN-Net v1.0 snnet_swin.pth', RELEASE_URL + 'v1.0/snnet_swin.pth', dict(layer_mapping='official'),
+        _staged_stitch(0), {i: swin_filter for i in range(3)}),
     'snnet_resnet_18_50': OfficialFormat(
-        'ziplab/SN-Net v1.1 resnet_18_50.pth', dict(layer_mapping='official'), _staged_stitch(1)),
+        'ziplab/SN-Net v1.1 resnet_18_50.pth', RELEASE_URL + 'v1.1/resnet_18_50.pth', dict(layer_mapping='official'),
+        _staged_stitch(1)),
     'snnet_resnet18_swin_ti': OfficialFormat(
-        'ziplab/SN-Net v1.1 resnet18_swin_ti.pth', dict(layer_mapping='official'), _staged_stitch(1),
-        {1: swin_filter}),
+        'ziplab/SN-Net v1.1 resnet18_swin_ti.pth', RELEASE_URL + 'v1.1/resnet18_swin_ti.pth',
+        dict(layer_mapping='official'), _staged_stitch(1), {1: swin_filter}),
     'snnet_levit_192_256': OfficialFormat(
-        'ziplab/SN-Net v1.2 levit_192_256_release.pth', {}, _staged_stitch(0), {i: levit_filter for i in range(2)}),
+        'ziplab/SN-Net v1.2 levit_192_256_release.pth', RELEASE_URL + 'v1.2/levit_192_256_release.pth', {},
+        _staged_stitch(0), {i: levit_filter for i in range(2)}),
 }
 
 
@@ -156,34 +164,59 @@ class _TensorUnpickler(pickle.Unpickler):
         return _Inert
 
 
-_TENSOR_PICKLE = types.SimpleNamespace(Unpickler=_TensorUnpickler, load=None, __name__='tensor_only_pickle')
+def _tensor_only_load(file: Any, **kwargs: Any) -> Any:
+    return _TensorUnpickler(file, **kwargs).load()
 
 
-def read_checkpoint(path: PathLike) -> StateDict:
-    """The tensors of an official checkpoint (under ``model``, ``state_dict`` or at the top level), never executing
-    pickled code; ``module.`` prefixes stripped."""
+# what torch.load needs of a pickle module: zip files use Unpickler, legacy files also load
+_TENSOR_PICKLE = types.SimpleNamespace(Unpickler=_TensorUnpickler, load=_tensor_only_load,
+                                       __name__='tensor_only_pickle')
+_ZIP_MAGIC, _PICKLE_PROTO = b'PK\x03\x04', b'\x80'
+
+
+def read_checkpoint(path: PathLike, expected: str = 'an official SN-Net checkpoint') -> StateDict:
+    """The tensors of a ``torch.save`` checkpoint, zip or legacy format (under ``model``, ``state_dict`` or at the
+    top level), never executing pickled code; ``module.`` prefixes stripped.
+
+    Raises ``ValueError`` naming the file and ``expected`` when it is not such a checkpoint (another format, or a
+    truncated or corrupt file).
+    """
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
+        raise ValueError(f'{path} is not a PyTorch checkpoint (expected {expected}, a torch.save file); it starts '
+                         f'with {head!r}')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:  # training args/configs in the pickle: read around them
-        ckpt = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_TENSOR_PICKLE)
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:  # training args/configs in the pickle: read around them
+            ckpt = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_TENSOR_PICKLE)
+    except Exception as e:  # torch raises RuntimeError, EOFError, zipfile/pickle errors... for damaged files
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint (expected {expected}); it is truncated or '
+                         f'corrupt: {type(e).__name__}: {e}') from e
     if not isinstance(ckpt, Mapping):
-        raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
+        raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict (expected {expected})')
     for key in ('model', 'state_dict'):
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
             break
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in ckpt.items()}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f'{path} has no model/state_dict entry and its top level is not a state dict: '
-                         f'{", ".join(bad[:5])} are not tensors')
+    if bad or not state:
+        raise ValueError(f'{path} has no model/state_dict entry and its top level is not a state dict (expected '
+                         f'{expected}): {", ".join(map(str, bad[:5])) or "it is empty"}')
     return state
 
 
 # ---- mapping ----------------------------------------------------------------------------------------------------
 
-def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet) -> StateDict:
-    """Official keys to ``model``'s, raising ``ValueError`` listing every unmatched, missing or mis-shaped key."""
+def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet,
+                      keep_mis_shaped: tuple[str, ...] = ()) -> StateDict:
+    """Official keys to ``model``'s, raising ``ValueError`` listing every unmatched, missing or mis-shaped key.
+
+    Mis-shaped tensors under the prefixes ``keep_mis_shaped`` (classifier heads of a model built with other
+    ``num_classes``) are not errors: the model's own values are kept there, as timm resets a pretrained head.
+    """
     anchors: dict[int, StateDict] = {}
     out: StateDict = {}
     origin: dict[str, str] = {}  # our key -> the official one, for error messages
@@ -208,6 +241,9 @@ def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet)
     expected = model.state_dict()
     unmatched += [origin.get(k, k) for k in out if k not in expected]
     missing = [k for k in expected if k not in out]
+    kept = [k for k, v in out.items() if k in expected and v.shape != expected[k].shape and k.startswith(
+        keep_mis_shaped)] if keep_mis_shaped else []
+    out.update({k: expected[k] for k in kept})
     misshaped = [f'{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})' for k, v in out.items()
                  if k in expected and v.shape != expected[k].shape]
     problems = [f'{len(keys)} {what}: {", ".join(keys[:6])}{", ..." if len(keys) > 6 else ""}'
@@ -226,43 +262,60 @@ def convert_official(
     """Build ``arch`` with the official compat flags and load an official release checkpoint into it (strictly).
 
     ``model_kwargs`` (``num_classes``, ``img_size``, ``depth``...) must describe the checkpoint. The authors'
-    reported per-route accuracy is attached as the model's card (marked ``reported``) when the model has the official
-    route table.
+    reported per-route accuracy is attached as the model's card (marked ``reported``) when the model has the
+    release's routes.
     """
-    if arch not in OFFICIAL_FORMATS:
-        raise ValueError(f'no official checkpoint format for {arch!r}: valid are {", ".join(OFFICIAL_FORMATS)}')
-    fmt = OFFICIAL_FORMATS[arch]
-    state = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    fmt = official_format(arch)
+    path = None if isinstance(checkpoint, Mapping) else checkpoint
     model = timm.create_model(arch, **{**fmt.model_kwargs, **model_kwargs}).eval()
-    model.load_state_dict(map_official_keys(dict(state), fmt, model), strict=True)
-    card = official_card(model, fmt, checkpoint if not isinstance(checkpoint, Mapping) else None)
+    state = dict(checkpoint) if path is None else read_checkpoint(path, f'the {fmt.release} release file')
+    model.load_state_dict(map_official_keys(state, fmt, model), strict=True)
+    card = official_card(model, path)
     if card is not None:
         model.load_card(card)
     return model
 
 
-def official_card(model: StitchedNet, fmt: OfficialFormat, checkpoint: Optional[PathLike]) -> Optional[RouteCard]:
-    """The model's counted card with the authors' reported accuracy, or None without a matching reported table."""
-    if fmt.reported is None:
+def official_format(arch: str) -> OfficialFormat:
+    """The official release format of ``arch``; ``ValueError`` naming the valid architectures otherwise."""
+    if arch not in OFFICIAL_FORMATS:
+        raise ValueError(f'no official checkpoint format for {arch!r}: valid are {", ".join(OFFICIAL_FORMATS)}')
+    return OFFICIAL_FORMATS[arch]
+
+
+def official_card(model: StitchedNet, checkpoint: Optional[PathLike] = None) -> Optional[RouteCard]:
+    """The route card shipped for ``model``'s official release (MACs counted by timm-stitch, the authors' reported
+    accuracy), or None when the model does not have the release's routes (e.g. built smaller). ``checkpoint``, when
+    given, is the file whose sha256 the card's provenance records."""
+    arch = model.pretrained_cfg.get('architecture')
+    official_format(arch)
+    with resources.as_file(resources.files('timm_stitch') / 'data' / 'reported' / f'{arch}.routes.json') as path:
+        card = RouteCard.load(path)
+    try:
+        card.check_model(model)
+    except ValueError:
         return None
-    with resources.as_file(resources.files('timm_stitch') / 'data' / 'reported' / fmt.reported) as path:
-        reported = RouteCard.load(path, model=model.pretrained_cfg.get('architecture'))
-    if len(reported.routes) != model.num_routes:
-        return None
-    record = {'who': f'SN-Net authors (Pan et al., CVPR 2023), reported for {fmt.release}',
-              'checkpoint_sha256': file_sha256(checkpoint) if checkpoint is not None else None}
-    return RouteCard.from_model(model).with_accuracy(reported, dataset='imagenet-1k/validation', source='reported',
-                                                     **record)
+    if checkpoint is not None:
+        card.provenance.append({'what': 'weights', 'release': OFFICIAL_FORMATS[arch].release,
+                                'checkpoint_sha256': file_sha256(checkpoint)})
+    return card
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
 
 def add_parser(subparsers: Any) -> None:
-    """``timm-stitch convert CHECKPOINT --arch ARCH --out DIR``: an official checkpoint to a Hub-ready folder."""
-    parser = subparsers.add_parser('convert', help='convert an official SN-Net checkpoint to a Hub-ready folder',
-                                   description=add_parser.__doc__)
+    """Register ``timm-stitch convert CHECKPOINT --arch ARCH --out DIR``."""
+    parser = subparsers.add_parser(
+        'convert', help='convert an official SN-Net checkpoint to a Hub-ready folder',
+        description='Convert an official SN-Net release checkpoint (ziplab/SN-Net) into a Hub-ready folder that '
+                    "timm.create_model('local-dir:DIR', pretrained=True) loads. The file is read without running "
+                    'pickled code. timm.create_model(ARCH, pretrained=True) downloads and converts the releases '
+                    'itself; this command is for files you already have.')
     parser.add_argument('checkpoint', help='the official release file, e.g. snnet_deit.pth')
-    parser.add_argument('--arch', default='snnet_deit_tsb', choices=sorted(OFFICIAL_FORMATS))
+    parser.add_argument('--arch', default='snnet_deit_tsb', choices=sorted(OFFICIAL_FORMATS),
+                        help='the architecture of the release: ' + '; '.join(
+                            f'{arch} for {fmt.release}' for arch, fmt in OFFICIAL_FORMATS.items())
+                        + ' (default: %(default)s)')
     parser.add_argument('--out', required=True, help='output folder (config.json, model.safetensors, routes.json, '
                                                      'README.md); replaced atomically')
     parser.add_argument('--repo-id', default=None, help='the Hub repo id the model card names')

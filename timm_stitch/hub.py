@@ -15,14 +15,14 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
-from timm.models import is_model
+from timm.models import get_pretrained_cfg, is_model
 from timm.models._builder import _resolve_pretrained_source
 from timm.models._hub import download_from_hf, save_config_for_hf, save_for_hf
 from torch import nn
@@ -257,13 +257,25 @@ def _is_official_stitch_key(key: str) -> bool:
 
 
 @contextmanager
-def pretrained_errors(variant: str) -> Iterator[None]:
-    """Turn download and file errors while loading ``variant``'s pretrained weights into errors that say what to do."""
+def pretrained_errors(variant: str, anchors: Sequence[Any] = ()) -> Iterator[None]:
+    """Turn download and file errors while loading ``variant``'s pretrained weights into errors that say what to do.
+
+    ``anchors``: the anchor specs being built with their own pretrained weights (``pretrained_anchors=True``);
+    a missing download then names those anchors rather than the stitched network's weights.
+    """
     try:
         yield
     except LocalEntryNotFoundError as e:
         where = 'HF_HUB_OFFLINE=1 is set' if constants.HF_HUB_OFFLINE else \
             f'the Hugging Face Hub ({constants.ENDPOINT}) is unreachable'
+        names = [_anchor_source(a) for a in anchors if not isinstance(a, nn.Module)]
+        if names:
+            raise OSError(
+                f'cannot build {variant} with pretrained_anchors=True: {where} and the pretrained weights of its '
+                f'anchors {", ".join(names)} are not all in the cache ({constants.HF_HUB_CACHE}). Create the model '
+                'once while online to cache them (then HF_HUB_OFFLINE=1 works), pass built anchor models instead of '
+                'names, or leave pretrained_anchors=False'
+            ) from e
         raise OSError(
             f'cannot load the pretrained weights of {variant}: {where} and they are not in the cache '
             f'({constants.HF_HUB_CACHE}). Download them once while online, then set HF_HUB_OFFLINE=1 to use the '
@@ -272,3 +284,10 @@ def pretrained_errors(variant: str) -> Iterator[None]:
     except SafetensorError as e:
         raise ValueError(f'the pretrained weights of {variant} are corrupt or truncated ({e}); delete the file (or '
                          'its Hub cache entry) and download it again') from e
+
+
+def _anchor_source(spec: Any) -> str:
+    """An anchor spec (name or kwargs dict) as ``name (Hub repo)``: where its timm weights come from."""
+    name = spec.get('model_name', '?') if isinstance(spec, Mapping) else str(spec)
+    cfg = get_pretrained_cfg(name)
+    return f'{name} ({cfg.hf_hub_id})' if cfg is not None and cfg.hf_hub_id else name

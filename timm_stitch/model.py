@@ -307,6 +307,12 @@ class StitchedNet(nn.Module):
         if self._route_cache is not None:  # keep the counted params and MACs
             self._route_cache = self._annotate_routes(self._route_cache, [r.macs for r in self._route_cache])
 
+    def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
+        """timm's ``custom_load`` hook (``pretrained=True`` on an official SN-Net release): load the release file
+        (converted on first load, the conversion cached beside it) or a converted safetensors file."""
+        from .models._release import load_release
+        load_release(self, checkpoint_path)
+
     def select_stitch(
             self,
             max_macs: Optional[float] = None,

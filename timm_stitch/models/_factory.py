@@ -5,10 +5,12 @@ from typing import Any, Callable, Sequence
 
 from timm.models import build_model_with_cfg
 
+from ..convert import OFFICIAL_FORMATS
 from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_errors
 from ..model import AnchorSpec, StitchedNet
+from ._release import prepare_release_load, release_download_errors
 
-__all__ = ['create_snnet', 'snnet_cfg']
+__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg']
 
 
 def snnet_cfg(num_anchors: int, url: str = '', **kwargs: Any) -> dict[str, Any]:
@@ -28,6 +30,22 @@ def snnet_cfg(num_anchors: int, url: str = '', **kwargs: Any) -> dict[str, Any]:
     }
 
 
+def _naming_anchor_errors(builder: Callable[..., StitchedNet], variant: str) -> Callable[..., StitchedNet]:
+    """``builder`` whose missing downloads while building (the anchors' own weights, ``pretrained_anchors=True``)
+    raise an error naming those anchors rather than the stitched network's weights."""
+    def build(anchors: Sequence[AnchorSpec], **kwargs: Any) -> StitchedNet:
+        with pretrained_errors(variant, anchors if kwargs.get('pretrained_anchors') else ()):
+            return builder(anchors=anchors, **kwargs)
+    return build
+
+
+def release_cfg(arch: str, num_anchors: int, **kwargs: Any) -> dict[str, Any]:
+    """The pretrained cfg of ``arch``'s official SN-Net release: its URL, loaded by the model (``custom_load``)."""
+    fmt = OFFICIAL_FORMATS[arch]
+    return snnet_cfg(num_anchors, url=fmt.url, custom_load=True, origin_url='https://github.com/ziplab/SN-Net',
+                     paper_ids='arXiv:2302.06586', paper_name='Stitchable Neural Networks', **kwargs)
+
+
 def create_snnet(
         variant: str,
         anchors: Sequence[AnchorSpec],
@@ -36,11 +54,14 @@ def create_snnet(
         **kwargs: Any,
 ) -> StitchedNet:
     """Build a registered stitched architecture through timm's ``build_model_with_cfg`` (``builder`` makes the model
-    from ``anchors`` and the kwargs); with ``pretrained``, also load the route card (``routes.json``) found next to
-    the weights."""
+    from ``anchors`` and the kwargs); with ``pretrained``, also load the route card: the official release's (see
+    ``_release``), or the ``routes.json`` found next to the weights."""
     kwargs.setdefault('pretrained_filter_fn', check_pretrained_state_dict)
     with pretrained_errors(variant):
-        model = build_model_with_cfg(builder, variant, pretrained, anchors=list(anchors), **kwargs)
-        if pretrained:
+        release = prepare_release_load(variant, kwargs) if pretrained and variant in OFFICIAL_FORMATS else None
+        with release_download_errors(variant, release):
+            model = build_model_with_cfg(_naming_anchor_errors(builder, variant), variant, pretrained,
+                                         anchors=list(anchors), **kwargs)
+        if pretrained and model.card is None and release is None:  # a release URL has no routes.json beside it
             load_pretrained_card(model, cache_dir=kwargs.get('cache_dir'))
     return model

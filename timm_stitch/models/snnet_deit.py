@@ -7,25 +7,20 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from ..model import StitchedNet
-from ._factory import create_snnet, snnet_cfg
+from ._factory import create_snnet, release_cfg, snnet_cfg
 
 __all__: list[str] = []
 
 DEIT_TINY, DEIT_SMALL, DEIT_BASE = 'deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224'
 
 
-def _cfg(num_anchors: int, **kwargs: Any) -> dict[str, Any]:
-    return snnet_cfg(num_anchors, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, **kwargs)
-
-
-#: Hub org of the published checkpoints (``timm-stitch/{architecture}.{tag}``)
-HUB_ORG = 'timm-stitch'
+_DATA = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 default_cfgs = generate_default_cfgs({
-    # the official SN-Net release (ziplab/SN-Net v1.0 snnet_deit.pth), converted with `timm-stitch convert`
-    'snnet_deit_tsb.in1k': _cfg(3, hf_hub_id=f'{HUB_ORG}/snnet_deit_tsb.in1k'),
-    'snnet_deit_ts': _cfg(2),
-    'snnet_deit_sb': _cfg(2),
+    # the official SN-Net release (ziplab/SN-Net v1.0 snnet_deit.pth), converted on first load
+    'snnet_deit_tsb.in1k': release_cfg('snnet_deit_tsb', 3, **_DATA),
+    'snnet_deit_ts': snnet_cfg(2, **_DATA),
+    'snnet_deit_sb': snnet_cfg(2, **_DATA),
 })
 
 
@@ -33,11 +28,10 @@ default_cfgs = generate_default_cfgs({
 def snnet_deit_tsb(pretrained: bool = False, **kwargs: Any) -> StitchedNet:
     """DeiT-Ti/S/B stitched Ti->S and S->B (kernel 2, stride 1, nearest): 71 routes in the official order.
 
-    The pretrained weights are the official release, whose stitched routes skip the final norm (SPEC §2.4): with
+    ``pretrained=True`` loads the official release (ziplab/SN-Net v1.0 ``snnet_deit.pth``) with the authors'
+    reported route card. Its stitched routes skip the last anchor's final norm, as the official code does: with
     ``pretrained=True`` that is the default; pass ``final_norm_on_stitched_routes=True`` for weights trained with it.
     """
-    if pretrained:
-        kwargs.setdefault('final_norm_on_stitched_routes', False)
     return create_snnet('snnet_deit_tsb', [DEIT_TINY, DEIT_SMALL, DEIT_BASE], pretrained, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Stitched Swin-Ti/S/B (SN-Net, Pan et al., CVPR 2023, SPEC §3): 41 routes with the official settings."""
+"""Stitched Swin-Ti/S/B (SN-Net, Pan et al., CVPR 2023): 41 routes with the official settings."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +7,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from ..model import StitchedNet
-from ._factory import create_snnet, snnet_cfg
+from ._factory import create_snnet, release_cfg
 
 __all__ = ['SWIN_TSB_ANCHORS', 'SWIN_STAGES']
 
@@ -21,8 +21,9 @@ SWIN_TSB_ANCHORS = (
 SWIN_STAGES = (0, 1, 2)
 
 default_cfgs = generate_default_cfgs({
-    'snnet_swin_tsb': snnet_cfg(
-        3, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.9,
+    # the official SN-Net release (ziplab/SN-Net v1.0 snnet_swin.pth), converted on first load
+    'snnet_swin_tsb.in1k': release_cfg(
+        'snnet_swin_tsb', 3, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.9,
         classifier=tuple(f'anchors.{i}.head.fc' for i in range(3))),
 })
 
@@ -30,7 +31,10 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def snnet_swin_tsb(pretrained: bool = False, **kwargs: Any) -> StitchedNet:
     """Swin-Ti/S/B stitched Ti->S and S->B inside stages 0-2 (kernel 2, stride 1, nearest): 41 routes in the
-    official order. Pass ``layer_mapping='official'`` for weights converted from the official checkpoint
-    (SPEC §9.2)."""
+    official order.
+
+    ``pretrained=True`` loads the official release (ziplab/SN-Net v1.0 ``snnet_swin.pth``) with the authors'
+    reported route card, and defaults to ``layer_mapping='official'``: the released code shares stitching layers
+    between unequal-depth stages by its own index mapping, which its weights were trained with."""
     kwargs.setdefault('stages', SWIN_STAGES)
     return create_snnet('snnet_swin_tsb', SWIN_TSB_ANCHORS, pretrained, **kwargs)
