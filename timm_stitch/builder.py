@@ -69,7 +69,7 @@ def stitch(
     options = dataclasses.replace(options or StitchOptions(), **option_kwargs)
     if not anchors:
         raise ValueError('stitch() needs at least one anchor')
-    net_kwargs = {k: kwargs.pop(k) for k in ('final_norm_on_stitched_routes',) if k in kwargs}
+    net_kwargs = {k: kwargs.pop(k) for k in ('final_norm_on_stitched_routes', 'stitch_id') if k in kwargs}
     if kwargs.get('img_size') is None:
         kwargs.pop('img_size', None)
     models = [_build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kwargs)
