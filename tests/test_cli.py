@@ -31,8 +31,9 @@ def test_subcommands_are_modules_with_add_parser():
 
 def test_parse_count():
     assert (parse_count('5G'), parse_count('22.5M'), parse_count('3e9'), parse_count('7k')) == (5e9, 22.5e6, 3e9, 7e3)
-    with pytest.raises(Exception, match='expected a number'):
-        parse_count('five')
+    for bad in ('five', '-3G'):
+        with pytest.raises(Exception, match=f'expected a non-negative number .*{bad}'):
+            parse_count(bad)
 
 
 def test_routes_table_sorted_and_filtered(capsys):
@@ -45,8 +46,9 @@ def test_routes_table_sorted_and_filtered(capsys):
     assert routes and all(r['macs'] <= 0.5e6 for r in routes)
     main(['routes', TINY, '--json', '--select', '--max-params', '20k'])
     assert [r['id'] for r in json.loads(capsys.readouterr().out)] == [0]
-    with pytest.raises(SystemExit, match='smallest available params'):
-        main(['routes', TINY, '--select', '--max-params', '10'])
+    assert main(['routes', TINY, '--select', '--max-params', '10']) == 2
+    assert 'timm-stitch: error: no route meets the bounds: max_params=10 is below the smallest available params' \
+        in capsys.readouterr().err
 
 
 def test_profile_then_card(tmp_path, capsys):
