@@ -56,6 +56,16 @@ def test_routes_table_sorted_and_filtered(capsys):
         in capsys.readouterr().err
 
 
+def test_routes_with_the_shipped_fmnist_card(capsys):
+    card = ROOT / 'model_cards' / 'snnet_vit_fmnist_tsb' / 'routes.json'
+    top1 = {r.id: r.top1 for r in RouteCard.load(card).routes}
+    assert main(['routes', 'snnet_vit_fmnist_tsb', '--card', str(card), '--pareto', '--min-top1', '89', '--json']) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front and all(r['top1'] == top1[r['id']] >= 89 and r['dominated'] is False for r in front)
+    assert main(['routes', 'snnet_vit_fmnist_tsb', '--card', str(card), '--sort', 'top1', '--json']) == 0
+    assert [r['top1'] for r in json.loads(capsys.readouterr().out)] == sorted(top1.values(), reverse=True)
+
+
 def test_profile_then_card(tmp_path, capsys):
     out = tmp_path / 'routes.json'
     assert main(['profile', TINY, '--repeats', '1', '--warmup', '0', '--out', str(out), '--routes', '0', '2']) == 0
