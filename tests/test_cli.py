@@ -1,12 +1,16 @@
-"""The ``timm-stitch`` command line on a tiny registered architecture."""
+"""The ``timm-stitch`` command line on a tiny registered architecture (3 tiny anchors, 23 routes), and its errors: one
+``timm-stitch: error: ...`` line naming the bad value, exit status 2 for bad input and 1 for other failures, no
+traceback unless ``--debug``."""
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import timm
+import torch
 from timm.models import register_model
 from tiny_models import TINY_WIDTHS, tiny_vit_args
 
@@ -15,6 +19,7 @@ from timm_stitch.cli import SUBCOMMANDS, main, parse_count
 from timm_stitch.models._factory import create_snnet, snnet_cfg
 
 TINY = 'snnet_test_tiny_cli'
+ROOT = Path(__file__).resolve().parents[1]
 
 if TINY not in timm.list_models(TINY):
     @register_model
@@ -31,8 +36,9 @@ def test_subcommands_are_modules_with_add_parser():
 
 def test_parse_count():
     assert (parse_count('5G'), parse_count('22.5M'), parse_count('3e9'), parse_count('7k')) == (5e9, 22.5e6, 3e9, 7e3)
-    with pytest.raises(Exception, match='expected a number'):
-        parse_count('five')
+    for bad in ('five', '-3G'):
+        with pytest.raises(Exception, match=f'expected a non-negative number .*{bad}'):
+            parse_count(bad)
 
 
 def test_routes_table_sorted_and_filtered(capsys):
@@ -45,8 +51,19 @@ def test_routes_table_sorted_and_filtered(capsys):
     assert routes and all(r['macs'] <= 0.5e6 for r in routes)
     main(['routes', TINY, '--json', '--select', '--max-params', '20k'])
     assert [r['id'] for r in json.loads(capsys.readouterr().out)] == [0]
-    with pytest.raises(SystemExit, match='smallest available params'):
-        main(['routes', TINY, '--select', '--max-params', '10'])
+    assert main(['routes', TINY, '--select', '--max-params', '10']) == 2
+    assert 'timm-stitch: error: no route meets the bounds: max_params=10 is below the smallest available params' \
+        in capsys.readouterr().err
+
+
+def test_routes_with_the_shipped_fmnist_card(capsys):
+    card = ROOT / 'model_cards' / 'snnet_vit_fmnist_tsb' / 'routes.json'
+    top1 = {r.id: r.top1 for r in RouteCard.load(card).routes}
+    assert main(['routes', 'snnet_vit_fmnist_tsb', '--card', str(card), '--pareto', '--min-top1', '89', '--json']) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front and all(r['top1'] == top1[r['id']] >= 89 and r['dominated'] is False for r in front)
+    assert main(['routes', 'snnet_vit_fmnist_tsb', '--card', str(card), '--sort', 'top1', '--json']) == 0
+    assert [r['top1'] for r in json.loads(capsys.readouterr().out)] == sorted(top1.values(), reverse=True)
 
 
 def test_profile_then_card(tmp_path, capsys):
@@ -64,9 +81,91 @@ def test_profile_then_card(tmp_path, capsys):
     assert '| 2 | ' in (tmp_path / 'card' / 'README.md').read_text().replace('2* | ', '2 | ')
 
 
-def test_console_script_help():
+def _run(capsys, argv: list[str]) -> tuple[int, str]:
+    """Exit status and stderr of ``timm-stitch ARGV``, whether argparse exits or ``main`` returns."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _error_line(err: str) -> str:
+    assert 'Traceback' not in err
+    lines = [line for line in err.splitlines() if line.startswith('timm-stitch: error: ')]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_values_are_usage_errors(capsys, tmp_path, monkeypatch):
+    cases = {
+        ('routes', 'snnet_nope'): ["unknown model 'snnet_nope'", 'snnet_deit_tsb'],
+        ('profile', TINY, '--routes', '0', '99', '--out', str(tmp_path / 'r.json')): ['stitch_id 99', '0..22'],
+        ('profile', TINY, '--batch-size', '0'): ['--batch-size', "'0'", '>= 1'],
+        ('profile', TINY, '--repeats', 'many'): ['--repeats', "'many'", '>= 1'],
+        ('routes', TINY, '--checkpoint', str(tmp_path / 'missing.pth')): ['--checkpoint', 'missing.pth'],
+        ('card', TINY, '--out', str(tmp_path / 'c'), '--accuracy', str(tmp_path)): ['--accuracy', 'is a folder'],
+        ('routes', TINY, '--min-top1', '188'): ['--min-top1', "'188'", '[0, 100]'],
+        ('routes', TINY, '--max-macs=-5G'): ['--max-macs', "'-5G'", 'non-negative'],
+        ('profile', TINY, '--device', 'gpu7'): ['--device', "'gpu7'", 'cpu, cuda'],
+        ('convert', str(tmp_path / 'snnet_deit.pth'), '--out', str(tmp_path / 'conv')): ['snnet_deit.pth'],
+    }
+    for argv, expected in cases.items():
+        code, err = _run(capsys, list(argv))
+        line = _error_line(err)
+        assert code == 2 and all(text in line for text in expected), (argv, err)
+    assert not (tmp_path / 'r.json').exists() and not (tmp_path / 'conv').exists()
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    code, err = _run(capsys, ['profile', TINY, '--device', 'cuda'])
+    assert code == 2 and "device 'cuda': CUDA is not available" in _error_line(err)
+
+
+def test_filters_without_values_say_so(capsys):
+    """With no card loaded no route has an accuracy or a latency: an option needing them is refused, instead of
+    printing an empty (or silently unsorted) table."""
+    for argv, expected in {
+        ('--min-top1', '88'): 'no route has a known top1',
+        ('--pareto',): '--pareto needs route top1 values',
+        ('--max-latency-ms', '5'): 'no route has a known latency_ms',
+        ('--sort', 'top5'): '--sort top5 needs route top5 values',
+        ('--max-macs', '10'): 'max_macs=10 is below the smallest available macs',
+    }.items():
+        code, err = _run(capsys, ['routes', TINY, *argv])
+        assert code == 2 and expected in _error_line(err), (argv, err)
+        assert capsys.readouterr().out == ''
+
+
+def test_runtime_failure_exits_1_and_debug_shows_the_traceback(capsys, tmp_path):
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(os.urandom(256))
+    code, err = _run(capsys, ['routes', TINY, '--checkpoint', str(corrupt)])
+    assert code == 1 and _error_line(err)
+    code, err = _run(capsys, ['routes', TINY, '--checkpoint', str(corrupt), '--debug'])
+    assert code == 1 and 'Traceback' in err and err.rstrip().splitlines()[-1].startswith('timm-stitch: error: ')
+
+
+def test_entry_point(tmp_path):
+    """The installed ``timm-stitch`` script and ``python -m timm_stitch.cli`` in subprocesses: a usage error at
+    parse time and one raised by the library."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
+               OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
     script = Path(sys.executable).with_name('timm-stitch')
-    if not script.exists():
-        pytest.skip('console script not installed')
-    out = subprocess.run([str(script), '--help'], capture_output=True, text=True, check=True).stdout
-    assert all(cmd in out for cmd in ('routes', 'profile', 'card'))
+    bad_batch = subprocess.run([str(script), 'profile', 'snnet_vit_fmnist_tsb', '--batch-size', '0'],
+                               capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad_batch.returncode == 2 and 'Traceback' not in bad_batch.stderr
+    assert "timm-stitch: error: argument --batch-size: expected an integer >= 1, got '0'" in bad_batch.stderr
+    no_card = [sys.executable, '-m', 'timm_stitch.cli', 'routes', 'snnet_vit_fmnist_tsb', '--select', '--min-top1',
+               '88', '--debug']
+    debug = subprocess.run(no_card, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert debug.returncode == 2 and 'Traceback' in debug.stderr
+    assert 'timm-stitch: error: no route meets the bounds: no route has a known top1' in debug.stderr
+
+
+@pytest.mark.parametrize('command', ['routes', 'profile', 'card', 'convert', 'train', 'validate'])
+def test_help_is_plain_text_and_complete(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, '--help'])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and '--debug' in text
+    assert '``' not in text and 'SPEC' not in text

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from .routes import macs_unit
+from .unwrap import unwrap, unwrap_stitched
 
 if TYPE_CHECKING:
     from .model import StitchedNet
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+_COUNTED = 'macs, params'  # the provenance 'what' of the counts from_model makes
 PathLike = Union[str, os.PathLike]
 
 
@@ -63,9 +65,11 @@ class RouteCard:
     @classmethod
     def from_model(cls, model: StitchedNet, checkpoint: Optional[PathLike] = None) -> RouteCard:
         """A card with the structure, MACs and params of ``model`` (counted by timm-stitch); ``checkpoint``, when
-        given, is the weights file whose sha256 the provenance records."""
+        given, is the weights file whose sha256 the provenance records. A wrapped model (``torch.compile``, DDP)
+        is counted as the model inside."""
         from . import __version__
         from .macs import model_input_size
+        model = unwrap_stitched(model, 'RouteCard.from_model')
         routes = [
             CardRoute(id=r.id, anchors=list(r.anchors), stage=r.stage, cuts=[list(c) for c in r.cuts],
                       macs=r.macs, params=r.params)
@@ -81,7 +85,7 @@ class RouteCard:
             'input_size': list(model_input_size(model)),
             'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes,
         }
-        record = {'what': 'macs, params', 'who': f'timm-stitch {__version__}', 'when': _now(),
+        record = {'what': _COUNTED, 'who': f'timm-stitch {__version__}', 'when': _now(),
                   'how': 'fvcore convention at batch 1 (timm_stitch.macs); params a route forward touches',
                   'checkpoint_sha256': file_sha256(checkpoint) if checkpoint is not None else None}
         return cls(model=model_name(model), routes=routes, anchors=anchors, settings=settings, provenance=[record])
@@ -106,11 +110,33 @@ class RouteCard:
         if isinstance(values, RouteCard):
             values = {r.id: (r.top1, r.top5) for r in values.routes if r.top1 is not None or r.top5 is not None}
         card = copy.deepcopy(self)
+        card._drop_replaced_accuracy(values)
         for stitch_id, (top1, top5) in values.items():
             entry = card._entry(stitch_id)
             entry.top1, entry.top5 = top1, top5
             entry.accuracy = {'dataset': dataset, 'source': source}
         card.provenance.append({'what': 'accuracy', 'dataset': dataset, 'source': source, 'when': _now(), **record})
+        return card
+
+    def with_measurements(self, other: RouteCard) -> RouteCard:
+        """A copy with the accuracies (where ``other`` has any), latency profiles and provenance records of
+        ``other`` merged in; everything ``other`` does not hold is kept. ``other``'s MACs, params and structure are
+        not taken: this card's own counts stand."""
+        card = copy.deepcopy(self)
+        accuracy = {r.id: r for r in other.routes if r.top1 is not None or r.top5 is not None}
+        card._drop_replaced_accuracy(accuracy)
+        profiles = set(other.latency_profiles)
+        card.provenance = [p for p in card.provenance if p.get('profile') not in profiles]
+        for source in other.routes:
+            if source.id not in accuracy and not source.latency:
+                continue
+            entry = card._entry(source.id)
+            if source.id in accuracy:
+                entry.top1, entry.top5 = source.top1, source.top5
+                entry.accuracy = copy.deepcopy(source.accuracy)
+            entry.latency.update(copy.deepcopy(source.latency))
+        card.provenance += [copy.deepcopy(p) for p in other.provenance
+                            if p.get('what') != _COUNTED and p not in card.provenance]
         return card
 
     def with_latency(self, profile: str, stats: Mapping[int, Mapping[str, float]], record: Mapping[str, Any]
@@ -121,6 +147,11 @@ class RouteCard:
             card._entry(stitch_id).latency[profile] = {k: round(float(v), 4) for k, v in values.items()}
         card.provenance = [p for p in card.provenance if p.get('profile') != profile] + [dict(record)]
         return card
+
+    def _drop_replaced_accuracy(self, ids: Mapping[int, Any]) -> None:
+        """Forget the accuracy provenance once every route holding an accuracy gets a new one from ``ids``."""
+        if {r.id for r in self.routes if r.top1 is not None or r.top5 is not None} <= set(ids):
+            self.provenance = [p for p in self.provenance if p.get('what') != 'accuracy']
 
     def _entry(self, stitch_id: int) -> CardRoute:
         entry = self.route(stitch_id)
@@ -134,6 +165,7 @@ class RouteCard:
 
     def check_model(self, model: StitchedNet) -> None:
         """Raise ``ValueError`` unless this card describes ``model`` (same architecture, anchors and routes)."""
+        model = unwrap_stitched(model, 'RouteCard.check_model')
         name = model_name(model)
         if self.model is not None and self.model != name:
             raise ValueError(f'this route card is for {self.model!r}, not for {name!r}')
@@ -235,6 +267,7 @@ class RouteCard:
 
 def model_name(model: StitchedNet) -> str:
     """The registered architecture name of ``model``, or a name built from its anchors."""
+    model = unwrap(model)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return cfg.get('architecture') or 'stitched(' + ', '.join(model.anchor_names) + ')'
 

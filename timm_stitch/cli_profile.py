@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from .cli import add_model_args, build_model
+from .cli import add_model_args, build_model, int_at_least, parse_device
 from .profile import profile
 from .routes import format_route_table
 
@@ -15,16 +15,18 @@ DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser('profile', help='measure route latencies on a device and write a card',
                               description='Time every route (warm-up, then repeated calls; median and p90) on '
-                                          'random images and write the latencies into a routes.json card '
-                                          '(merged into --card when given).')
+                                          'random images and write the latencies into a routes.json card. The '
+                                          'card given with --card (its accuracies, other devices\' latencies) is '
+                                          'kept and the new latencies added to it.')
     add_model_args(p)
-    p.add_argument('--device', default='cpu', help='torch device, e.g. cpu or cuda:0')
-    p.add_argument('--batch-size', type=int, default=1)
-    p.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
-    p.add_argument('--warmup', type=int, default=2, help='untimed calls per route')
-    p.add_argument('--repeats', type=int, default=10, help='timed calls per route')
-    p.add_argument('--routes', type=int, nargs='+', default=None, help='route ids to time (default: all)')
-    p.add_argument('--out', default='routes.json', help='where to write the card')
+    p.add_argument('--device', type=parse_device, default='cpu', help='torch device, e.g. cpu or cuda:0')
+    p.add_argument('--batch-size', type=int_at_least(1), default=1, help='images per timed call (default: 1)')
+    p.add_argument('--dtype', choices=sorted(DTYPES), default='float32',
+                   help='weights and input dtype (default: float32)')
+    p.add_argument('--warmup', type=int_at_least(0), default=2, help='untimed calls per route (default: 2)')
+    p.add_argument('--repeats', type=int_at_least(1), default=10, help='timed calls per route (default: 10)')
+    p.add_argument('--routes', type=int_at_least(0), nargs='+', default=None, help='route ids to time (default: all)')
+    p.add_argument('--out', default='routes.json', help='where to write the card (default: routes.json)')
     p.set_defaults(func=run)
 
 

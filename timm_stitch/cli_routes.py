@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from typing import Sequence
 
-from .cli import add_model_args, build_model, parse_count
-from .routes import format_route_table
-from .selection import COST_FIELDS, QUALITY_FIELDS, select_route
+from .cli import add_model_args, build_model, float_in, parse_count
+from .routes import Route, format_route_table
+from .selection import COST_FIELDS, QUALITY_FIELDS, filter_routes, select_route
 
 SORT_KEYS = ('id', *COST_FIELDS, *QUALITY_FIELDS)
 
@@ -21,32 +22,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--sort', choices=SORT_KEYS, default='id', help='sort by this column (accuracy descending)')
     p.add_argument('--max-macs', type=parse_count, help='keep routes with at most this many MACs (e.g. 5G)')
     p.add_argument('--max-params', type=parse_count, help='keep routes with at most this many params (e.g. 30M)')
-    p.add_argument('--max-latency-ms', type=float, help='keep routes at most this slow (needs a card with latency)')
-    p.add_argument('--min-top1', type=float, help='keep routes with at least this top-1 (needs a card)')
-    p.add_argument('--pareto', action='store_true', help='keep only the MACs/top-1 Pareto-optimal routes')
+    p.add_argument('--max-latency-ms', type=float_in(0),
+                   help='keep routes at most this slow (needs a card with latency)')
+    p.add_argument('--min-top1', type=float_in(0, 100),
+                   help='keep routes with at least this top-1, in percent (needs a card with accuracies)')
+    p.add_argument('--pareto', action='store_true',
+                   help='keep only the MACs/top-1 Pareto-optimal routes (needs a card with accuracies)')
     p.add_argument('--select', action='store_true', help='print only the best route within the budgets')
     p.add_argument('--json', action='store_true', help='print JSON instead of a table')
     p.set_defaults(func=run)
 
 
+def _require_known(routes: Sequence[Route], field: str, option: str) -> None:
+    """Refuse an option that needs ``field`` when no route knows it, rather than print an empty or unsorted table."""
+    if any(getattr(r, field) is not None for r in routes):
+        return
+    source = ('a card with latencies (write one with timm-stitch profile) as --card' if field == 'latency_ms'
+              else 'a card with accuracies as --card, or --pretrained')
+    raise ValueError(f'{option} needs route {field} values, and no route has one: pass {source}')
+
+
 def run(args: argparse.Namespace) -> int:
     model = build_model(args)
+    routes = model.routes()
+    if args.pareto:
+        _require_known(routes, 'top1', '--pareto')
+        routes = model.pareto()
     bounds = dict(max_macs=args.max_macs, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
                   min_top1=args.min_top1)
+    if any(bound is not None for bound in bounds.values()):
+        routes = filter_routes(routes, **bounds)  # explains why when nothing fits
     if args.select:
-        try:
-            routes = [select_route(model.routes(), **bounds)]
-        except ValueError as e:
-            raise SystemExit(f'error: {e}') from None
-    else:
-        routes = model.pareto() if args.pareto else model.routes()
-        limits = {'macs': args.max_macs, 'params': args.max_params, 'latency_ms': args.max_latency_ms}
-        for field, bound in limits.items():
-            if bound is not None:
-                routes = [r for r in routes if getattr(r, field) is not None and getattr(r, field) <= bound]
-        if args.min_top1 is not None:
-            routes = [r for r in routes if r.top1 is not None and r.top1 >= args.min_top1]
+        routes = [select_route(routes)]
     if args.sort != 'id':
+        _require_known(routes, args.sort, f'--sort {args.sort}')
         descending = args.sort in QUALITY_FIELDS
         known = [r for r in routes if getattr(r, args.sort) is not None]
         routes = sorted(known, key=lambda r: getattr(r, args.sort), reverse=descending) + [

@@ -9,6 +9,7 @@ from torch import nn
 
 from .adapters import AnchorAdapter
 from .bn import route_bn_stats
+from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
     from .model import StitchedNet
@@ -62,8 +63,10 @@ def export_stitch(model: StitchedNet, stitch_id: int) -> nn.Module:
 
     An anchor route is a copy of that anchor (an ordinary timm model); a stitched route is a :class:`StitchedRoute`
     whose outputs equal ``model(x, stitch_id=stitch_id)`` and whose parameter count equals the route's ``params``.
-    BatchNorm statistics recalibrated for the route are baked in.
+    BatchNorm statistics recalibrated for the route are baked in. A model inside ``torch.compile``, DDP or
+    DataParallel is exported from the model itself.
     """
+    model = unwrap_stitched(model, 'export_stitch')
     route = model.plan.routes[model._check_stitch_id(stitch_id)]
     was_training = model.training
     model.eval()

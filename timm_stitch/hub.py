@@ -30,6 +30,7 @@ from torch import nn
 from .cards import CardRoute, RouteCard
 from .model import StitchedNet
 from .routes import Route, format_route_table
+from .unwrap import unwrap
 
 __all__ = [
     'save_pretrained', 'push_to_hub', 'load_pretrained_card', 'check_pretrained_state_dict', 'pretrained_errors',
@@ -55,10 +56,12 @@ def save_pretrained(
 
     ``model`` is a stitched model built by a registered ``snnet_*`` architecture (its card defaults to the model's
     counted MACs and params plus the accuracy and latency of its loaded card), or a plain timm model such as an
-    exported anchor route (weights and ``config.json`` only, as timm writes them). The folder is built next to
+    exported anchor route (weights and ``config.json`` only, as timm writes them); a model inside
+    ``torch.compile``, DDP or DataParallel is saved as the model itself. The folder is built next to
     ``save_directory`` and renamed into place, so a failure leaves nothing half-written; an existing folder is
     replaced.
     """
+    model = unwrap(model)
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.tmp-'))
@@ -126,15 +129,7 @@ def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard],
 def _card_for(model: StitchedNet, weights: Path) -> RouteCard:
     """The model's counted card, keeping the accuracy, latency and provenance of the card loaded on it."""
     card = RouteCard.from_model(model, checkpoint=weights)
-    loaded = model.card
-    if loaded is None:
-        return card
-    for old in loaded.routes:
-        new = card.route(old.id)
-        if new is not None:
-            new.top1, new.top5, new.accuracy, new.latency = old.top1, old.top5, old.accuracy, dict(old.latency)
-    card.provenance = list(loaded.provenance) + card.provenance
-    return card
+    return card if model.card is None else card.with_measurements(model.card)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .routes import StitchGroup, StitchPosition
 from .stitching import LeastSquaresFit, to_rows
+from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
     from .model import StitchedNet
@@ -58,7 +59,7 @@ def init_stitches(
     ``'average'`` each position is solved alone and the solutions averaged, as the official code does.
 
     Args:
-        model: The stitched network.
+        model: The stitched network (also inside ``torch.compile``, DDP or DataParallel).
         data: An image tensor (N, C, H, W) or an iterable of image batches / ``(images, targets)`` tuples.
         num_batches: Stop after this many batches (default: all).
         batch_size: Chunk size when ``data`` is a tensor.
@@ -67,6 +68,7 @@ def init_stitches(
     """
     if mode not in ('joint', 'average'):
         raise ValueError(f"mode must be 'joint' or 'average', got {mode!r}")
+    model = unwrap_stitched(model, 'init_stitches')
     groups = model.plan.groups
     if not groups:
         return

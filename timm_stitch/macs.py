@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .routes import Route, StitchRef
+from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
     from .model import StitchedNet
@@ -201,7 +202,9 @@ def count_route_macs(model: StitchedNet, input_size: Optional[Sequence[int]] = N
     """MACs of every route of ``model`` at batch 1 (fvcore convention), in route-id order.
 
     ``input_size`` is (C, H, W), default :func:`model_input_size`. Stitched routes include the final norm as
-    the model applies it (``final_norm_on_stitched_routes``).
+    the model applies it (``final_norm_on_stitched_routes``). A wrapped model (``torch.compile``, DDP) is counted
+    as the model inside.
     """
+    model = unwrap_stitched(model, 'count_route_macs')
     anchors, stitches = count_anchor_macs(model, input_size)
     return [route_macs(r, anchors, stitches, model.final_norm_on_stitched_routes) for r in model.plan.routes]

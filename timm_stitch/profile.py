@@ -4,12 +4,15 @@ from __future__ import annotations
 import platform
 import re
 import time
+import warnings
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
     from .cards import RouteCard
@@ -89,10 +92,16 @@ def profile(
     default input size: ``warmup`` untimed calls per route, then ``repeats`` rounds timing each route once. The
     result is merged into the model's loaded card (or a new one from :meth:`RouteCard.from_model`), loaded into
     the model so that ``routes()`` reports ``latency_ms``, and saved to ``out`` when given. The defaults keep a
-    full DeiT-Ti/S/B sweep (71 routes, batch 1) to a few minutes on a 2-core CPU.
+    full DeiT-Ti/S/B sweep (71 routes, batch 1) to a few minutes on a 2-core CPU. A model inside DDP or
+    DataParallel is timed as the model itself; one inside ``torch.compile`` too, in eager mode (with a warning).
     """
     from .cards import RouteCard
     from .macs import model_input_size
+
+    if hasattr(model, '_orig_mod'):
+        warnings.warn('profile times the eager model inside torch.compile: the latencies are not those of the '
+                      'compiled model', stacklevel=2)
+    model = unwrap_stitched(model, 'profile')
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}')

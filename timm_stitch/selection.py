@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 from .routes import Route
 
-__all__ = ['select_route', 'pareto_front', 'mark_dominated', 'COST_FIELDS', 'QUALITY_FIELDS']
+__all__ = ['select_route', 'filter_routes', 'pareto_front', 'mark_dominated', 'COST_FIELDS', 'QUALITY_FIELDS']
 
 COST_FIELDS = ('macs', 'params', 'latency_ms')
 QUALITY_FIELDS = ('top1', 'top5')
@@ -27,18 +27,17 @@ def _cost_key(route: Route) -> tuple:
     return tuple(_INF if getattr(route, f) is None else getattr(route, f) for f in COST_FIELDS) + (route.id,)
 
 
-def select_route(
+def filter_routes(
         routes: Sequence[Route],
         max_macs: Optional[float] = None,
         max_params: Optional[float] = None,
         max_latency_ms: Optional[float] = None,
         min_top1: Optional[float] = None,
-) -> Route:
-    """The best route meeting every bound: highest top-1 (ties: lowest cost), or the lowest cost when no route
-    has a known top-1. Cost order is MACs, then params, then latency, then id.
+) -> list[Route]:
+    """The routes meeting every bound, in their order. A bound excludes routes whose value for it is unknown.
 
-    A bound excludes routes whose value for it is unknown. Raises ``ValueError`` naming the smallest (largest,
-    for ``min_top1``) available value when nothing fits.
+    Raises ``ValueError`` when none does, saying why: a value no route knows (no card loaded), or the smallest
+    (largest, for ``min_top1``) available value.
     """
     upper = {'macs': max_macs, 'params': max_params, 'latency_ms': max_latency_ms}
     bounds = {f: b for f, b in upper.items() if b is not None}
@@ -56,6 +55,19 @@ def select_route(
     candidates = [r for r in routes if fits(r)]
     if not candidates:
         raise ValueError(_nothing_fits(routes, bounds, min_top1))
+    return candidates
+
+
+def select_route(
+        routes: Sequence[Route],
+        max_macs: Optional[float] = None,
+        max_params: Optional[float] = None,
+        max_latency_ms: Optional[float] = None,
+        min_top1: Optional[float] = None,
+) -> Route:
+    """The best route meeting every bound (see :func:`filter_routes`): highest top-1 (ties: lowest cost), or the
+    lowest cost when no route has a known top-1. Cost order is MACs, then params, then latency, then id."""
+    candidates = filter_routes(routes, max_macs, max_params, max_latency_ms, min_top1)
     if any(r.top1 is not None for r in candidates):
         return min(candidates, key=lambda r: (_INF if r.top1 is None else -r.top1, _cost_key(r)))
     return min(candidates, key=_cost_key)
