@@ -5,44 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
+from train_helpers import ANCHORS, make_image_folder, write_config
 
 import timm_stitch  # noqa: F401
 from timm_stitch.train import main, param_groups, parse_args
-
-ANCHORS = [dict(model_name='vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=d, depth=2, num_heads=2)
-           for d in (16, 32)]
-COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 220, 50))
-
-
-def make_image_folder(root: Path, per_class=(40, 10), size: int = 32, seed: int = 0) -> Path:
-    """``train/`` and ``validation/`` ImageFolders of 4 classes told apart by colour (and stripes on odd classes)."""
-    rng = np.random.default_rng(seed)
-    for split, n in zip(('train', 'validation'), per_class):
-        for c, colour in enumerate(COLOURS):
-            folder = root / split / f'class{c}'
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.array(colour, dtype=np.float64) * rng.uniform(0.6, 1.0) + rng.normal(0, 30, (size, size, 3))
-                if c % 2:
-                    img[::4] *= 0.3
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f'{i}.png')
-    return root
-
-
-def write_config(path: Path, **overrides) -> Path:
-    config = dict(model='snnet', model_kwargs=dict(anchors=ANCHORS), num_classes=4, img_size=32, crop_pct=1.0,
-                  batch_size=16, epochs=3, opt='adamw', lr=3e-3, weight_decay=0.05, warmup_epochs=0, workers=0,
-                  log_interval=5, no_progress=True)
-    config.update(overrides)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope='module')

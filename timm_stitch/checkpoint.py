@@ -80,8 +80,11 @@ def _fsync(path: str) -> None:
 
 
 def _replace_with_link(target: str, link: str, hard: bool = False) -> None:
-    """Make ``link`` a symlink (or hard link, else copy) to ``target`` in one atomic rename."""
-    tmp = os.path.join(os.path.dirname(link), f'.{os.path.basename(link)}.{os.getpid()}-{os.urandom(4).hex()}.tmp')
+    """Make ``link`` a symlink (``target`` relative to the link's folder) or a hard link (else a copy) to
+    ``target`` in one atomic rename, from the store, where a temp file left by a killed run is removed by the next
+    :func:`publish`."""
+    folder = os.path.dirname(link)
+    tmp = os.path.join(folder, STORE, f'{os.path.basename(link)}.{os.getpid()}-{os.urandom(4).hex()}.tmp')
     try:
         if not hard:
             os.symlink(target, tmp)
@@ -150,7 +153,9 @@ def publish(folder: str, name: str, state: dict[str, Any]) -> None:
     store = os.path.join(folder, STORE)
     for entry in os.listdir(store):
         path = os.path.join(store, entry)
-        if entry.startswith(f'{name}-') and os.path.realpath(path) != current:
+        if entry.endswith('.tmp') and not os.path.isdir(path):
+            os.unlink(path)
+        elif (entry.startswith(f'{name}-') or entry.endswith('.tmp')) and os.path.realpath(path) != current:
             shutil.rmtree(path, ignore_errors=True)
 
 
