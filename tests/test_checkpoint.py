@@ -101,25 +101,26 @@ def _hashes(run: Path) -> tuple[str, str]:
 
 
 @pytest.fixture(scope='module')
-def expected(tmp_path_factory, data) -> tuple[str, str]:
-    """The uninterrupted run's final weights and EMA digests."""
+def expected(tmp_path_factory, data) -> tuple[tuple[str, str], str]:
+    """The uninterrupted run's final weights and EMA digests, and its ``summary.csv``."""
     folder = tmp_path_factory.mktemp('full')
     assert main(_argv(folder, data, 'full')) == 0
-    return _hashes(folder / 'full')
+    return _hashes(folder / 'full'), (folder / 'full' / 'summary.csv').read_text()
 
 
 def test_a_run_killed_anywhere_and_resumed_ends_as_the_uninterrupted_run(tmp_path, data, expected):
     rng = random.Random(0)
-    # every file operation of a checkpoint save and a few of the next (a resumed process trains one epoch, then
-    # saves: about 20 operations), then kills at random times
-    codes = [_wait(_fork_trainer(_argv(tmp_path, data, 'killed'), kill_at_op=k)) for k in range(1, 23)]
+    # every file operation of a checkpoint save and a few of the next (a resumed process writes args.yaml, trains
+    # one epoch, then saves: about 20 operations), then kills at random times
+    codes = [_wait(_fork_trainer(_argv(tmp_path, data, 'killed'), kill_at_op=k)) for k in range(1, 25)]
     for _ in range(4):
         _wait(_fork_trainer(_argv(tmp_path, data, 'killed'), kill_after_s=rng.uniform(0.1, 1.5)))
     for _ in range(3):
         if _wait(_fork_trainer(_argv(tmp_path, data, 'killed'))) == 0:
             break
     run = tmp_path / 'killed'
-    assert _hashes(run) == expected
+    assert _hashes(run) == expected[0]
+    assert (run / 'summary.csv').read_text() == expected[1]  # one row per epoch, the same numbers
     assert codes == [-signal.SIGKILL] * len(codes)  # each kill point was reached
     state = torch.load(run / 'last.state.pth', weights_only=True)
     assert state['epoch'] == EPOCHS - 1
@@ -158,7 +159,7 @@ def test_a_checkpoint_of_the_earlier_layout_resumes(tmp_path, data, expected):
     del state['weights_sha256'], state['ema_sha256']
     torch.save(state, run / 'last.state.pth')
     assert main(_argv(tmp_path, data, 'old')) == 0
-    assert _hashes(run) == expected
+    assert _hashes(run) == expected[0]
     assert os.path.islink(run / 'last.safetensors')
 
 

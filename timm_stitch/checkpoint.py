@@ -12,7 +12,9 @@ are hard links to (or copies of) committed weights, refreshed after each commit 
 """
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
 import logging
 import os
@@ -25,9 +27,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .cards import file_sha256
+from .cards import atomic_write, file_sha256
 
-__all__ = ['save_checkpoint', 'load_state', 'publish', 'output_lock', 'keep_history', 'plain_args']
+__all__ = ['save_checkpoint', 'load_state', 'publish', 'output_lock', 'keep_history', 'plain_args', 'trim_summary']
 
 _logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ LOCK_NAME = '.lock'
 @contextmanager
 def output_lock(output_dir: str) -> Iterator[None]:
     """Hold an exclusive lock on ``output_dir`` (created if missing) for the body; raises ``RuntimeError`` naming
-    the folder when another process holds it."""
+    the folder when another process holds it. Temp files a killed run left there (hidden ``*.tmp``) are removed."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -49,6 +51,9 @@ def output_lock(output_dir: str) -> Iterator[None]:
             raise RuntimeError(
                 f'the output folder {output_dir} is in use by another training run (it holds {path}); wait for it '
                 'to finish, or give this run another --output/--experiment') from None
+        for entry in os.listdir(output_dir):
+            if entry.startswith('.') and entry.endswith('.tmp') and os.path.isfile(os.path.join(output_dir, entry)):
+                os.unlink(os.path.join(output_dir, entry))
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -63,6 +68,20 @@ def keep_history(history: list[tuple[float, int]], metric: float, epoch: int, ke
                  ) -> list[tuple[float, int]]:
     """The ``keep`` best ``(metric, epoch)`` pairs, best first, after adding this epoch's."""
     return sorted(history + [(metric, epoch)], key=lambda m: m[0], reverse=not decreasing)[:keep]
+
+
+def trim_summary(path: str, last_epoch: int) -> None:
+    """Drop the rows of a ``summary.csv`` after ``last_epoch`` (all for -1): the epochs a run is about to write,
+    such as the one a killed run wrote a row for but did not commit."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_epoch]
+    if kept != rows:
+        text = io.StringIO()
+        csv.writer(text).writerows(kept)
+        atomic_write(path, text.getvalue())
 
 
 def _save_weights(model: nn.Module, path: str, metadata: dict[str, str]) -> str:

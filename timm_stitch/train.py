@@ -37,7 +37,8 @@ from timm.utils import (
 )
 from torch import nn
 
-from .checkpoint import keep_history, load_state, output_lock, plain_args, publish, save_checkpoint
+from .cards import atomic_write
+from .checkpoint import keep_history, load_state, output_lock, plain_args, publish, save_checkpoint, trim_summary
 from .sampling import SAMPLING_MODES, SYNC_MODES, RouteSampler
 from .validate import check_data_dir, create_stitched_model, eval_loader, evaluate_routes, parse_ids, resolve_device
 
@@ -529,8 +530,8 @@ def _run(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
         lr_scheduler.step(start_epoch)
 
     if primary:
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(vars(args), f)
+        atomic_write(os.path.join(output_dir, 'args.yaml'), yaml.safe_dump(vars(args)))
+        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch - 1)  # epochs this run (re)writes
         _logger.info(f'{model.num_routes} routes, training {len(route_ids)} ({args.route_sampling}, '
                      f'{args.route_sync}); {len(loader_train)} steps per epoch; output in {output_dir}')
 
