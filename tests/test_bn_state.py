@@ -53,6 +53,9 @@ def test_state_dict_into_a_fresh_model_keeps_the_calibration(calibrated):
     fresh.load_state_dict(state)  # strict
     assert torch.equal(_route_output(fresh, images), expected)
     assert fresh.state_dict().keys() == state.keys()
+    keys = list(state)  # last, so that timm's EMA (which zips two state_dicts) pairs every other entry right
+    first = next(i for i, k in enumerate(keys) if k.startswith('route_bn.'))
+    assert all(k.startswith('route_bn.') for k in keys[first:])
 
 
 def test_to_dtype_moves_the_route_statistics(calibrated):

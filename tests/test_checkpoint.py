@@ -2,31 +2,25 @@
 and resumed each time, ends with the uninterrupted run's weights; a second trainer on a busy output folder is refused;
 the state loads with ``weights_only=True`` and resume refuses weights that are not the state's.
 
-Killed runs are forked from the test process (torch and timm already imported: no start-up cost); a fork counts the
-file operations of the trainer (writes, renames, links, deletes, fsyncs) and SIGKILLs itself at the k-th one, or
-after a time.
+Killed runs come from ``kill_points``: each kills itself at its k-th file operation, or after a time.
 """
 import hashlib
 import os
 import random
 import shutil
 import signal
-import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import safetensors.torch
 import timm
 import torch
+from kill_points import run_trainer, start_trainer
 from train_helpers import ANCHORS, make_image_folder, write_config
 
 from timm_stitch.train import load_state, main
 
-FILE_OPS = ((os, ('replace', 'rename', 'symlink', 'link', 'unlink', 'rmdir', 'fsync')), (torch, ('save',)),
-            (safetensors.torch, ('save_file',)), (shutil, ('copyfile',)))
 EXTRA = ('--model-ema', '--checkpoint-hist', '2', '--val-routes', '0')
 EPOCHS = 16  # more than the kills below can complete: every kill point is reached
 
@@ -42,50 +36,6 @@ def _argv(tmp_path: Path, data: Path, name: str) -> list[str]:
     where = ['--resume', str(run / 'last.state.pth')] if (run / 'last.state.pth').exists() else \
         ['--output', str(tmp_path), '--experiment', name]
     return ['-c', str(cfg), '--data-dir', str(data), *where, *EXTRA]
-
-
-def _on_file_op(action) -> None:
-    """Call ``action(count)`` before every file operation of this process."""
-    count = [0]
-    for module, names in FILE_OPS:
-        for name in names:
-            setattr(module, name, _counted(getattr(module, name), count, action))
-
-
-def _counted(real, count: list[int], action):
-    def op(*args, **kwargs):
-        count[0] += 1
-        action(count[0])
-        return real(*args, **kwargs)
-    return op
-
-
-def _fork_trainer(argv: list[str], kill_at_op: int = 0, kill_after_s: float = 0.0, pause_at_op: int = 0,
-                  paused: Optional[Path] = None) -> int:
-    """Run the trainer in a forked child; returns its pid."""
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        def action(n: int) -> None:
-            if n == kill_at_op:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if n == pause_at_op:
-                paused.touch()
-                time.sleep(600)
-        _on_file_op(action)
-        if kill_after_s:
-            threading.Timer(kill_after_s, os.kill, (os.getpid(), signal.SIGKILL)).start()
-        code = main(argv)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(code)
-
-
-def _wait(pid: int) -> int:
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def _hashes(run: Path) -> tuple[str, str]:
@@ -112,11 +62,11 @@ def test_a_run_killed_anywhere_and_resumed_ends_as_the_uninterrupted_run(tmp_pat
     rng = random.Random(0)
     # every file operation of a checkpoint save and a few of the next (a resumed process writes args.yaml, trains
     # one epoch, then saves: about 20 operations), then kills at random times
-    codes = [_wait(_fork_trainer(_argv(tmp_path, data, 'killed'), kill_at_op=k)) for k in range(1, 25)]
+    codes = [run_trainer(_argv(tmp_path, data, 'killed'), kill_at_op=k) for k in range(1, 25)]
     for _ in range(4):
-        _wait(_fork_trainer(_argv(tmp_path, data, 'killed'), kill_after_s=rng.uniform(0.1, 1.5)))
+        run_trainer(_argv(tmp_path, data, 'killed'), kill_after_s=rng.uniform(0.1, 1.5))
     for _ in range(3):
-        if _wait(_fork_trainer(_argv(tmp_path, data, 'killed'))) == 0:
+        if run_trainer(_argv(tmp_path, data, 'killed')) == 0:
             break
     run = tmp_path / 'killed'
     assert _hashes(run) == expected[0]
@@ -131,17 +81,17 @@ def test_a_run_killed_anywhere_and_resumed_ends_as_the_uninterrupted_run(tmp_pat
 
 def test_a_second_trainer_on_a_busy_output_folder_is_refused(tmp_path, data):
     paused = tmp_path / 'paused'
-    pid = _fork_trainer(_argv(tmp_path, data, 'busy'), pause_at_op=1, paused=paused)
+    first = start_trainer(_argv(tmp_path, data, 'busy'), pause_at_op=1, paused=paused)
     try:
         deadline = time.monotonic() + 300
         while not paused.exists():
-            assert time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0), 'the first run ended'
+            assert time.monotonic() < deadline and first.is_alive(), 'the first run ended'
             time.sleep(0.05)
         with pytest.raises(RuntimeError, match=f'{tmp_path / "busy"}.*in use by another training run'):
             main(_argv(tmp_path, data, 'busy'))
     finally:
-        os.kill(pid, signal.SIGKILL)
-        _wait(pid)
+        first.kill()
+        first.join()
     assert main(_argv(tmp_path, data, 'busy')) == 0  # the lock went with the killed run
 
 

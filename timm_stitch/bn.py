@@ -55,15 +55,13 @@ class RouteBatchNormStats(nn.Module):
     what is derived from the model's structure (not state).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, anchors: nn.Module) -> None:
         super().__init__()
-        self._init_caches()
-
-    def _init_caches(self) -> None:
         self.lock = threading.RLock()
         self.layers: dict[int, tuple[_BatchNorm, ...]] = {}
         self.warned: set[int] = set()
-        self.has_bn: Optional[bool] = None
+        #: whether the anchors have any BatchNorm layer (fixed at creation: a compiled forward guards on it)
+        self.has_bn = any(isinstance(m, _BatchNorm) for m in anchors.modules())
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: a lock cannot be copied
         state = self.__dict__.copy()
@@ -73,11 +71,6 @@ class RouteBatchNormStats(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.lock = threading.RLock()
-
-    @property
-    def routes(self) -> list[int]:
-        """The routes that have their own statistics."""
-        return sorted(int(k) for k in self._modules)
 
     def get(self, stitch_id: int) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Route ``stitch_id``'s ``(running_mean, running_var)`` per layer, or None when it has none."""
@@ -158,8 +151,6 @@ def prepare_load(model: StitchedNet, state_dict: Mapping[str, torch.Tensor], pre
 def route_bn_stats(model: StitchedNet, stitch_id: int) -> contextlib.AbstractContextManager:
     """A context running the body with route ``stitch_id``'s BatchNorm statistics (eval mode, BN families only)."""
     container = _container(model)
-    if container.has_bn is None:
-        container.has_bn = any(isinstance(m, _BatchNorm) for m in model.anchors.modules())
     if model.training or not container.has_bn:
         return contextlib.nullcontext()
     return _swap_bn_stats(model, container, stitch_id)

@@ -13,10 +13,8 @@ are hard links to (or copies of) committed weights, refreshed after each commit 
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -31,8 +29,6 @@ from .cards import atomic_write, file_sha256
 
 __all__ = ['save_checkpoint', 'load_state', 'publish', 'output_lock', 'keep_history', 'plain_args', 'trim_summary']
 
-_logger = logging.getLogger(__name__)
-
 STORE = '.checkpoints'
 LOCK_NAME = '.lock'
 
@@ -41,6 +37,7 @@ LOCK_NAME = '.lock'
 def output_lock(output_dir: str) -> Iterator[None]:
     """Hold an exclusive lock on ``output_dir`` (created if missing) for the body; raises ``RuntimeError`` naming
     the folder when another process holds it. Temp files a killed run left there (hidden ``*.tmp``) are removed."""
+    import fcntl  # POSIX
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -107,9 +107,9 @@ class StitchedNet(nn.Module):
                                end.layout)
                 for _ in range(group.num_layers)
             ))
+        #: per-route BatchNorm statistics (registered buffers, last in the state_dict; see :mod:`timm_stitch.bn`)
+        self.route_bn = RouteBatchNormStats(self.anchors)
         self._segments = [self._route_segments(r) for r in self.plan.routes]
-        #: per-route BatchNorm statistics (registered buffers; see :mod:`timm_stitch.bn`)
-        self.route_bn = RouteBatchNormStats()
         self._stitch_id = len(self.anchors) - 1  # the largest anchor, as a plain timm model would behave
         self._route_cache: Optional[list[Route]] = None
 
