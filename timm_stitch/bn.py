@@ -136,7 +136,6 @@ def prepare_load(model: StitchedNet, state_dict: Mapping[str, torch.Tensor], pre
     checkpoint without them loads too. Entries of unknown routes are left for the load to report as unexpected."""
     container = _container(model)
     container.discard()
-    container.layers.clear()
     head = prefix + ROUTE_BN_NAME + '.'
     routes = {k[len(head):].split('.', 1)[0] for k in state_dict if k.startswith(head)}
     for key in routes:

@@ -449,7 +449,7 @@ def _run(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
     state: dict[str, Any] = {}
     if args.resume:
         state = load_state(args.resume, model, model_ema.module if model_ema is not None else None)
-        if primary and os.path.islink(os.path.join(output_dir, 'last')):
+        if primary and not args.experiment and os.path.islink(os.path.join(output_dir, 'last')):
             publish(output_dir, 'last', state)  # finish what a killed run left between commit and epoch copies
         if not args.no_resume_opt:
             optimizer.load_state_dict(state['optimizer'])
