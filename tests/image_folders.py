@@ -1,9 +1,10 @@
-"""Generated ImageFolders and the tiny anchors the training and validation tests share."""
+"""Generated ImageFolders, the tiny anchors and the trainer config the training and validation tests share."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 ANCHORS = [dict(model_name='vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=d, depth=2, num_heads=2)
@@ -25,3 +26,13 @@ def make_image_folder(root: Path, per_class=(40, 10), size: int = 32, seed: int 
                     img[::4] *= 0.3
                 Image.fromarray(img.clip(0, 255).astype(np.uint8)).convert(mode).save(folder / f'{i}.png')
     return root
+
+
+def write_config(path: Path, **overrides) -> Path:
+    """A trainer config file for the tiny anchors on a generated ImageFolder; ``overrides`` replace its entries."""
+    config = dict(model='snnet', model_kwargs=dict(anchors=ANCHORS), num_classes=4, img_size=32, crop_pct=1.0,
+                  batch_size=16, epochs=3, opt='adamw', lr=3e-3, weight_decay=0.05, warmup_epochs=0, workers=0,
+                  log_interval=5, no_progress=True)
+    config.update(overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path

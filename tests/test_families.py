@@ -238,7 +238,7 @@ def test_recalibrate_bn_gives_a_route_its_own_statistics():
         assert torch.equal(model(images, stitch_id=1), anchor_out)
     assert not torch.allclose(calibrated, stale)
     # the route's statistics are the cumulative average of the per-batch statistics over the whole pass
-    mean, var = model.__dict__['_route_bn_stats'][5][first_bn]
+    mean, var = model.route_bn.get(5)[0]
     assert len(inputs) == 4
     torch.testing.assert_close(mean, torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0))
     torch.testing.assert_close(var, torch.stack([x.var((0, 2, 3)) for x in inputs]).mean(0))

@@ -9,20 +9,11 @@ import pytest
 import timm
 import torch
 import yaml
-from image_folders import ANCHORS, make_image_folder
+from image_folders import ANCHORS, make_image_folder, write_config
 from safetensors.torch import load_file
 
 import timm_stitch  # noqa: F401
 from timm_stitch.train import main, param_groups, parse_args
-
-
-def write_config(path: Path, **overrides) -> Path:
-    config = dict(model='snnet', model_kwargs=dict(anchors=ANCHORS), num_classes=4, img_size=32, crop_pct=1.0,
-                  batch_size=16, epochs=3, opt='adamw', lr=3e-3, weight_decay=0.05, warmup_epochs=0, workers=0,
-                  log_interval=5, no_progress=True)
-    config.update(overrides)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope='module')

@@ -7,17 +7,20 @@ The front anchor's layers before the stitch see exactly what they see in their o
 
 So timm-stitch keeps **per-route statistics**: :func:`recalibrate_bn` re-estimates, for one stitched route, the
 running mean and variance of every BatchNorm layer that route runs after its first stitch (a short pass over
-data, cumulative average), and stores them beside the model; the layers' own buffers keep the anchor's
-statistics, so anchor routes and other routes are unaffected. An eval-mode forward of a calibrated route swaps
-its statistics in (tensor references, no copies) for the duration of the call, under a lock shared by all
-stitched networks, so concurrent calls on one model stay correct (they are serialised while any route of the
-model has its own statistics). In train mode BatchNorm uses batch statistics and updates the layers' own
-buffers, as in the official SN-Net training, where every route shares one set of running statistics.
+data, cumulative average). They are registered buffers of the model's ``route_bn`` submodule (a
+:class:`RouteBatchNormStats`), so they are in the ``state_dict`` (keys ``route_bn.{stitch_id}.running_mean_{i}``
+and ``running_var_{i}`` for the route's ``i``-th layer of :func:`stitched_bn_layers`), move with ``.to()`` and are
+saved and loaded with the weights. The layers' own buffers keep the anchor's statistics, so anchor routes and
+other routes are unaffected. An eval-mode forward of a calibrated route swaps its statistics in (tensor
+references, no copies) for the duration of the call, under the model's own lock, so concurrent calls on one model
+stay correct (they are serialised while any route of the model has its own statistics). In train mode BatchNorm
+uses batch statistics and updates the layers' own buffers, as in the official SN-Net training, where every route
+shares one set of running statistics.
 
 An eval-mode forward of a stitched route that runs BatchNorm layers after its stitch without its own statistics
 warns once per route (``warnings.warn``; filter it for a model trained jointly with shared statistics, such as
-the official SN-Net checkpoints). Per-route statistics are not part of the ``state_dict``: recalibrate after
-loading weights.
+the official SN-Net checkpoints, or for a checkpoint saved before per-route statistics were saved with the
+weights). Loading a state dict replaces every route's statistics with those it holds (none for such a checkpoint).
 """
 from __future__ import annotations
 
@@ -25,105 +28,147 @@ import contextlib
 import itertools
 import threading
 import warnings
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from .ls_init import image_batches
-from .macs import model_input_size
 
 if TYPE_CHECKING:
     from .model import StitchedNet
 
-__all__ = ['recalibrate_bn', 'stitched_bn_layers', 'route_bn_stats', 'clear_bn_stats']
+__all__ = ['recalibrate_bn', 'stitched_bn_layers', 'route_bn_stats', 'clear_bn_stats', 'RouteBatchNormStats',
+           'is_route_bn_key']
 
-_LOCK = threading.RLock()
+#: the ``StitchedNet`` attribute (and ``state_dict`` key prefix) holding the per-route statistics
+ROUTE_BN_NAME = 'route_bn'
+
+
+class RouteBatchNormStats(nn.Module):
+    """Per-route BatchNorm running statistics of a stitched network, as registered buffers.
+
+    Child ``'{stitch_id}'`` holds ``running_mean_{i}`` and ``running_var_{i}`` of the ``i``-th layer of
+    ``stitched_bn_layers(model, stitch_id)``. Also holds the model's lock for swapping statistics in, and caches of
+    what is derived from the model's structure (not state).
+    """
+
+    def __init__(self, anchors: nn.Module) -> None:
+        super().__init__()
+        self.lock = threading.RLock()
+        self.layers: dict[int, tuple[_BatchNorm, ...]] = {}
+        self.warned: set[int] = set()
+        #: whether the anchors have any BatchNorm layer (fixed at creation: a compiled forward guards on it)
+        self.has_bn = any(isinstance(m, _BatchNorm) for m in anchors.modules())
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: a lock cannot be copied
+        state = self.__dict__.copy()
+        del state['lock']
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.lock = threading.RLock()
+
+    def get(self, stitch_id: int) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Route ``stitch_id``'s ``(running_mean, running_var)`` per layer, or None when it has none."""
+        stats = self._modules.get(str(stitch_id))
+        if stats is None:
+            return None
+        count = len(stats._buffers) // 2
+        return [(stats._buffers[f'running_mean_{i}'], stats._buffers[f'running_var_{i}']) for i in range(count)]
+
+    def set(self, stitch_id: int, stats: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Register ``(running_mean, running_var)`` per layer as route ``stitch_id``'s statistics."""
+        holder = nn.Module()
+        for i, (mean, var) in enumerate(stats):
+            holder.register_buffer(f'running_mean_{i}', mean)
+            holder.register_buffer(f'running_var_{i}', var)
+        self.add_module(str(stitch_id), holder)
+
+    def discard(self, stitch_id: Optional[int] = None) -> None:
+        """Forget the statistics of ``stitch_id`` (default: of every route)."""
+        for key in [str(stitch_id)] if stitch_id is not None else list(self._modules):
+            self._modules.pop(key, None)
+
+
+def is_route_bn_key(key: str) -> bool:
+    """Whether a stitched network's ``state_dict`` key holds per-route BatchNorm statistics."""
+    return key.startswith(ROUTE_BN_NAME + '.')
+
+
+def _container(model: StitchedNet) -> RouteBatchNormStats:
+    return getattr(model, ROUTE_BN_NAME)
 
 
 def stitched_bn_layers(model: StitchedNet, stitch_id: int) -> tuple[_BatchNorm, ...]:
-    """The BatchNorm layers route ``stitch_id`` runs after its first stitching layer, in call order (cached)."""
-    cache: dict[int, tuple[_BatchNorm, ...]] = model.__dict__.setdefault('_stitched_bn', {})
+    """The BatchNorm layers route ``stitch_id`` runs after its first stitching layer: those of every segment after
+    the first, then the last anchor's head (final norm, classifier), in module order (cached)."""
+    cache = _container(model).layers
     if stitch_id not in cache:
-        cache[stitch_id] = ()  # the tracing forward below must not trace again
-        try:
-            cache[stitch_id] = _trace_stitched_bn(model, stitch_id)
-        except BaseException:
-            del cache[stitch_id]
-            raise
+        cache[stitch_id] = _find_stitched_bn(model, stitch_id)
     return cache[stitch_id]
 
 
-def _trace_stitched_bn(model: StitchedNet, stitch_id: int) -> tuple[_BatchNorm, ...]:
-    route = model.plan.routes[stitch_id]
-    if route.is_anchor or not any(isinstance(m, _BatchNorm) for m in model.anchors.modules()):
+def _find_stitched_bn(model: StitchedNet, stitch_id: int) -> tuple[_BatchNorm, ...]:
+    segments = model.route_segments(stitch_id)
+    if segments is None:
         return ()
-    called: list[_BatchNorm] = []
-    stitched = [False]
-
-    def on_stitch(*_):
-        stitched[0] = True
-
-    def on_bn(module, *_):
-        if stitched[0] and module not in called:
-            called.append(module)
-
-    first_stitch = model.stitch_layer(route.stitches[0])
-    handles = [first_stitch.register_forward_hook(on_stitch)]
-    handles += [m.register_forward_pre_hook(on_bn) for m in model.anchors.modules() if isinstance(m, _BatchNorm)]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        param = next(model.parameters())
-        size = model_input_size(model)[-2:]
-        with torch.no_grad():
-            model(torch.zeros(1, model.in_chans, *size, device=param.device, dtype=param.dtype), stitch_id=stitch_id)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    return tuple(called)
-
-
-def _bn_stats(model: StitchedNet) -> dict[int, dict[_BatchNorm, tuple[torch.Tensor, torch.Tensor]]]:
-    return model.__dict__.setdefault('_route_bn_stats', {})
+    modules = [m for s in segments[1:] for unit in s.units for m in unit.modules()]
+    modules += [m for s in segments if s.stitch is not None for m in s.stitch.modules()]
+    last = model.plan.routes[stitch_id].anchors[-1]
+    head = {id(p) for p in model.adapters[last].head_parameters(model.final_norm_on_stitched_routes)}
+    modules += [m for m in model.anchors[last].modules() if any(id(p) in head for p in m.parameters(recurse=False))]
+    layers = {id(m): m for m in modules if isinstance(m, _BatchNorm)}
+    return tuple(layers.values())
 
 
 def clear_bn_stats(model: StitchedNet, stitch_id: Optional[int] = None) -> None:
     """Forget the per-route statistics of ``stitch_id`` (default: of every route)."""
-    stats = _bn_stats(model)
-    if stitch_id is None:
-        stats.clear()
-    else:
-        stats.pop(stitch_id, None)
+    _container(model).discard(stitch_id)
+
+
+def prepare_load(model: StitchedNet, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
+    """Before ``model`` loads ``state_dict``: replace its per-route statistics by empty buffers for those the state
+    dict holds (shaped, placed and typed like the layers' own), so that a strict load fills them and an old
+    checkpoint without them loads too. Entries of unknown routes are left for the load to report as unexpected."""
+    container = _container(model)
+    container.discard()
+    head = prefix + ROUTE_BN_NAME + '.'
+    routes = {k[len(head):].split('.', 1)[0] for k in state_dict if k.startswith(head)}
+    for key in routes:
+        if not key.isdigit() or int(key) >= model.num_routes:
+            continue
+        layers = stitched_bn_layers(model, int(key))
+        if layers:
+            container.set(int(key), [(torch.empty_like(m.running_mean), torch.empty_like(m.running_var))
+                                     for m in layers])
 
 
 def route_bn_stats(model: StitchedNet, stitch_id: int) -> contextlib.AbstractContextManager:
     """A context running the body with route ``stitch_id``'s BatchNorm statistics (eval mode, BN families only)."""
-    has_bn = model.__dict__.get('_has_bn')
-    if has_bn is None:
-        has_bn = model.__dict__['_has_bn'] = any(isinstance(m, _BatchNorm) for m in model.anchors.modules())
-    if model.training or not has_bn:
+    container = _container(model)
+    if model.training or not container.has_bn:
         return contextlib.nullcontext()
-    return _swap_bn_stats(model, stitch_id)
+    return _swap_bn_stats(model, container, stitch_id)
 
 
 @contextlib.contextmanager
-def _swap_bn_stats(model: StitchedNet, stitch_id: int) -> Iterator[None]:
-    stats = _bn_stats(model)
+def _swap_bn_stats(model: StitchedNet, container: RouteBatchNormStats, stitch_id: int) -> Iterator[None]:
     layers = stitched_bn_layers(model, stitch_id)
-    if layers and stitch_id not in stats:
-        _warn_uncalibrated(model, stitch_id, len(layers))
-    if not stats:
+    own = container.get(stitch_id)
+    if layers and own is None:
+        _warn_uncalibrated(container, stitch_id, len(layers))
+    if not container._modules:
         yield
         return
-    with _LOCK:
-        own = stats.get(stitch_id, {})
-        saved = [(m, m.running_mean, m.running_var) for m in own]
+    with container.lock:
+        pairs = list(zip(layers, own or ()))
+        saved = [(m, m.running_mean, m.running_var) for m, _ in pairs]
         try:
-            for m, (mean, var) in own.items():
+            for m, (mean, var) in pairs:
                 m.running_mean, m.running_var = mean.to(m.running_mean), var.to(m.running_var)
             yield
         finally:
@@ -131,11 +176,10 @@ def _swap_bn_stats(model: StitchedNet, stitch_id: int) -> Iterator[None]:
                 m.running_mean, m.running_var = mean, var
 
 
-def _warn_uncalibrated(model: StitchedNet, stitch_id: int, num_layers: int) -> None:
-    warned: set[int] = model.__dict__.setdefault('_bn_warned', set())
-    if stitch_id in warned:
+def _warn_uncalibrated(container: RouteBatchNormStats, stitch_id: int, num_layers: int) -> None:
+    if stitch_id in container.warned:
         return
-    warned.add(stitch_id)
+    container.warned.add(stitch_id)
     warnings.warn(
         f'route {stitch_id} runs {num_layers} BatchNorm layers after its stitch with the end anchor\'s own running '
         f'statistics; call model.recalibrate_bn(loader, stitch_id={stitch_id}) to estimate statistics for this '
@@ -155,7 +199,8 @@ def recalibrate_bn(
 
     Every BatchNorm layer the route runs after its first stitch gets a fresh running mean and variance,
     averaged over all batches (``momentum=None``), while the rest of the model stays in eval mode. The estimates
-    are kept as the route's own statistics; the layers' buffers are restored, so no other route changes.
+    are registered as the route's own statistics (in the ``state_dict``); the layers' buffers are restored, so no
+    other route changes.
 
     Args:
         model: The stitched network.
@@ -169,11 +214,13 @@ def recalibrate_bn(
     Returns:
         The number of BatchNorm layers recalibrated (0 for routes or families without any after the stitch).
     """
-    stitch_id = model._resolve(stitch_id)
+    stitch_id = model.stitch_id if stitch_id is None else stitch_id
+    model.route_segments(stitch_id)  # checks the id
     layers = stitched_bn_layers(model, stitch_id)
     if not layers:
         return 0
-    _bn_stats(model).pop(stitch_id, None)
+    container = _container(model)
+    container.discard(stitch_id)
     modes = {m: m.training for m in model.modules()}
     saved = {m: (m.running_mean, m.running_var, m.num_batches_tracked, m.momentum) for m in layers}
     model.eval()
@@ -194,7 +241,7 @@ def recalibrate_bn(
                 seen += 1
         if seen == 0:
             raise ValueError('recalibrate_bn got no batches from data')
-        _bn_stats(model)[stitch_id] = {m: (m.running_mean, m.running_var) for m in layers}
+        container.set(stitch_id, [(m.running_mean, m.running_var) for m in layers])
     finally:
         for m, (mean, var, tracked, momentum) in saved.items():
             m.running_mean, m.running_var, m.num_batches_tracked, m.momentum = mean, var, tracked, momentum

@@ -27,6 +27,7 @@ from timm.models._builder import _resolve_pretrained_source
 from timm.models._hub import download_from_hf, save_config_for_hf, save_for_hf
 from torch import nn
 
+from .bn import is_route_bn_key
 from .cards import CardRoute, RouteCard
 from .model import StitchedNet
 from .routes import Route, format_route_table
@@ -225,7 +226,7 @@ def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: S
     expected = model.state_dict()
     heads = tuple(f'{c}.' for c in _classifiers(model))
     missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    unexpected = [k for k in state_dict if k not in expected and not is_route_bn_key(k)]  # checked by the load
     misshaped = [f'{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})' for k, v in expected.items()
                  if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(heads)]
     if not (missing or unexpected or misshaped):

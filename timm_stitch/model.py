@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import AnchorAdapter, adapter_for
-from .bn import recalibrate_bn, route_bn_stats
+from .bn import RouteBatchNormStats, prepare_load, recalibrate_bn, route_bn_stats
 from .cards import RouteCard, model_name
 from .macs import count_route_macs
 from .profile import device_profile
@@ -21,14 +21,14 @@ from .routes import LayerMapping, Route, StitchPlan, StitchRef, plan_staged_rout
 from .selection import mark_dominated, pareto_front, select_route
 from .stitching import StitchingLayer
 
-__all__ = ['StitchedNet', 'AnchorSpec']
+__all__ = ['StitchedNet', 'AnchorSpec', 'RouteSegment']
 
 #: an anchor given as a timm model name, a dict of ``timm.create_model`` arguments, or a built timm model
 AnchorSpec = Union[str, dict, nn.Module]
 
 
 @dataclass(frozen=True)
-class _Segment:
+class RouteSegment:
     """Part of a stitched route: units of one anchor, then the stitching layer into the next (if any)."""
     units: tuple[nn.Module, ...]
     stitch: Optional[nn.Module]
@@ -110,6 +110,8 @@ class StitchedNet(nn.Module):
                                end.layout)
                 for _ in range(group.num_layers)
             ))
+        #: per-route BatchNorm statistics (registered buffers, last in the state_dict; see :mod:`timm_stitch.bn`)
+        self.route_bn = RouteBatchNormStats(self.anchors)
         self._segments = [self._route_segments(r) for r in self.plan.routes]
         self._stitch_id = len(self.anchors) - 1  # the largest anchor, as a plain timm model would behave
         self._route_cache: Optional[list[Route]] = None
@@ -146,6 +148,10 @@ class StitchedNet(nn.Module):
     def stitch_layer(self, ref: StitchRef) -> StitchingLayer:
         return self.stitch_layers[str(ref.stage)][ref.pair][ref.layer]
 
+    def route_segments(self, stitch_id: int) -> Optional[tuple[RouteSegment, ...]]:
+        """The segments route ``stitch_id`` runs between its embedding and its head (None for an anchor route)."""
+        return self._segments[self._check_stitch_id(stitch_id)]
+
     def _check_stitch_id(self, stitch_id: Any) -> int:
         if isinstance(stitch_id, bool) or not isinstance(stitch_id, numbers.Integral):
             raise TypeError(f'stitch_id must be an int, got {type(stitch_id).__name__} {stitch_id!r}')
@@ -159,7 +165,7 @@ class StitchedNet(nn.Module):
     def _resolve(self, stitch_id: Optional[int]) -> int:
         return self._stitch_id if stitch_id is None else self._check_stitch_id(stitch_id)
 
-    def _route_segments(self, route: Route) -> Optional[tuple[_Segment, ...]]:
+    def _route_segments(self, route: Route) -> Optional[tuple[RouteSegment, ...]]:
         if route.is_anchor:
             return None
         segments = []
@@ -169,10 +175,10 @@ class StitchedNet(nn.Module):
             if i < len(route.cuts):
                 (front, end), ref = route.cuts[i], route.stitches[i]
                 stop = adapter.unit_index(ref.stage, front) + 1
-                segments.append(_Segment(adapter.units[start:stop], self.stitch_layer(ref)))
+                segments.append(RouteSegment(adapter.units[start:stop], self.stitch_layer(ref)))
                 start = self.adapters[route.anchors[i + 1]].unit_index(ref.stage, end)
             else:
-                segments.append(_Segment(adapter.units[start:], None))
+                segments.append(RouteSegment(adapter.units[start:], None))
         return tuple(segments)
 
     def _route_params(self, route: Route) -> int:
@@ -253,6 +259,8 @@ class StitchedNet(nn.Module):
             anchor.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
         self._route_cache = None
+        self.route_bn.discard()  # new heads (LeViT's hold BatchNorm layers): the routes' statistics no longer fit
+        self.route_bn.layers.clear()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -362,6 +370,11 @@ class StitchedNet(nn.Module):
         """Estimate route ``stitch_id``'s own BatchNorm statistics (BN families: ResNet, LeViT...) from a short
         pass over ``data``; eval-mode calls of that route then use them. See :mod:`timm_stitch.bn`."""
         return recalibrate_bn(self, data, stitch_id=stitch_id, num_batches=num_batches, **kwargs)
+
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        # per-route BatchNorm statistics exist only for calibrated routes: make room for those the state dict holds
+        prepare_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ---- hub & export -------------------------------------------------------------------------------------------
 

@@ -5,13 +5,15 @@ Arguments follow timm's ``train.py`` (names and defaults) where they apply, plus
 stitching layers, separate learning-rate scales for stitches and anchors, the route sampler (one route per step,
 the same on every rank by default) and distillation from a timm teacher. ``-c/--config`` takes a YAML file of
 argument defaults (``timm_stitch/configs/*.yaml`` holds the official recipes). Checkpoints are ``.safetensors``
-weights beside a ``.state.pth`` training state (optimizer, scheduler, epoch, step, route sampler, AMP scaler);
-``--resume`` continues a run where it stopped: each epoch re-seeds every RNG from (seed, epoch, rank), so a resumed
-run repeats the uninterrupted one.
+weights beside a ``.state.pth`` training state (optimizer, scheduler, epoch, step, route sampler, AMP scaler),
+committed together as one unit (see :mod:`timm_stitch.checkpoint`); a run holds a lock on its output folder, so a
+second run writing there is refused. ``--resume`` continues a run where it stopped, however it stopped (even killed
+mid-write): each epoch re-seeds every RNG from (seed, epoch, rank), so a resumed run repeats the uninterrupted one.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -35,6 +37,8 @@ from timm.utils import (
 )
 from torch import nn
 
+from .cards import atomic_write
+from .checkpoint import keep_history, load_state, output_lock, plain_args, publish, save_checkpoint, trim_summary
 from .sampling import RouteSampler
 from .train_args import build_parser, check_args, mixup_active, parse_args
 from .validate import (
@@ -80,45 +84,6 @@ def _scaled_lr(args: argparse.Namespace) -> float:
     ratio = args.batch_size * args.world_size / args.lr_base_size
     scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
     return args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(model: nn.Module, path: str, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-    tmp = path + '.tmp'
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path_stem: str, model: nn.Module, state: dict[str, Any], model_ema: Optional[nn.Module] = None
-                    ) -> None:
-    """Write ``{stem}.safetensors`` (weights), ``{stem}_ema.safetensors`` and ``{stem}.state.pth`` (the rest),
-    each through a temp file; the state goes last, so a complete state always has its weights."""
-    meta = {'format': 'pt', 'epoch': str(state.get('epoch'))}
-    _atomic_safetensors(model, path_stem + '.safetensors', meta)
-    if model_ema is not None:
-        _atomic_safetensors(model_ema, path_stem + '_ema.safetensors', meta)
-    _atomic_torch_save(state, path_stem + '.state.pth')
-
-
-def load_state(path: str, model: nn.Module, model_ema: Optional[nn.Module] = None) -> dict[str, Any]:
-    """Load the weights of a checkpoint saved by :func:`save_checkpoint` into ``model`` (and ``model_ema``) and
-    return its training state; ``path`` is the ``.state.pth``, its ``.safetensors`` or the run folder."""
-    from safetensors.torch import load_file
-    if os.path.isdir(path):
-        path = os.path.join(path, 'last.state.pth')
-    stem = path.removesuffix('.state.pth').removesuffix('.safetensors')
-    if not os.path.isfile(stem + '.state.pth'):
-        raise FileNotFoundError(f'no training state {stem}.state.pth to resume from')
-    model.load_state_dict(load_file(stem + '.safetensors'))
-    if model_ema is not None and os.path.isfile(stem + '_ema.safetensors'):
-        model_ema.load_state_dict(load_file(stem + '_ema.safetensors'))
-    return torch.load(stem + '.state.pth', map_location='cpu', weights_only=False)
 
 
 def _ls_init(model: nn.Module, args: argparse.Namespace, data_config: dict[str, Any], device: torch.device) -> None:
@@ -247,28 +212,13 @@ def _val_route_ids(text: str, model: nn.Module) -> list[int]:
     return parse_ids(text, model.num_routes)
 
 
-def _keep_history(output_dir: str, history: list[tuple[float, int]], metric: float, epoch: int, keep: int,
-                  decreasing: bool) -> tuple[list[tuple[float, int]], bool]:
-    """Copy ``last`` to ``checkpoint-{epoch}``, keep the ``keep`` best, refresh ``model_best``; returns the new
-    history and whether this epoch is the best."""
-    import shutil
-    last = os.path.join(output_dir, 'last.safetensors')
-    shutil.copyfile(last, os.path.join(output_dir, f'checkpoint-{epoch}.safetensors'))
-    history = sorted(history + [(metric, epoch)], key=lambda m: m[0], reverse=not decreasing)
-    for _, old in history[keep:]:
-        path = os.path.join(output_dir, f'checkpoint-{old}.safetensors')
-        if os.path.exists(path):
-            os.unlink(path)
-    is_best = history[0][1] == epoch
-    if is_best:
-        tmp = os.path.join(output_dir, 'model_best.safetensors.tmp')
-        shutil.copyfile(last, tmp)
-        os.replace(tmp, os.path.join(output_dir, 'model_best.safetensors'))
-    return history[:keep], is_best
-
-
 def run(args: argparse.Namespace) -> int:
     """Train with parsed arguments (see :func:`parse_args`)."""
+    with contextlib.ExitStack() as locks:
+        return _run(args, locks)
+
+
+def _run(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
     import yaml
 
     if not logging.root.handlers:
@@ -320,9 +270,19 @@ def run(args: argparse.Namespace) -> int:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
 
+    if args.resume and not args.experiment:
+        output_dir = os.path.dirname(os.path.abspath(args.resume)) if not os.path.isdir(args.resume) \
+            else args.resume
+    else:
+        name = args.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}"
+        output_dir = os.path.join(args.output or os.path.join('output', 'train'), name)
+    if primary:  # one writer per output folder, from before the resume reads it
+        locks.enter_context(output_lock(output_dir))
     state: dict[str, Any] = {}
     if args.resume:
         state = load_state(args.resume, model, model_ema.module if model_ema is not None else None)
+        if primary and not args.experiment and os.path.islink(os.path.join(output_dir, 'last')):
+            publish(output_dir, 'last', state)  # finish what a killed run left between commit and epoch copies
         if not args.no_resume_opt:
             optimizer.load_state_dict(state['optimizer'])
             if loss_scaler is not None and 'amp_scaler' in state:
@@ -399,16 +359,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         lr_scheduler.step(start_epoch)
 
-    if args.resume and not args.experiment:
-        output_dir = os.path.dirname(os.path.abspath(args.resume)) if not os.path.isdir(args.resume) \
-            else args.resume
-    else:
-        name = args.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}"
-        output_dir = os.path.join(args.output or os.path.join('output', 'train'), name)
     if primary:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(vars(args), f)
+        atomic_write(os.path.join(output_dir, 'args.yaml'), yaml.safe_dump(vars(args)))
+        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch - 1)  # epochs this run (re)writes
         _logger.info(f'{model.num_routes} routes, training {len(route_ids)} ({args.route_sampling}, '
                      f'{args.route_sync}); {len(loader_train)} steps per epoch; output in {output_dir}')
 
@@ -449,19 +402,17 @@ def run(args: argparse.Namespace) -> int:
             ckpt_state = {
                 'epoch': epoch, 'num_updates': num_updates, 'arch': args.model, 'optimizer': optimizer.state_dict(),
                 'lr_scheduler': lr_scheduler.state_dict(), 'sampler': sampler.state_dict(), 'metric': metric,
-                'args': vars(args), 'version': 1}
+                'args': plain_args(vars(args)), 'version': 2}
             if loss_scaler is not None:
                 ckpt_state['amp_scaler'] = loss_scaler.state_dict()
             if metric is not None:
                 is_better = best[0] is None or (metric < best[0] if decreasing else metric > best[0])
                 best = (metric, epoch) if is_better else best
+            if metric is not None:
+                history = keep_history(history, metric, epoch, args.checkpoint_hist, decreasing)
             ckpt_state.update(best_metric=best[0], best_epoch=best[1], checkpoint_files=history)
             save_checkpoint(os.path.join(output_dir, 'last'), model, ckpt_state,
                             model_ema.module if model_ema is not None else None)
-            if metric is not None:
-                history, _ = _keep_history(output_dir, history, metric, epoch, args.checkpoint_hist, decreasing)
-                ckpt_state['checkpoint_files'] = history
-                _atomic_torch_save(ckpt_state, os.path.join(output_dir, 'last.state.pth'))
     digest = check_ranks_agree(model)
     if primary:
         ranks = f'identical on {args.world_size} ranks, ' if args.distributed else ''
