@@ -1,10 +1,50 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the registry of tiny stitched networks per family.
+
+A test taking a ``family`` argument runs once per family of :data:`TINY_FAMILIES` (or those named by its
+``@pytest.mark.families(...)`` marker); its ``family_net`` fixture is that family's tiny network.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import huggingface_hub.constants as hf_constants
 import pytest
+import tiny_models
 import torch
 from hub_server import HubServer
+
+#: family name -> factory of a tiny stitched network of that family (anchors defined in ``tests/tiny_models.py``)
+TINY_FAMILIES: dict[str, Callable[[], tiny_models.TinyFamily]] = {
+    'deit': tiny_models.deit_family,
+    'eva': tiny_models.eva_family,
+    'swin': tiny_models.swin_family,
+    'resnet': tiny_models.resnet_family,
+    'resnet_swin': tiny_models.resnet_swin_family,
+    'convnext': tiny_models.convnext_family,
+    'levit': tiny_models.levit_family,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line('markers', 'families(*names): the tiny families a test taking `family` runs on '
+                                       '(default: all of conftest.TINY_FAMILIES)')
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if 'family' not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker('families')
+    names = marker.args if marker else tuple(TINY_FAMILIES)
+    unknown = set(names) - set(TINY_FAMILIES)
+    if unknown:
+        raise ValueError(f'unknown tiny families {sorted(unknown)}: known are {sorted(TINY_FAMILIES)}')
+    metafunc.parametrize('family', names)
+
+
+@pytest.fixture
+def family_net(family: str) -> tiny_models.TinyFamily:
+    """The tiny stitched network of ``family`` (fresh per test), its input batch and its number of routes."""
+    return TINY_FAMILIES[family]()
 
 
 @pytest.fixture

@@ -6,17 +6,12 @@ import random
 import pytest
 import timm
 import torch
+from tiny_models import TINY_CONVNEXTS as CONVNEXTS
+from tiny_models import tiny_eva_args
 
 import timm_stitch
 from timm_stitch import StitchedNet, StitchOptions
 from timm_stitch.routes import plan_staged_routes, plan_token_routes
-
-
-def convnext(name: str, width: int) -> dict:
-    return dict(model_name=name, dims=tuple(width * 2 ** i for i in range(4)), num_classes=10)
-
-
-CONVNEXTS = [convnext('convnext_atto', 8), convnext('convnext_femto', 12), convnext('convnext_pico', 16)]
 
 
 def deit3(embed_dim: int, heads: int, **kwargs) -> dict:
@@ -72,9 +67,7 @@ def test_stitches_deit3_and_eva_token_models():
     model = timm_stitch.stitch([deit3(32, 2), deit3(16, 2)], num_classes=10, kernel_size=2)
     assert model.plan == plan_token_routes([4, 4]) and model.num_routes == 2 + 10
     _check_routes(model, torch.randn(2, 3, 32, 32))
-    eva = [dict(model_name='eva02_tiny_patch14_224', img_size=28, patch_size=7, embed_dim=d, depth=3, num_heads=2,
-                num_classes=10) for d in (16, 32)]
-    model = timm_stitch.stitch(eva, num_classes=10, nearest=False)
+    model = timm_stitch.stitch([tiny_eva_args(16), tiny_eva_args(32)], num_classes=10, nearest=False)
     assert model.plan == plan_token_routes([3, 3], nearest=False)
     _check_routes(model, torch.randn(2, 3, 28, 28))
 

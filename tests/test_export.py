@@ -6,20 +6,14 @@ import warnings
 import pytest
 import timm
 import torch
-from tiny_models import tiny_family, tiny_images, tiny_snnet
+from tiny_models import tiny_images, tiny_snnet
 
 from timm_stitch.export import StitchedRoute
 from timm_stitch.hub import save_pretrained
 
-FAMILIES = ['deit', 'swin', 'resnet', 'resnet_swin', 'levit']
 
-
-
-def _family(family: str):
-    if family == 'deit':
-        return tiny_snnet(), tiny_images(2)
-    model, x, _ = tiny_family(family)
-    return model.eval(), x
+def _family(family_net):
+    return family_net.model.eval(), family_net.images
 
 
 def _quiet(fn, *args):
@@ -32,10 +26,9 @@ def _route_outputs(model, x, k):
     return _quiet(model, x, k)
 
 
-@pytest.mark.parametrize('family', FAMILIES)
 @torch.no_grad()
-def test_every_route_matches_and_holds_only_its_weights(family):
-    model, x = _family(family)
+def test_every_route_matches_and_holds_only_its_weights(family, family_net):
+    model, x = _family(family_net)
     routes = model.routes()
     for k, route in enumerate(routes):
         exported = _quiet(model.export_stitch, k)
@@ -66,12 +59,11 @@ def test_training_mode_is_restored():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize('family', FAMILIES)
 @pytest.mark.filterwarnings('ignore:The tensor attributes')  # timm LeViT's attention-bias cache, set while tracing
-def test_torch_export_and_onnx(family, tmp_path):
+def test_torch_export_and_onnx(family_net, tmp_path):
     onnx = pytest.importorskip('onnx')
     pytest.importorskip('onnxscript')
-    model, x = _family(family)
+    model, x = _family(family_net)
     k = next(r.id for r in model.routes() if not r.is_anchor and r.stage == max(r.stage or 0 for r in model.routes()))
     exported = _quiet(model.export_stitch, k)
     expected = _route_outputs(model, x, k)

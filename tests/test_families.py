@@ -6,7 +6,7 @@ import warnings
 import pytest
 import timm
 import torch
-from tiny_models import tiny_family
+from tiny_models import levit_family, resnet_family, resnet_swin_family, swin_family
 from torch import nn
 
 from timm_stitch import StitchedNet
@@ -16,7 +16,7 @@ from timm_stitch.models.snnet_resnet import RESNET18_SWIN_TI_ANCHORS, RESNET_18_
 from timm_stitch.models.snnet_swin import SWIN_TSB_ANCHORS
 from timm_stitch.stitching import StitchingLayer, to_rows
 
-# ---- official route tables (SPEC §3.1, §4, §5), from the registered architectures built on the meta device ----
+# ---- official route tables (the authors' enumeration), from the registered architectures on the meta device ---
 
 SWIN_TI_S_STAGE2 = [(0, 1), (0, 2), (1, 3), (1, 4), (1, 5), (2, 6), (2, 7), (2, 8), (3, 9), (3, 10), (3, 11),
                     (4, 12), (4, 13), (4, 14), (5, 15), (5, 16), (5, 17)]
@@ -93,9 +93,9 @@ def test_registered_stitch_layers_and_params():
 FAMILIES = ['swin', 'resnet', 'resnet_swin', 'levit']
 
 
-@pytest.mark.parametrize('family', FAMILIES)
-def test_anchor_routes_equal_timm(family):
-    model, images, _ = tiny_family(family)
+@pytest.mark.families(*FAMILIES)
+def test_anchor_routes_equal_timm(family_net):
+    model, images, _ = family_net
     model.eval()
     with torch.no_grad():
         for a, anchor in enumerate(model.anchors):
@@ -103,9 +103,9 @@ def test_anchor_routes_equal_timm(family):
             assert torch.equal(model.forward_features(images, stitch_id=a), anchor.forward_features(images))
 
 
-@pytest.mark.parametrize('family', FAMILIES)
-def test_every_route_runs_forward_and_backward(family):
-    model, images, num_routes = tiny_family(family)
+@pytest.mark.families(*FAMILIES)
+def test_every_route_runs_forward_and_backward(family_net):
+    model, images, num_routes = family_net
     assert model.num_routes == num_routes
     model.train()
     for route in model.plan.routes:
@@ -128,7 +128,7 @@ def _count_calls(modules: list[nn.Module]) -> tuple[list[int], list]:
 def test_swin_routes_run_each_patch_merge_once():
     """timm runs Swin's patch merge at the start of stages 1-3: a cut inside stage s runs the front anchor's merges
     into stages 1..s and the end anchor's merges after stage s, each exactly once."""
-    model, images, _ = tiny_family('swin')
+    model, images, _ = swin_family()
     merges = [stage.downsample for anchor in model.anchors for stage in anchor.layers[1:]]  # 3 per anchor
     counts, handles = _count_calls(merges)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_swin_routes_run_each_patch_merge_once():
 
 def test_resnet_to_swin_stitch_is_a_channels_last_view():
     """The NCHW -> NHWC change is a view of the 1x1 convolution's output: no copy in the stitching layer."""
-    model, images, _ = tiny_family('resnet_swin')
+    model, images, _ = resnet_swin_family()
     layer = model.stitch_layer(model.plan.routes[2].stitches[0])
     convs = []
     handle = layer.transform.register_forward_hook(lambda m, args, out: convs.append(out))
@@ -159,7 +159,7 @@ def test_resnet_to_swin_stitch_is_a_channels_last_view():
 @pytest.mark.filterwarnings('ignore:route 4 runs')
 def test_levit_distilled_heads_like_timm():
     """Stitched LeViT routes end in the anchor's own head: the mean of both heads, the pair in distilled training."""
-    model, images, _ = tiny_family('levit')
+    model, images, _ = levit_family()
     end = model.anchors[1]
     model.eval()
     with torch.no_grad():
@@ -191,9 +191,9 @@ def _stitch_error(model: StitchedNet, images: torch.Tensor) -> float:
     return sum(errors) / len(errors)
 
 
-@pytest.mark.parametrize('family', ['resnet', 'resnet_swin'])
-def test_ls_init_improves_cnn_stitches_on_held_out_images(family):
-    model, images, _ = tiny_family(family)
+@pytest.mark.families('resnet', 'resnet_swin')
+def test_ls_init_improves_cnn_stitches_on_held_out_images(family_net):
+    model, images, _ = family_net
     model.eval()
     size = images.shape[-1]
     fit, held_out = torch.randn(64, 3, size, size), torch.randn(16, 3, size, size)
@@ -206,7 +206,7 @@ def test_ls_init_improves_cnn_stitches_on_held_out_images(family):
 # ---- BatchNorm families -------------------------------------------------------------------------------------------
 
 def test_stitched_bn_layers_are_those_after_the_stitch():
-    model, _, _ = tiny_family('resnet')
+    model, _, _ = resnet_family()
     route = model.route(5)  # stage 2, cut (0, 1): R50 layer3 blocks 1..5, layer4
     layers = stitched_bn_layers(model, route.id)
     r50 = model.anchors[1]
@@ -217,7 +217,7 @@ def test_stitched_bn_layers_are_those_after_the_stitch():
 
 
 def test_recalibrate_bn_gives_a_route_its_own_statistics():
-    model, images, _ = tiny_family('resnet')
+    model, images, _ = resnet_family()
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     anchor_out = model(images, stitch_id=1)
@@ -247,7 +247,7 @@ def test_recalibrate_bn_gives_a_route_its_own_statistics():
 def test_calibrated_routes_are_thread_safe():
     """Routes sharing BatchNorm layers, run from several threads, each see their own statistics."""
     from concurrent.futures import ThreadPoolExecutor
-    model, images, _ = tiny_family('resnet')
+    model, images, _ = resnet_family()
     model.eval()
     for route in (5, 9):
         model.recalibrate_bn(torch.randn(16, 3, 32, 32), stitch_id=route, batch_size=8, progress=False)
@@ -259,12 +259,12 @@ def test_calibrated_routes_are_thread_safe():
 
 
 def test_recalibrate_bn_covers_levit_heads_and_is_a_no_op_without_bn():
-    model, images, _ = tiny_family('levit')
+    model, images, _ = levit_family()
     layers = stitched_bn_layers(model, 6)
     assert model.anchors[1].head.bn in layers and model.anchors[1].head_dist.bn in layers
     assert model.anchors[0].head.bn not in layers
     assert model.recalibrate_bn(torch.randn(8, 3, 64, 64), stitch_id=6, progress=False) == len(layers)
-    swin, _, _ = tiny_family('swin')
+    swin, _, _ = swin_family()
     assert swin.recalibrate_bn(torch.randn(2, 3, 32, 32), stitch_id=10, progress=False) == 0
 
 

@@ -1,11 +1,15 @@
-"""Tiny anchors shared by the tests, fast on CPU: DeiT-like ViTs that differ only in width, and tiny Swin, ResNet,
-ResNet->Swin and LeViT stitched networks with the registered architectures' settings."""
+"""Tiny anchors shared by the tests, fast on CPU, defined here only: DeiT-like ViTs that differ only in width, tiny
+EVA-02 and ConvNeXt anchors, and one tiny stitched network per family (``*_family()``, with the registered
+architectures' settings where there is one). ``tests/conftest.py`` maps family names to these factories."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import timm
 import torch
 from torch import nn
 
+import timm_stitch
 from timm_stitch import StitchedNet
 from timm_stitch.models.snnet_levit import LEVIT_STAGES
 from timm_stitch.models.snnet_resnet import RESNET_STAGES
@@ -61,19 +65,60 @@ def tiny_levit(dims: tuple) -> nn.Module:
                              depth=(4, 4, 4), num_classes=10)
 
 
-def tiny_family(family: str) -> tuple[StitchedNet, torch.Tensor, int]:
-    """A tiny stitched network with the registered architecture's settings, its input batch and route count."""
+def tiny_eva_args(embed_dim: int, depth: int = 3) -> dict:
+    return dict(model_name='eva02_tiny_patch14_224', img_size=28, patch_size=7, embed_dim=embed_dim, depth=depth,
+                num_heads=2, num_classes=10)
+
+
+def tiny_convnext_args(name: str, width: int) -> dict:
+    return dict(model_name=name, dims=tuple(width * 2 ** i for i in range(4)), num_classes=10)
+
+
+TINY_CONVNEXTS = [tiny_convnext_args('convnext_atto', 8), tiny_convnext_args('convnext_femto', 12),
+                  tiny_convnext_args('convnext_pico', 16)]
+
+
+class TinyFamily(NamedTuple):
+    """A tiny stitched network, an input batch for it and its number of routes."""
+    model: StitchedNet
+    images: torch.Tensor
+    num_routes: int
+
+
+def deit_family() -> TinyFamily:
+    return TinyFamily(tiny_snnet(), tiny_images(2), 23)
+
+
+def eva_family() -> TinyFamily:
     torch.manual_seed(0)
-    if family == 'swin':
-        anchors = [tiny_swin(16, (2, 2, 6, 2)), tiny_swin(16, (2, 2, 18, 2)), tiny_swin(32, (2, 2, 18, 2))]
-        return StitchedNet(anchors, num_classes=10, stages=SWIN_STAGES), torch.randn(2, 3, 32, 32), 41
-    if family == 'resnet':
-        anchors = [tiny_resnet('resnet18'), tiny_resnet('resnet50')]
-        return StitchedNet(anchors, num_classes=10, stages=RESNET_STAGES), torch.randn(2, 3, 32, 32), 10
-    if family == 'resnet_swin':
-        anchors = [tiny_resnet('resnet18'), tiny_swin(16, (2, 2, 6, 2), img_size=64, patch_size=4)]
-        return StitchedNet(anchors, num_classes=10, stages=RESNET_STAGES), torch.randn(2, 3, 64, 64), 8
-    if family == 'levit':
-        anchors = [tiny_levit((16, 24, 32)), tiny_levit((32, 48, 64))]
-        return StitchedNet(anchors, num_classes=10, stages=LEVIT_STAGES), torch.randn(2, 3, 64, 64), 8
-    raise KeyError(family)
+    return TinyFamily(timm_stitch.stitch([tiny_eva_args(16), tiny_eva_args(32)], num_classes=10),
+                      torch.randn(2, 3, 28, 28), 9)
+
+
+def swin_family() -> TinyFamily:
+    torch.manual_seed(0)
+    anchors = [tiny_swin(16, (2, 2, 6, 2)), tiny_swin(16, (2, 2, 18, 2)), tiny_swin(32, (2, 2, 18, 2))]
+    return TinyFamily(StitchedNet(anchors, num_classes=10, stages=SWIN_STAGES), torch.randn(2, 3, 32, 32), 41)
+
+
+def resnet_family() -> TinyFamily:
+    torch.manual_seed(0)
+    anchors = [tiny_resnet('resnet18'), tiny_resnet('resnet50')]
+    return TinyFamily(StitchedNet(anchors, num_classes=10, stages=RESNET_STAGES), torch.randn(2, 3, 32, 32), 10)
+
+
+def resnet_swin_family() -> TinyFamily:
+    torch.manual_seed(0)
+    anchors = [tiny_resnet('resnet18'), tiny_swin(16, (2, 2, 6, 2), img_size=64, patch_size=4)]
+    return TinyFamily(StitchedNet(anchors, num_classes=10, stages=RESNET_STAGES), torch.randn(2, 3, 64, 64), 8)
+
+
+def convnext_family() -> TinyFamily:
+    torch.manual_seed(0)
+    return TinyFamily(timm_stitch.stitch(TINY_CONVNEXTS[:2], num_classes=10), torch.randn(2, 3, 32, 32), 9)
+
+
+def levit_family() -> TinyFamily:
+    torch.manual_seed(0)
+    anchors = [tiny_levit((16, 24, 32)), tiny_levit((32, 48, 64))]
+    return TinyFamily(StitchedNet(anchors, num_classes=10, stages=LEVIT_STAGES), torch.randn(2, 3, 64, 64), 8)

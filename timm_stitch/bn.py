@@ -35,7 +35,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from ._modes import eval_mode
 from .ls_init import image_batches
+from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
     from .model import StitchedNet
@@ -203,7 +205,7 @@ def recalibrate_bn(
     other route changes.
 
     Args:
-        model: The stitched network.
+        model: The stitched network (also inside ``torch.compile``, DDP or DataParallel).
         data: An image tensor (N, C, H, W) or an iterable of image batches / ``(images, targets)`` tuples
             (un-augmented images, e.g. a validation-transform loader over training data).
         stitch_id: The route (default: the active route). Anchor routes keep their own statistics.
@@ -214,37 +216,34 @@ def recalibrate_bn(
     Returns:
         The number of BatchNorm layers recalibrated (0 for routes or families without any after the stitch).
     """
-    stitch_id = model.stitch_id if stitch_id is None else stitch_id
-    model.route_segments(stitch_id)  # checks the id
+    model = unwrap_stitched(model, 'recalibrate_bn')
+    stitch_id = model.resolve_stitch_id(stitch_id)
     layers = stitched_bn_layers(model, stitch_id)
     if not layers:
         return 0
     container = _container(model)
     container.discard(stitch_id)
-    modes = {m: m.training for m in model.modules()}
     saved = {m: (m.running_mean, m.running_var, m.num_batches_tracked, m.momentum) for m in layers}
-    model.eval()
     seen = 0
-    try:
-        for m in layers:
-            m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
-            m.num_batches_tracked = m.num_batches_tracked.clone()
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        device = next(model.parameters()).device
-        batches = itertools.islice(image_batches(data, batch_size), num_batches)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)
-            for images in tqdm(batches, desc=f'BN route {stitch_id}', total=num_batches, disable=not progress):
-                model(images.to(device), stitch_id=stitch_id)
-                seen += 1
-        if seen == 0:
-            raise ValueError('recalibrate_bn got no batches from data')
-        container.set(stitch_id, [(m.running_mean, m.running_var) for m in layers])
-    finally:
-        for m, (mean, var, tracked, momentum) in saved.items():
-            m.running_mean, m.running_var, m.num_batches_tracked, m.momentum = mean, var, tracked, momentum
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model):
+        try:
+            for m in layers:
+                m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
+                m.num_batches_tracked = m.num_batches_tracked.clone()
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            device = next(model.parameters()).device
+            batches = itertools.islice(image_batches(data, batch_size), num_batches)
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', UserWarning)
+                for images in tqdm(batches, desc=f'BN route {stitch_id}', total=num_batches, disable=not progress):
+                    model(images.to(device), stitch_id=stitch_id)
+                    seen += 1
+            if seen == 0:
+                raise ValueError('recalibrate_bn got no batches from data')
+            container.set(stitch_id, [(m.running_mean, m.running_var) for m in layers])
+        finally:
+            for m, (mean, var, tracked, momentum) in saved.items():
+                m.running_mean, m.running_var, m.num_batches_tracked, m.momentum = mean, var, tracked, momentum
     return len(layers)

@@ -13,8 +13,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._modes import eval_mode
 from .adapters import AnchorAdapter, adapter_for
-from .model import AnchorSpec, StitchedNet, _anchor_name, _build_anchor
+from .model import AnchorSpec, StitchedNet, anchor_name, build_anchor
 from .routes import LayerMapping
 from .stitching import _LAYOUT_CHANGES
 
@@ -72,9 +73,9 @@ def stitch(
     net_kwargs = {k: kwargs.pop(k) for k in ('final_norm_on_stitched_routes', 'stitch_id') if k in kwargs}
     if kwargs.get('img_size') is None:
         kwargs.pop('img_size', None)
-    models = [_build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kwargs)
-              for a in anchors]
-    names = [_anchor_name(a, m) for a, m in zip(anchors, models)]
+    models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kwargs)
+             for a in anchors]
+    names = [anchor_name(a, m) for a, m in zip(anchors, models)]
     order = sorted(range(len(models)), key=lambda i: sum(p.numel() for p in models[i].parameters()))
     models, names = [models[i] for i in order], [names[i] for i in order]
     stages = stitchable_stages(models, names, options)
@@ -166,9 +167,7 @@ def _stage_grids(
         cfg = getattr(model, 'pretrained_cfg', None) or {}
         hw = size or tuple(cfg.get('input_size', (0, 224, 224))[-2:])
         param = next(model.parameters())
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
+        with eval_mode(model):
             x = adapter.embed(torch.zeros(1, adapter.in_chans, *hw, device=param.device, dtype=param.dtype))
             firsts = {adapter.unit_index(s, 0): s for s in range(len(adapter.stage_depths()))}
             grid = []
@@ -176,9 +175,6 @@ def _stage_grids(
                 x = unit(x)
                 if u in firsts:
                     grid.append(_positions(x, adapter.layout))
-        finally:
-            for m, training in modes.items():
-                m.training = training
         grids.append(grid)
     # a token count matches a map of the same number of positions (NCHW -> tokens stitching)
     return [[g if isinstance(g, int) or not any(isinstance(o[s], int) for o in grids) else g[0] * g[1]

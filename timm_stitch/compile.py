@@ -50,7 +50,7 @@ class CompiledStitchedNet:
         return fn
 
     def __call__(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
-        stitch_id = self.model._resolve(stitch_id)
+        stitch_id = self.model.resolve_stitch_id(stitch_id)
         return self.route_fn(stitch_id)(self.model, x)
 
     @property

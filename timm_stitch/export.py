@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
+from ._modes import eval_mode
 from .adapters import AnchorAdapter
 from .bn import route_bn_stats
 from .unwrap import unwrap_stitched
@@ -67,20 +68,15 @@ def export_stitch(model: StitchedNet, stitch_id: int) -> nn.Module:
     DataParallel is exported from the model itself.
     """
     model = unwrap_stitched(model, 'export_stitch')
-    route = model.plan.routes[model._check_stitch_id(stitch_id)]
-    was_training = model.training
-    model.eval()
-    try:
-        with route_bn_stats(model, route.id):
-            if route.is_anchor:
-                return copy.deepcopy(model.anchors[route.anchors[0]]).eval()
-            # copy the anchors, stitches and the adapters' view of them together so that they stay linked
-            segments = model._segments[route.id]
-            parts = ([model.anchors[a] for a in route.anchors], [model.adapters[a] for a in route.anchors],
-                     [s.stitch for s in segments if s.stitch is not None], [s.units for s in segments])
-            anchors, adapters, stitches, units = copy.deepcopy(parts)
-    finally:
-        model.train(was_training)
+    segments = model.route_segments(stitch_id)
+    route = model.plan.routes[stitch_id]
+    with eval_mode(model), route_bn_stats(model, route.id):
+        if segments is None:
+            return copy.deepcopy(model.anchors[route.anchors[0]]).eval()
+        # copy the anchors, stitches and the adapters' view of them together so that they stay linked
+        parts = ([model.anchors[a] for a in route.anchors], [model.adapters[a] for a in route.anchors],
+                 [s.stitch for s in segments if s.stitch is not None], [s.units for s in segments])
+        anchors, adapters, stitches, units = copy.deepcopy(parts)
     used = {id(p) for p in adapters[0].embed_parameters()}
     used |= {id(p) for m in (*stitches, *(u for us in units for u in us)) for p in m.parameters()}
     used |= {id(p) for p in adapters[-1].head_parameters(model.final_norm_on_stitched_routes)}

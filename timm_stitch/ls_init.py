@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from ._modes import eval_mode
 from .routes import StitchGroup, StitchPosition
 from .stitching import LeastSquaresFit, to_rows
 from .unwrap import unwrap_stitched
@@ -82,13 +83,11 @@ def init_stitches(
                 fits[key] = LeastSquaresFit(layer.in_dim, layer.out_dim)
 
     anchors_used = sorted({a for g in groups for a in (g.front_anchor, g.end_anchor)})
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         device = next(model.parameters()).device
         batches = itertools.islice(image_batches(data, batch_size), num_batches)
         for images in tqdm(batches, desc='LS init', total=num_batches, disable=not progress):
-            model._check_input(images)
+            model.check_input(images)
             images = images.to(device)
             outputs = {a: _unit_outputs(model, a, images) for a in anchors_used}
             for g in groups:
@@ -97,8 +96,6 @@ def init_stitches(
                     x = outputs[g.front_anchor][front.unit_index(g.stage, p.front) + 1]
                     y = outputs[g.end_anchor][end.unit_index(g.stage, p.end)]
                     fits[_fit_key(g, p, mode)].add(to_rows(x, front.layout), to_rows(y, end.layout))
-    finally:
-        model.train(was_training)
 
     solutions: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for key, fit in fits.items():

@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ._modes import eval_mode
 from .routes import Route, StitchRef
 from .unwrap import unwrap_stitched
 
@@ -160,41 +161,35 @@ def count_anchor_macs(
 ) -> tuple[list[AnchorMacs], dict[tuple[StitchRef, int], int]]:
     """Count every piece of ``model`` once at batch 1: per-anchor pieces and each stitching layer at each cut."""
     input_size = tuple(input_size or model_input_size(model))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            anchors, activations = [], []
-            for anchor, adapter in zip(model.anchors, model.adapters):
-                ref = _param_like(anchor)
-                x = torch.randn(1, *input_size, device=ref.device, dtype=ref.dtype)
-                forward, _ = count_macs(anchor, x)
-                embed, h = count_macs(adapter.embed, x)
-                units, outs = [], []
-                for unit in adapter.units:
-                    macs, h = count_macs(unit, h)
-                    units.append(macs)
-                    outs.append(h)
-                finish_no_norm, _ = count_macs(adapter.finish, h, False)
-                finish, feats = count_macs(adapter.finish, h, True)
-                head, _ = count_macs(adapter.head, feats)
-                block_units = tuple(
-                    tuple(adapter.unit_index(s, b) for b in range(depth))
-                    for s, depth in enumerate(adapter.stage_depths()))
-                anchors.append(AnchorMacs(embed, tuple(units), finish, finish_no_norm, head, forward, block_units))
-                activations.append(outs)
-            stitches: dict[tuple[StitchRef, int], int] = {}
-            by_shape: dict[tuple[StitchRef, tuple[int, ...]], int] = {}
-            for route in model.plan.routes:
-                for anchor, (front, _), ref in zip(route.anchors, route.cuts, route.stitches):
-                    h = activations[anchor][anchors[anchor].block_units[ref.stage][front]]
-                    key = (ref, tuple(h.shape))
-                    if key not in by_shape:
-                        by_shape[key] = count_macs(model.stitch_layer(ref), h)[0]
-                    stitches[(ref, front)] = by_shape[key]
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        anchors, activations = [], []
+        for anchor, adapter in zip(model.anchors, model.adapters):
+            ref = _param_like(anchor)
+            x = torch.randn(1, *input_size, device=ref.device, dtype=ref.dtype)
+            forward, _ = count_macs(anchor, x)
+            embed, h = count_macs(adapter.embed, x)
+            units, outs = [], []
+            for unit in adapter.units:
+                macs, h = count_macs(unit, h)
+                units.append(macs)
+                outs.append(h)
+            finish_no_norm, _ = count_macs(adapter.finish, h, False)
+            finish, feats = count_macs(adapter.finish, h, True)
+            head, _ = count_macs(adapter.head, feats)
+            block_units = tuple(
+                tuple(adapter.unit_index(s, b) for b in range(depth))
+                for s, depth in enumerate(adapter.stage_depths()))
+            anchors.append(AnchorMacs(embed, tuple(units), finish, finish_no_norm, head, forward, block_units))
+            activations.append(outs)
+        stitches: dict[tuple[StitchRef, int], int] = {}
+        by_shape: dict[tuple[StitchRef, tuple[int, ...]], int] = {}
+        for route in model.plan.routes:
+            for anchor, (front, _), ref in zip(route.anchors, route.cuts, route.stitches):
+                h = activations[anchor][anchors[anchor].block_units[ref.stage][front]]
+                key = (ref, tuple(h.shape))
+                if key not in by_shape:
+                    by_shape[key] = count_macs(model.stitch_layer(ref), h)[0]
+                stitches[(ref, front)] = by_shape[key]
     return anchors, stitches
 
 

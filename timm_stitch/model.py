@@ -5,7 +5,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import timm
 import torch
@@ -13,15 +13,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import AnchorAdapter, adapter_for
-from .bn import RouteBatchNormStats, prepare_load, recalibrate_bn, route_bn_stats
-from .cards import RouteCard, model_name
-from .macs import count_route_macs
-from .profile import device_profile
+from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
 from .routes import LayerMapping, Route, StitchPlan, StitchRef, plan_staged_routes, plan_token_routes
-from .selection import mark_dominated, pareto_front, select_route
 from .stitching import StitchingLayer
 
-__all__ = ['StitchedNet', 'AnchorSpec', 'RouteSegment']
+if TYPE_CHECKING:
+    from .cards import RouteCard
+
+__all__ = ['StitchedNet', 'AnchorSpec', 'RouteSegment', 'build_anchor', 'anchor_name']
 
 #: an anchor given as a timm model name, a dict of ``timm.create_model`` arguments, or a built timm model
 AnchorSpec = Union[str, dict, nn.Module]
@@ -83,13 +82,13 @@ class StitchedNet(nn.Module):
         if img_size is not None:
             anchor_kwargs['img_size'] = img_size
         models = [
-            _build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors,
-                          **anchor_kwargs)
+            build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors,
+                         **anchor_kwargs)
             for a in anchors
         ]
         self.anchors = nn.ModuleList(models)
         self.adapters: list[AnchorAdapter] = [adapter_for(m) for m in models]
-        self.anchor_names = [_anchor_name(a, m) for a, m in zip(anchors, models)]
+        self.anchor_names = [anchor_name(a, m) for a, m in zip(anchors, models)]
         self.num_classes = models[0].num_classes
         self.in_chans = self.adapters[0].in_chans
         #: the (H, W) every input must have (the first anchor with a fixed size decides), or None
@@ -131,28 +130,30 @@ class StitchedNet(nn.Module):
 
     def set_stitch(self, stitch_id: int) -> None:
         """Make route ``stitch_id`` the active one; on a bad id, raises and leaves the active route unchanged."""
-        self._stitch_id = self._check_stitch_id(stitch_id)
+        self._stitch_id = self.check_stitch_id(stitch_id)
 
     def routes(self) -> list[Route]:
         """Every route with its anchors, cuts, the parameters its forward uses and its MACs (counted on first
         call); top1/top5/latency_ms/dominated come from the loaded card (see ``load_card``)."""
         if self._route_cache is None:
+            from .macs import count_route_macs
             routes = [replace(r, params=self._route_params(r)) for r in self.plan.routes]
             self._route_cache = self._annotate_routes(routes, count_route_macs(self))
         return list(self._route_cache)
 
     def route(self, stitch_id: Optional[int] = None) -> Route:
         """The route record of ``stitch_id`` (default: the active route)."""
-        return self.routes()[self._resolve(stitch_id)]
+        return self.routes()[self.resolve_stitch_id(stitch_id)]
 
     def stitch_layer(self, ref: StitchRef) -> StitchingLayer:
         return self.stitch_layers[str(ref.stage)][ref.pair][ref.layer]
 
     def route_segments(self, stitch_id: int) -> Optional[tuple[RouteSegment, ...]]:
         """The segments route ``stitch_id`` runs between its embedding and its head (None for an anchor route)."""
-        return self._segments[self._check_stitch_id(stitch_id)]
+        return self._segments[self.check_stitch_id(stitch_id)]
 
-    def _check_stitch_id(self, stitch_id: Any) -> int:
+    def check_stitch_id(self, stitch_id: Any) -> int:
+        """``stitch_id`` as an int; ``TypeError`` for a non-integer, ``ValueError`` naming the valid range."""
         if isinstance(stitch_id, bool) or not isinstance(stitch_id, numbers.Integral):
             raise TypeError(f'stitch_id must be an int, got {type(stitch_id).__name__} {stitch_id!r}')
         stitch_id = int(stitch_id)
@@ -162,8 +163,9 @@ class StitchedNet(nn.Module):
                 f'({self.num_routes} routes)')
         return stitch_id
 
-    def _resolve(self, stitch_id: Optional[int]) -> int:
-        return self._stitch_id if stitch_id is None else self._check_stitch_id(stitch_id)
+    def resolve_stitch_id(self, stitch_id: Optional[int]) -> int:
+        """``stitch_id`` checked, or the active route's id when it is None."""
+        return self._stitch_id if stitch_id is None else self.check_stitch_id(stitch_id)
 
     def _route_segments(self, route: Route) -> Optional[tuple[RouteSegment, ...]]:
         if route.is_anchor:
@@ -194,7 +196,9 @@ class StitchedNet(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``TypeError``/``ValueError`` naming what is wrong unless ``x`` is an image batch this network takes
+        (4-D, its input channels, its fixed input size if it has one)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'expected an image tensor, got {type(x).__name__}')
         if x.ndim != 4:
@@ -207,13 +211,13 @@ class StitchedNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
         """Features of route ``stitch_id`` (default: the active route), before the head."""
-        stitch_id = self._resolve(stitch_id)
+        stitch_id = self.resolve_stitch_id(stitch_id)
         with route_bn_stats(self, stitch_id):
             return self._route_features(x, stitch_id)
 
     def _route_features(self, x: torch.Tensor, stitch_id: int) -> torch.Tensor:
         """``forward_features`` of a resolved route, inside the caller's BatchNorm-statistics context."""
-        self._check_input(x)
+        self.check_input(x)
         route = self.plan.routes[stitch_id]
         if route.is_anchor:
             return self.anchors[route.anchors[0]].forward_features(x)
@@ -228,11 +232,11 @@ class StitchedNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, stitch_id: Optional[int] = None) -> torch.Tensor:
         """Head of the last anchor of route ``stitch_id`` on features from ``forward_features``."""
-        route = self.plan.routes[self._resolve(stitch_id)]
+        route = self.plan.routes[self.resolve_stitch_id(stitch_id)]
         return self.adapters[route.anchors[-1]].head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
-        stitch_id = self._resolve(stitch_id)
+        stitch_id = self.resolve_stitch_id(stitch_id)
         with route_bn_stats(self, stitch_id):  # BatchNorm in heads (LeViT) too
             return self.forward_head(self._route_features(x, stitch_id), stitch_id=stitch_id)
 
@@ -308,6 +312,7 @@ class StitchedNet(nn.Module):
         """Attach a route card (a ``RouteCard``, a ``routes.json`` path or official JSON-lines results) so that
         ``routes()`` reports its top1/top5 and the latency measured under ``latency_profile`` (default: this model's
         device and dtype at batch 1). Raises ``ValueError`` when the card is for another model."""
+        from .cards import RouteCard, model_name
         if not isinstance(card, RouteCard):
             card = RouteCard.load(card, model=model_name(self))
         card.check_model(self)
@@ -330,6 +335,7 @@ class StitchedNet(nn.Module):
     ) -> Route:
         """Make the best route meeting every bound active and return it (highest top1, else lowest cost; see
         :func:`timm_stitch.selection.select_route`); raises ``ValueError`` when no route fits."""
+        from .selection import select_route
         route = select_route(self.routes(), max_macs, max_params, max_latency_ms, min_top1)
         self.set_stitch(route.id)
         return route
@@ -337,10 +343,13 @@ class StitchedNet(nn.Module):
     def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
         """The routes no other route beats on both ``x`` (``'macs'``, ``'params'``, ``'latency_ms'``; lower is
         better) and ``y`` (``'top1'``, ``'top5'``), sorted by ``x``."""
+        from .selection import pareto_front
         return pareto_front(self.routes(), x, y)
 
     def _annotate_routes(self, routes: list[Route], macs: list[int]) -> list[Route]:
         """``routes`` with ``macs`` and the loaded card's accuracy and latency, dominated routes marked."""
+        from .profile import device_profile
+        from .selection import mark_dominated
         card, profile = self._card, self._card_profile
         if card is not None and profile is None:
             param = next(self.parameters())
@@ -369,6 +378,7 @@ class StitchedNet(nn.Module):
     ) -> int:
         """Estimate route ``stitch_id``'s own BatchNorm statistics (BN families: ResNet, LeViT...) from a short
         pass over ``data``; eval-mode calls of that route then use them. See :mod:`timm_stitch.bn`."""
+        from .bn import recalibrate_bn
         return recalibrate_bn(self, data, stitch_id=stitch_id, num_batches=num_batches, **kwargs)
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
@@ -384,9 +394,10 @@ class StitchedNet(nn.Module):
         return export_stitch(self, stitch_id)
 
 
-def _build_anchor(
+def build_anchor(
         spec: AnchorSpec, num_classes: Optional[int], in_chans: Optional[int], pretrained: bool, **kwargs: Any,
 ) -> nn.Module:
+    """The anchor ``spec`` names, built with ``timm.create_model`` (a built model is returned as it is)."""
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, str):
@@ -399,7 +410,8 @@ def _build_anchor(
     return timm.create_model(**args)
 
 
-def _anchor_name(spec: AnchorSpec, model: nn.Module) -> str:
+def anchor_name(spec: AnchorSpec, model: nn.Module) -> str:
+    """The timm architecture name an anchor is known by (its name, its cfg's architecture, or its class)."""
     if isinstance(spec, str):
         return spec
     if isinstance(spec, dict):

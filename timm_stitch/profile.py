@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._modes import eval_mode
 from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
@@ -108,15 +109,13 @@ def profile(
     if warmup < 0 or repeats < 1:
         raise ValueError(f'need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}')
     device = torch.device(device)
-    ids = list(range(model.num_routes)) if routes is None else [model._check_stitch_id(i) for i in routes]
+    ids = list(range(model.num_routes)) if routes is None else [model.check_stitch_id(i) for i in routes]
     key = device_profile(device, batch_size, dtype)
     model.to(device=device, dtype=dtype)
     images = torch.randn(batch_size, *model_input_size(model), device=device, dtype=dtype)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     started = time.perf_counter()
     times: dict[int, list[float]] = {i: [] for i in ids}
-    try:
+    with eval_mode(model):
         # warm every route up, then time round-robin so that a burst of outside load hits all routes alike
         with torch.inference_mode(), tqdm(total=len(ids) * (warmup + repeats), desc=f'profiling {key}',
                                           unit='call', disable=not progress) as bar:
@@ -128,9 +127,6 @@ def profile(
                 for stitch_id in ids:
                     times[stitch_id].append(_timed_call(model, stitch_id, images))
                     bar.update()
-    finally:
-        for module, training in modes.items():
-            module.training = training
     stats = {i: latency_stats(t, batch_size) for i, t in times.items()}
     record = {
         'what': 'latency', 'profile': key, 'who': 'timm_stitch.profile',

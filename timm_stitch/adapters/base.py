@@ -1,14 +1,14 @@
 """The interface a stitched network uses to drive one anchor of a model family block by block."""
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import nn
 
 from ..stitching import Layout
 
-__all__ = ['AnchorAdapter']
+__all__ = ['AnchorAdapter', 'ADAPTERS', 'adapter_for', 'params_of', 'register_adapter']
 
 
 class AnchorAdapter:
@@ -68,3 +68,43 @@ class AnchorAdapter:
     @property
     def num_features(self) -> int:
         return self.model.num_features
+
+
+#: (timm model class, adapter class) pairs, in registration order; filled by :func:`register_adapter`
+ADAPTERS: list[tuple[type[nn.Module], type[AnchorAdapter]]] = []
+
+_A = TypeVar('_A', bound=type[AnchorAdapter])
+
+
+def register_adapter(*model_classes: type[nn.Module]) -> Callable[[_A], _A]:
+    """Class decorator registering an adapter for the timm model classes it drives (as timm registers models).
+
+    :func:`adapter_for` picks the first registered class the model is an instance of; a class registered twice
+    raises ``ValueError``, so two families cannot silently claim one model class.
+    """
+    def register(adapter_cls: _A) -> _A:
+        for model_cls in model_classes:
+            for known, other in ADAPTERS:
+                if known is model_cls:
+                    raise ValueError(f'{model_cls.__name__} already has an adapter: {other.__name__}')
+            ADAPTERS.append((model_cls, adapter_cls))
+        return adapter_cls
+    return register
+
+
+def adapter_for(model: nn.Module) -> AnchorAdapter:
+    """The adapter that drives ``model``; raises ``TypeError`` for a family timm-stitch cannot stitch."""
+    for model_cls, adapter_cls in ADAPTERS:
+        if isinstance(model, model_cls):
+            return adapter_cls(model)
+    known = ', '.join(cls.__name__ for cls, _ in ADAPTERS)
+    raise TypeError(f'cannot stitch a {type(model).__name__}: supported anchor families are {known}')
+
+
+def params_of(*items: Optional[nn.Module | nn.Parameter]) -> Iterator[nn.Parameter]:
+    """Parameters of the given modules and parameters, skipping ``None``."""
+    for item in items:
+        if isinstance(item, nn.Parameter):
+            yield item
+        elif isinstance(item, nn.Module):
+            yield from item.parameters()

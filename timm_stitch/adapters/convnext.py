@@ -8,11 +8,13 @@ import torch
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
-from .staged import StagedAdapter, params_of
+from .base import params_of, register_adapter
+from .staged import StagedAdapter
 
 __all__ = ['ConvNeXtAdapter']
 
 
+@register_adapter(ConvNeXt)
 class ConvNeXtAdapter(StagedAdapter):
     """Stages of ConvNeXt blocks; each stage's strided downsample is a unit between stages."""
     layout = 'nchw'

@@ -8,7 +8,7 @@ import torch
 from timm.models.eva import Eva
 from torch import nn
 
-from .staged import params_of
+from .base import params_of, register_adapter
 from .vit import ViTAdapter
 
 __all__ = ['EvaAdapter']
@@ -29,6 +29,7 @@ class _RopeBlock(nn.Module):
         return self.block(x, rope=rope)
 
 
+@register_adapter(Eva)
 class EvaAdapter(ViTAdapter):
     """One stage of EVA blocks on all tokens; each block gets the model's fixed rotary embedding."""
     model: Eva

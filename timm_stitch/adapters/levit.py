@@ -7,11 +7,13 @@ import torch
 from timm.models.levit import Levit
 from torch import nn
 
-from .staged import StagedAdapter, params_of
+from .base import params_of, register_adapter
+from .staged import StagedAdapter
 
 __all__ = ['LevitAdapter']
 
 
+@register_adapter(Levit)
 class LevitAdapter(StagedAdapter):
     """Stages of LeViT blocks on ``(B, N, C)`` tokens (NCHW maps for the ``levit_conv_*`` variants); the
     attention-subsample at the start of stages 1-2 is a unit of its own. The head is the anchor's own

@@ -7,11 +7,13 @@ import torch
 from timm.models.resnet import ResNet
 from torch import nn
 
-from .staged import StagedAdapter, params_of
+from .base import params_of, register_adapter
+from .staged import StagedAdapter
 
 __all__ = ['ResNetAdapter']
 
 
+@register_adapter(ResNet)
 class ResNetAdapter(StagedAdapter):
     """Stages ``layer1..layer4`` of residual blocks (stride in each stage's first block); the stem is the
     embedding and there is no final norm."""

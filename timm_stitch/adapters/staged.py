@@ -1,22 +1,13 @@
 """Shared base of hierarchical adapters: stages of blocks flattened into one list of units."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from torch import nn
 
 from .base import AnchorAdapter
 
-__all__ = ['StagedAdapter', 'params_of']
-
-
-def params_of(*items) -> Iterator[nn.Parameter]:
-    """Parameters of the given modules and parameters, skipping ``None``."""
-    for item in items:
-        if isinstance(item, nn.Parameter):
-            yield item
-        elif isinstance(item, nn.Module):
-            yield from item.parameters()
+__all__ = ['StagedAdapter']
 
 
 class StagedAdapter(AnchorAdapter):

@@ -8,11 +8,13 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from .staged import StagedAdapter, params_of
+from .base import params_of, register_adapter
+from .staged import StagedAdapter
 
 __all__ = ['SwinAdapter']
 
 
+@register_adapter(SwinTransformer)
 class SwinAdapter(StagedAdapter):
     """Stages of Swin blocks on NHWC maps; the patch merge at the start of stages 1-3 is a unit of its own."""
     layout = 'nhwc'

@@ -8,12 +8,12 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .base import AnchorAdapter
-from .staged import params_of
+from .base import AnchorAdapter, params_of, register_adapter
 
 __all__ = ['ViTAdapter']
 
 
+@register_adapter(VisionTransformer)
 class ViTAdapter(AnchorAdapter):
     """One stage of ``depth`` blocks; stitch points carry all tokens (class token included)."""
     layout = 'tokens'
