@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-import timm_stitch  # noqa: F401
+import timm_stitch
 from timm_stitch.bn import stitched_bn_layers
 from timm_stitch.hub import WEIGHTS_NAME, save_pretrained
 
@@ -181,3 +181,13 @@ def test_full_size_levit_calibrated_route_round_trips_bit_exact(tmp_path):
     folder = save_pretrained(model, tmp_path / 'levit')
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     assert torch.equal(_route_output(loaded, images), expected)
+
+
+@pytest.mark.parametrize('wrapper', [torch.compile, nn.DataParallel])  # neither compiles nor copies here
+def test_recalibrate_bn_of_a_wrapped_model_calibrates_the_model_inside(calibrated, wrapper):
+    model, images, expected = calibrated
+    fresh = _levit()
+    count = timm_stitch.recalibrate_bn(wrapper(fresh), _images(16, 1) * 3 + 1, stitch_id=ROUTE, batch_size=8,
+                                       progress=False)
+    assert count == len(stitched_bn_layers(fresh, ROUTE))
+    assert torch.equal(_route_output(fresh, images), expected)
