@@ -72,7 +72,8 @@ def _layer_shapes(model: StitchedNet) -> dict[str, list[tuple]]:
 
 
 def test_registered_stitch_layers_and_params():
-    """Layer counts and shapes of SPEC §3.2/§4/§5; the ResNet totals are the official logs' parameter counts."""
+    """Stitching-layer counts and shapes of the official code; the ResNet totals are the official logs' parameter
+    counts."""
     swin = _meta_model('snnet_swin_tsb', layer_mapping='official')
     assert {k: len(v) for k, v in _layer_shapes(swin).items()} == {
         '0.0': 1, '0.1': 1, '1.0': 1, '1.1': 1, '2.0': 6, '2.1': 17}
