@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from tiny_models import tiny_vit_args
 
-ANCHORS = [dict(model_name='vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=d, depth=2, num_heads=2)
-           for d in (16, 32)]
+ANCHORS = [tiny_vit_args(d, 2, depth=2, num_classes=None) for d in (16, 32)]
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 220, 50))
 
 

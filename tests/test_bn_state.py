@@ -7,21 +7,19 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from tiny_models import SMALL_ARCHS, TINY_LEVIT_ARCH
 from torch import nn
 
 import timm_stitch
 from timm_stitch.bn import stitched_bn_layers
 from timm_stitch.hub import WEIGHTS_NAME, save_pretrained
 
-# snnet_levit_192_256 with tiny LeViT anchors (both the same width): 4 routes, 2 and 3 stitched
-TINY_LEVIT = dict(img_size=64, embed_dim=(16, 24, 32), key_dim=8, num_heads=(2, 3, 4), depth=(2, 2, 2),
-                  num_classes=10)
 ROUTE = 3
 
 
 def _levit(seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model('snnet_levit_192_256', **{**TINY_LEVIT, **kwargs}).eval()
+    return timm.create_model('snnet_levit_192_256', **{**TINY_LEVIT_ARCH, **kwargs}).eval()
 
 
 def _images(n: int, seed: int, size: int = 64) -> torch.Tensor:
@@ -159,8 +157,8 @@ def _traced_bn_after_stitch(model: nn.Module, stitch_id: int, images: torch.Tens
 
 
 @pytest.mark.parametrize('arch, kwargs, size', [
-    ('snnet_levit_192_256', TINY_LEVIT, 64),
-    ('snnet_resnet_18_50', dict(channels=(8, 16, 32, 64), num_classes=10), 32),
+    ('snnet_levit_192_256', TINY_LEVIT_ARCH, 64),
+    ('snnet_resnet_18_50', SMALL_ARCHS['snnet_resnet_18_50'][0], 32),
 ])
 def test_layers_found_statically_are_those_the_route_runs(arch, kwargs, size):
     model = timm.create_model(arch, **kwargs).eval()

@@ -22,6 +22,7 @@ from official_layouts import (
     official_state,
     to_official_swin,
 )
+from tiny_models import SMALL_ARCHS
 
 from timm_stitch.cli import main
 from timm_stitch.convert import convert_official, read_checkpoint
@@ -403,7 +404,7 @@ def test_converted_swin_folder_records_the_layer_mapping(tmp_path):
     """A converted Swin release rebuilds with the official layer mapping from config.json alone (local-dir:), which
     the load does not override."""
     torch.manual_seed(0)
-    kwargs = dict(embed_dim=32, num_heads=(1, 2, 4, 8), img_size=64, num_classes=10)
+    kwargs = SMALL_ARCHS['snnet_swin_tsb'][0]
     model = timm.create_model('snnet_swin_tsb', layer_mapping='official', **kwargs)
     torch.save({'model': official_state(model, 'snnet_swin_tsb')}, tmp_path / 'snnet_swin.pth')
     assert main(['convert', str(tmp_path / 'snnet_swin.pth'), '--arch', 'snnet_swin_tsb',

@@ -19,18 +19,11 @@ import safetensors.torch
 import timm
 import torch
 from official_layouts import official_levit_state, official_state, save_release
+from tiny_models import SMALL_ARCHS as SMALL
 
 from timm_stitch.convert import OFFICIAL_FORMATS, convert_official
 from timm_stitch.models._release import converted_path
 
-#: per release: kwargs giving a small model with the release's routes, and the input size its routes run at
-SMALL = {
-    'snnet_deit_tsb': (dict(embed_dim=16, num_heads=2, img_size=32, num_classes=10), 32),
-    'snnet_swin_tsb': (dict(embed_dim=32, num_heads=(1, 2, 4, 8), img_size=64, num_classes=10), 64),
-    'snnet_resnet_18_50': (dict(channels=(8, 16, 32, 64), num_classes=10), 64),
-    'snnet_resnet18_swin_ti': (dict(img_size=64, num_classes=10), 64),
-    'snnet_levit_192_256': (dict(num_classes=10, img_size=64), 64),
-}
 ARCHS = list(SMALL)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ EVA-02 and ConvNeXt anchors, and one tiny stitched network per family (``*_famil
 architectures' settings where there is one). ``tests/conftest.py`` maps family names to these factories."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import timm
 import torch
@@ -18,10 +18,24 @@ from timm_stitch.models.snnet_swin import SWIN_STAGES
 TINY_IMG = 32
 TINY_WIDTHS = ((16, 2), (32, 2), (64, 4))  # (embed_dim, heads) like Ti/S/B
 
+#: per registered architecture: kwargs giving it small anchors with the same routes, and the input size they take
+SMALL_ARCHS = {
+    'snnet_deit_tsb': (dict(embed_dim=16, num_heads=2, img_size=32, num_classes=10), 32),
+    'snnet_swin_tsb': (dict(embed_dim=32, num_heads=(1, 2, 4, 8), img_size=64, num_classes=10), 64),
+    'snnet_resnet_18_50': (dict(channels=(8, 16, 32, 64), num_classes=10), 64),
+    'snnet_resnet18_swin_ti': (dict(img_size=64, num_classes=10), 64),
+    'snnet_levit_192_256': (dict(num_classes=10, img_size=64), 64),
+}
+#: snnet_levit_192_256 with tiny LeViT anchors (both the same width, depth 2 per stage): 4 routes, 2 and 3 stitched
+TINY_LEVIT_ARCH = dict(img_size=64, embed_dim=(16, 24, 32), key_dim=8, num_heads=(2, 3, 4), depth=(2, 2, 2),
+                       num_classes=10)
 
-def tiny_vit_args(embed_dim: int, num_heads: int, depth: int = 4, num_classes: int = 10) -> dict:
-    return dict(model_name='vit_tiny_patch16_224', img_size=TINY_IMG, patch_size=8, embed_dim=embed_dim,
-                depth=depth, num_heads=num_heads, num_classes=num_classes)
+
+def tiny_vit_args(embed_dim: int, num_heads: int, depth: int = 4, num_classes: Optional[int] = 10) -> dict:
+    """``timm.create_model`` kwargs of a tiny DeiT-like ViT (``num_classes=None``: left to the stitched network)."""
+    args = dict(model_name='vit_tiny_patch16_224', img_size=TINY_IMG, patch_size=8, embed_dim=embed_dim,
+                depth=depth, num_heads=num_heads)
+    return args if num_classes is None else {**args, 'num_classes': num_classes}
 
 
 def tiny_vits(depth: int = 4, num_classes: int = 10, seed: int = 0) -> list[torch.nn.Module]:
