@@ -122,12 +122,17 @@ class RouteCard:
     ) -> RouteCard:
         """A copy with top1/top5 from ``values`` (another card or ``{id: (top1, top5)}``), tagged with the dataset
         and ``source`` (``'measured'`` or ``'reported'``); ``record`` (who, checkpoint_sha256, ...) goes into the
-        provenance. The copy's ``measured_with`` is that of a ``values`` card holding one, else this card's."""
+        provenance. The copy's ``measured_with`` is that of a ``values`` card holding one, else this card's for
+        ``'measured'`` values (measured on this card's model), else None: reported values are for weights this card
+        cannot name (see :meth:`keyed_to`)."""
         if source not in ('measured', 'reported'):
             raise ValueError(f"source must be 'measured' or 'reported', got {source!r}")
         card = copy.deepcopy(self)
-        if isinstance(values, RouteCard):
+        if isinstance(values, RouteCard) and values.measured_with is not None:
             card._take_key(values)
+        elif source == 'reported':
+            card.measured_with = None
+        if isinstance(values, RouteCard):
             values = {r.id: (r.top1, r.top5) for r in values.routes if r.top1 is not None or r.top5 is not None}
         card._drop_replaced_accuracy(values)
         for stitch_id, (top1, top5) in values.items():
