@@ -1,6 +1,7 @@
 """On-device latency of every route: warm-up, repeated timing, median and p90, written into a route card."""
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import time
@@ -23,6 +24,7 @@ __all__ = ['profile', 'device_profile', 'latency_stats']
 DeviceLike = Union[str, torch.device]
 
 
+@functools.cache
 def _cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
