@@ -11,6 +11,7 @@ from tiny_models import tiny_snnet
 import timm_stitch
 from timm_stitch.cards import RouteCard
 from timm_stitch.convert import OFFICIAL_FORMATS, convert_official
+from timm_stitch.hub import CARD_NAME, README_NAME, save_pretrained
 
 FMNIST = 'snnet_vit_fmnist_tsb'
 
@@ -97,3 +98,11 @@ def test_latency_follows_the_device_and_dtype(tmp_path):
         assert model.latency_profile.endswith('-bs1-bfloat16')
     first.float()
     assert [r.latency_ms for r in first.routes()] == [r.latency_ms for r in profiled.routes()]
+
+
+def test_stale_accuracies_are_not_published(tmp_path, caplog):
+    model = timm.create_model(FMNIST, pretrained=True, num_classes=5)
+    folder = save_pretrained(model, tmp_path / 'five')
+    assert 'its accuracies are not saved' in caplog.text
+    assert not RouteCard.load(folder / CARD_NAME).has_accuracy
+    assert '89.74' not in (folder / README_NAME).read_text()

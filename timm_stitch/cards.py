@@ -104,6 +104,15 @@ class RouteCard:
         card.measured_with = card_key(unwrap_stitched(model, 'RouteCard.keyed_to'))
         return card
 
+    def without_accuracy(self) -> RouteCard:
+        """A copy with no accuracies (nor their provenance and key): what still holds when they are stale."""
+        card = copy.deepcopy(self)
+        for entry in card.routes:
+            entry.top1 = entry.top5 = entry.accuracy = None
+        card.provenance = [p for p in card.provenance if p.get('what') != 'accuracy']
+        card.measured_with = None
+        return card
+
     @property
     def has_accuracy(self) -> bool:
         return any(r.top1 is not None or r.top5 is not None for r in self.routes)
@@ -182,9 +191,8 @@ class RouteCard:
         if self.has_accuracy and self.measured_with is not None:
             warnings.warn('merging accuracies measured on other weights or model arguments: the older ones are '
                           'dropped', stacklevel=3)
-            for entry in self.routes:
-                entry.top1 = entry.top5 = entry.accuracy = None
-            self.provenance = [p for p in self.provenance if p.get('what') != 'accuracy']
+            cleared = self.without_accuracy()
+            self.routes, self.provenance = cleared.routes, cleared.provenance
         self.measured_with = copy.deepcopy(other.measured_with)
 
     def _drop_replaced_accuracy(self, ids: Mapping[int, Any]) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 from .bn import is_route_bn_key
 from .card_readme import render_readme
 from .cards import RouteCard
+from .catalogue import staleness
 from .model import StitchedNet
 from .unwrap import unwrap
 
@@ -127,9 +128,16 @@ def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard],
 
 
 def _card_for(model: StitchedNet, weights: Path) -> RouteCard:
-    """The model's counted card, keeping the accuracy, latency and provenance of the card loaded on it."""
+    """The model's counted card, keeping the latency and provenance of the card loaded on it, and its accuracy
+    unless that is stale (measured on other weights or model arguments: not published beside these weights)."""
     card = RouteCard.from_model(model, checkpoint=weights)
-    return card if model.card is None else card.with_measurements(model.card)
+    if model.card is None:
+        return card
+    loaded, stale = model.card, staleness(model.card, model)
+    if stale:
+        _logger.warning(f'the route card loaded on the model is stale ({stale}): its accuracies are not saved')
+        loaded = loaded.without_accuracy()
+    return card.with_measurements(loaded)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
