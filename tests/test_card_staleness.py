@@ -106,3 +106,15 @@ def test_stale_accuracies_are_not_published(tmp_path, caplog):
     assert 'its accuracies are not saved' in caplog.text
     assert not RouteCard.load(folder / CARD_NAME).has_accuracy
     assert '89.74' not in (folder / README_NAME).read_text()
+
+
+def test_accuracies_travel_with_their_key():
+    model, other = tiny_snnet(), tiny_snnet(seed=1)
+    mine = RouteCard.from_model(model).with_accuracy({0: (60.0, None), 1: (61.0, None)}, 'tiny', 'measured')
+    theirs = RouteCard.from_model(other).with_accuracy({0: (70.0, None)}, 'tiny', 'measured')
+    assert mine.measured_with != theirs.measured_with
+    with pytest.warns(UserWarning, match='older ones are dropped'):
+        merged = mine.with_measurements(theirs)
+    assert merged.measured_with == theirs.measured_with
+    assert [r.top1 for r in merged.routes[:2]] == [70.0, None]  # route 1's 61.0 was for other weights
+    assert RouteCard.from_model(model).with_accuracy({0: (1.0, None)}, 'x', 'reported').measured_with is None
