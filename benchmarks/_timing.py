@@ -1,12 +1,13 @@
 """Timing helpers shared by the benchmark scripts: interleaved (side-by-side) measurement, medians and p90s."""
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from timm_stitch.profile import latency_stats
 
 __all__ = ['Stats', 'interleaved', 'time_calls', 'ratio_line', 'setup_torch']
 
@@ -23,8 +24,8 @@ class Stats:
 
 
 def _stats(samples_s: list[float]) -> Stats:
-    ms = sorted(s * 1e3 for s in samples_s)
-    return Stats(statistics.median(ms), ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))], len(ms))
+    stats = latency_stats([s * 1e3 for s in samples_s])
+    return Stats(stats['median_ms'], stats['p90_ms'], len(samples_s))
 
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2) -> Stats:

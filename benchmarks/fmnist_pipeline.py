@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
 import timm_stitch
-from timm_stitch.cards import RouteCard, write_card_dir
+from timm_stitch.card_readme import write_card_dir
+from timm_stitch.cards import RouteCard
 from timm_stitch.data import (
     GreyImageDataset,
     load_fashion_mnist,

@@ -2,8 +2,9 @@
 
 It serves model repos held in memory: ``resolve`` (HEAD/GET with ``X-Repo-Commit``, ``ETag``, ``X-Linked-Size``,
 byte ranges), ``api/models/{repo}[/revision/{rev}]``, ``api/models/{repo}/tree/{rev}``, and the write routes
-``create_repo`` and ``create_commit`` use (``api/repos/create``, ``api/validate-yaml``, ``preupload``, ``commit``;
-every file is committed inline as a regular file). Errors carry ``X-Error-Code`` as the Hub sends them.
+``create_repo``, ``create_commit`` and ``upload_folder`` use (``api/repos/create``, ``api/validate-yaml``,
+``preupload``, ``commit``; every file is committed inline as a regular file). Errors carry ``X-Error-Code`` as
+the Hub sends them.
 Every request is recorded in ``requests`` so that tests can check what the client asked for (or that it asked nothing).
 """
 from __future__ import annotations

@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from huggingface_hub import ModelCard
 from reported_tables import DEIT_TSB, read_rows
 from tiny_models import tiny_snnet
 
 import timm_stitch
-from timm_stitch.cards import SCHEMA_VERSION, RouteCard, atomic_write, render_readme, write_card_dir
+from timm_stitch.card_readme import render_readme, write_card_dir
+from timm_stitch.cards import SCHEMA_VERSION, RouteCard, atomic_write
 from timm_stitch.profile import device_profile
 
 
@@ -109,7 +111,7 @@ def test_profile_fills_latency_and_select_uses_it(profiled, tmp_path):
     assert chosen.macs == min(r.macs for r in fresh.routes() if r.latency_ms <= budget)
     fresh.load_card(tmp_path / 'routes.json', latency_profile='cuda-other-bs1-float32')
     assert all(r.latency_ms is None for r in fresh.routes())
-    with pytest.raises(ValueError, match='no route has a known latency_ms'):
+    with pytest.raises(ValueError, match="no latency profile 'cuda-other-bs1-float32'"):
         fresh.select_stitch(max_latency_ms=1e9)
 
 
@@ -126,8 +128,9 @@ def test_readme_and_plot(profiled, tmp_path):
     card = card.with_accuracy({r.id: (50 + r.id * 0.1, None) for r in model.routes()}, 'tiny/val', 'reported',
                               who='someone else')
     readme = render_readme(card)
-    assert readme.startswith('---\nlicense: apache-2.0\nlibrary_name: timm\n')
-    assert '\ndatasets:\n- tiny\n---\n' in readme
+    data = ModelCard(readme).data
+    assert (data.license, data.library_name, data.datasets) == ('apache-2.0', 'timm', ['tiny'])
+    assert 'timm-stitch' in data.tags
     table = [line for line in readme.splitlines() if line.startswith('| ')]
     assert len(table) == 1 + model.num_routes and device_profile('cpu', 1) in table[0]
     assert 'tiny/val, reported by their authors, not measured here' in readme
@@ -165,6 +168,6 @@ def test_readme_names_timm_reader_datasets_and_small_macs_units(profiled):
     model, card = profiled
     card = card.with_accuracy({r.id: (50.0, None) for r in model.routes()}, 'torch/fashion_mnist/test', 'measured')
     readme = render_readme(card)
-    assert '\ndatasets:\n- fashion_mnist\n---\n' in readme
+    assert ModelCard(readme).data.datasets == ['fashion_mnist']
     assert max(r.macs for r in model.routes()) < 1e9  # tiny anchors: costs read in MMACs
     assert '| params (M) | MMACs |' in readme and ' M per image' in readme

@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from huggingface_hub import ModelCard
 
 import timm_stitch
 from timm_stitch.cards import RouteCard
@@ -110,7 +111,9 @@ def test_push_then_load_hf_hub(hub, published):
     info = push_to_hub(model, 'someone/my-snnet')
     assert hub.repos['someone/my-snnet'].head == info.oid
     assert {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, README_NAME} <= set(hub.files('someone/my-snnet'))
-    assert "timm.create_model('hf-hub:someone/my-snnet'" in hub.files('someone/my-snnet')[README_NAME].decode()
+    readme = ModelCard(hub.files('someone/my-snnet')[README_NAME].decode())  # upload_folder with the card data
+    assert (readme.data.library_name, readme.data.license) == ('timm', 'apache-2.0')
+    assert "timm.create_model('hf-hub:someone/my-snnet'" in readme.text
 
     loaded = timm.create_model('hf-hub:someone/my-snnet', pretrained=True).eval()
     _assert_same_weights(model, loaded)  # model_args (depth, img_size, flag) came from config.json

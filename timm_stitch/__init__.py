@@ -6,6 +6,7 @@ from . import models  # noqa: F401  (registers the architectures)
 from .bn import recalibrate_bn
 from .builder import StitchOptions, stitch
 from .cards import RouteCard
+from .catalogue import RouteCatalogue
 from .compile import CompiledStitchedNet, compile
 from .convert import convert_official
 from .export import StitchedRoute, export_stitch
@@ -22,7 +23,7 @@ __version__ = '0.1.0'
 __all__ = [
     'StitchedNet', 'CompiledStitchedNet', 'compile', 'Route', 'StitchPlan', 'init_stitches', 'format_route_table',
     'plan_token_routes', 'plan_staged_routes', '__version__',
-    'RouteCard', 'count_route_macs', 'profile', 'device_profile',
+    'RouteCard', 'RouteCatalogue', 'count_route_macs', 'profile', 'device_profile',
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
     'RouteSampler',

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .cards import RouteCard, write_card_dir
+from .card_readme import write_card_dir
+from .cards import RouteCard
 from .cli import add_model_args, build_model, existing_file
 
 

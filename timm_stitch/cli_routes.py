@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Sequence
 
+from .catalogue import RouteCatalogue
 from .cli import add_model_args, build_model, float_in, parse_count
 from .routes import Route, format_route_table
 from .selection import COST_FIELDS, QUALITY_FIELDS, filter_routes, select_route
@@ -33,8 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _require_known(routes: Sequence[Route], field: str, option: str) -> None:
-    """Refuse an option that needs ``field`` when no route knows it, rather than print an empty or unsorted table."""
+def _require_known(catalogue: RouteCatalogue, routes: Sequence[Route], field: str, option: str) -> None:
+    """Refuse an option that needs ``field`` when no route knows it, rather than print an empty or unsorted table;
+    say why when the card holds accuracies that are stale."""
+    if field in QUALITY_FIELDS and catalogue.stale:
+        raise ValueError(f'{option} needs route {field} values, and the route card is stale: {catalogue.stale}')
     if any(getattr(r, field) is not None for r in routes):
         return
     source = ('a card with latencies (write one with timm-stitch profile) as --card' if field == 'latency_ms'
@@ -44,10 +48,13 @@ def _require_known(routes: Sequence[Route], field: str, option: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = build_model(args)
-    routes = model.routes()
+    catalogue = RouteCatalogue.of(model)
+    routes = catalogue.annotated()
+    if args.min_top1 is not None and catalogue.stale:
+        _require_known(catalogue, routes, 'top1', '--min-top1')
     if args.pareto:
-        _require_known(routes, 'top1', '--pareto')
-        routes = model.pareto()
+        _require_known(catalogue, routes, 'top1', '--pareto')
+        routes = catalogue.pareto()
     bounds = dict(max_macs=args.max_macs, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
                   min_top1=args.min_top1)
     if any(bound is not None for bound in bounds.values()):
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.select:
         routes = [select_route(routes)]
     if args.sort != 'id':
-        _require_known(routes, args.sort, f'--sort {args.sort}')
+        _require_known(catalogue, routes, args.sort, f'--sort {args.sort}')
         descending = args.sort in QUALITY_FIELDS
         known = [r for r in routes if getattr(r, args.sort) is not None]
         routes = sorted(known, key=lambda r: getattr(r, args.sort), reverse=descending) + [

@@ -285,8 +285,9 @@ def official_format(arch: str) -> OfficialFormat:
 
 def official_card(model: StitchedNet, checkpoint: Optional[PathLike] = None) -> Optional[RouteCard]:
     """The route card shipped for ``model``'s official release (MACs counted by timm-stitch, the authors' reported
-    accuracy), or None when the model does not have the release's routes (e.g. built smaller). ``checkpoint``, when
-    given, is the file whose sha256 the card's provenance records."""
+    accuracy, keyed to the weights ``model`` holds: the release's, just loaded), or None when the model does not
+    have the release's routes (e.g. built smaller). ``checkpoint``, when given, is the file whose sha256 the card's
+    provenance records."""
     arch = model.pretrained_cfg.get('architecture')
     official_format(arch)
     with resources.as_file(resources.files('timm_stitch') / 'data' / 'reported' / f'{arch}.routes.json') as path:
@@ -298,7 +299,7 @@ def official_card(model: StitchedNet, checkpoint: Optional[PathLike] = None) -> 
     if checkpoint is not None:
         card.provenance.append({'what': 'weights', 'release': OFFICIAL_FORMATS[arch].release,
                                 'checkpoint_sha256': file_sha256(checkpoint)})
-    return card
+    return card.keyed_to(model)
 
 
 # ---- command line -----------------------------------------------------------------------------------------------

@@ -17,20 +17,20 @@ from timm.data import resolve_data_config
 
 from .data import FASHION_MNIST_CLASSES, GreyImageDataset, load_fashion_mnist, load_fashion_mnist_sample
 from .data.fashion_mnist import SAMPLE_FILE, find_source
-from .profile import profile
+from .profile import latency_stats, profile
 from .routes import format_route_table
 from .validate import eval_loader, evaluate_routes
 
 MODEL = 'snnet_vit_fmnist_tsb'
 
 
-def _median_ns(fn, repeats: int) -> float:
+def _median_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter_ns()
+        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter_ns() - start)
-    return sorted(times)[len(times) // 2]
+        times.append((time.perf_counter() - start) * 1e3)
+    return latency_stats(times)['median_ms']
 
 
 def _test_images(source: Optional[str]) -> tuple[np.ndarray, np.ndarray, str]:
@@ -94,8 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   f'{FASHION_MNIST_CLASSES[p]}{"" if p == t else " (wrong: " + FASHION_MNIST_CLASSES[t] + ")"}'
                   for p, t in zip(predicted, labels[:len(predicted)].tolist())))
 
-    switch_ns = _median_ns(lambda: model.set_stitch(3), 20000)
-    print(f'\nset_stitch cost: median {switch_ns / 1e3:.2f} us per call (host side, no weight copies); '
+    switch_ms = _median_ms(lambda: model.set_stitch(3), 20000)
+    print(f'\nset_stitch cost: median {switch_ms * 1e3:.2f} us per call (host side, no weight copies); '
           f'demo took {time.perf_counter() - start:.1f} s')
 
 

@@ -13,13 +13,12 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from timm.models import get_pretrained_cfg, is_model
@@ -28,14 +27,15 @@ from timm.models._hub import download_from_hf, save_config_for_hf, save_for_hf
 from torch import nn
 
 from .bn import is_route_bn_key
-from .cards import CardRoute, RouteCard
+from .card_readme import render_readme
+from .cards import RouteCard
+from .catalogue import staleness
 from .model import StitchedNet
-from .routes import Route, format_route_table
 from .unwrap import unwrap
 
 __all__ = [
     'save_pretrained', 'push_to_hub', 'load_pretrained_card', 'check_pretrained_state_dict', 'pretrained_errors',
-    'render_model_card', 'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'README_NAME',
+    'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'README_NAME',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -94,16 +94,14 @@ def push_to_hub(
         private: Optional[bool] = None,
         create_pr: bool = False,
 ) -> Any:
-    """Save ``model`` as :func:`save_pretrained` does and upload the folder to ``repo_id`` in one commit (the repo is
-    created when missing). Returns the ``huggingface_hub`` ``CommitInfo``."""
+    """Save ``model`` as :func:`save_pretrained` does and upload the folder to ``repo_id`` in one commit
+    (``HfApi.upload_folder``; the repo is created when missing). Returns the ``huggingface_hub`` ``CommitInfo``."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pretrained(model, Path(tmp) / 'repo', card=card, model_args=model_args, repo_id=repo_id)
-        operations = [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f))
-                      for f in sorted(folder.iterdir())]
-        return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision,
-                                 create_pr=create_pr)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                 revision=revision, create_pr=create_pr)
 
 
 def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard], model_args: dict,
@@ -124,13 +122,22 @@ def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard],
     else:
         card.check_model(model)
     card.save(folder / CARD_NAME)
-    (folder / README_NAME).write_text(render_model_card(model, card, repo_id), encoding='utf-8')
+    license = (getattr(model, 'pretrained_cfg', None) or {}).get('license') or 'apache-2.0'
+    (folder / README_NAME).write_text(render_readme(card, plot_name=None, repo_id=repo_id, license=license),
+                                      encoding='utf-8')
 
 
 def _card_for(model: StitchedNet, weights: Path) -> RouteCard:
-    """The model's counted card, keeping the accuracy, latency and provenance of the card loaded on it."""
+    """The model's counted card, keeping the latency and provenance of the card loaded on it, and its accuracy
+    unless that is stale (measured on other weights or model arguments: not published beside these weights)."""
     card = RouteCard.from_model(model, checkpoint=weights)
-    return card if model.card is None else card.with_measurements(model.card)
+    if model.card is None:
+        return card
+    loaded, stale = model.card, staleness(model.card, model)
+    if stale:
+        _logger.warning(f'the route card loaded on the model is stale ({stale}): its accuracies are not saved')
+        loaded = loaded.without_accuracy()
+    return card.with_measurements(loaded)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -147,52 +154,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def render_model_card(model: StitchedNet, card: RouteCard, repo_id: str) -> str:
-    """A ``README.md`` for the Hub: metadata header, how to load the model, and the route table from the card."""
-    arch = card.model or 'stitched model'
-    anchors = ', '.join(a.get('weights') or a.get('name') or '?' for a in card.anchors) or ', '.join(
-        model.anchor_names)
-    sources = sorted({(r.accuracy or {}).get('source') for r in card.routes if r.accuracy} - {None})
-    datasets = sorted({(r.accuracy or {}).get('dataset') for r in card.routes if r.accuracy} - {None})
-    by_id = {r.id: r for r in card.routes}
-    lines = [
-        '---',
-        'tags:', '- image-classification', '- timm', '- timm-stitch', '- stitchable-neural-networks',
-        'library_name: timm',
-        f"license: {(getattr(model, 'pretrained_cfg', None) or {}).get('license') or 'apache-2.0'}",
-        '---',
-        f'# {repo_id}',
-        '',
-        f'A stitchable network (SN-Net, Pan et al., CVPR 2023) `{arch}` over the anchors {anchors}: one set of '
-        f'weights, {model.num_routes} routes trading accuracy for cost, built with timm-stitch for '
-        '[timm](https://github.com/huggingface/pytorch-image-models).',
-        '',
-        '## Usage',
-        '',
-        '```python',
-        'import timm, timm_stitch',
-        f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
-        'route = model.select_stitch(max_macs=5e9)  # or model.set_stitch(route_id)',
-        '```',
-        '',
-        '## Routes',
-        '',
-        f"Accuracy: {', '.join(sources) or 'not measured'}{' on ' + ', '.join(datasets) if datasets else ''}. "
-        'MACs in the fvcore convention at batch 1; params are those a route forward uses. '
-        'The full card with provenance is in `routes.json`.',
-        '',
-        '```',
-        format_route_table([_with_card(r, by_id.get(r.id)) for r in model.routes()], model.anchor_names),
-        '```',
-        '',
-    ]
-    return '\n'.join(lines)
-
-
-def _with_card(route: Route, entry: Optional[CardRoute]) -> Route:
-    return route if entry is None else replace(route, top1=entry.top1, top5=entry.top5)
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------

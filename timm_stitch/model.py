@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 import os
 import re
+import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
@@ -133,12 +134,20 @@ class StitchedNet(nn.Module):
         self._stitch_id = self.check_stitch_id(stitch_id)
 
     def routes(self) -> list[Route]:
-        """Every route with its anchors, cuts, the parameters its forward uses and its MACs (counted on first
-        call); top1/top5/latency_ms/dominated come from the loaded card (see ``load_card``)."""
+        """Every route with its anchors, cuts, the parameters its forward uses and its MACs; top1/top5/latency_ms/
+        dominated come from the loaded card (see ``load_card``), read now: accuracy only while the card's weights
+        and model arguments match the model's (else ``extra['accuracy_stale']`` says why), latency of the model's
+        current device and dtype."""
+        from .catalogue import RouteCatalogue
+        return RouteCatalogue.of(self).annotated()
+
+    def counted_routes(self) -> list[Route]:
+        """Every route with its structure, params and MACs only (counted on first call: they depend on the
+        architecture alone)."""
         if self._route_cache is None:
             from .macs import count_route_macs
             routes = [replace(r, params=self._route_params(r)) for r in self.plan.routes]
-            self._route_cache = self._annotate_routes(routes, count_route_macs(self))
+            self._route_cache = [replace(r, macs=m) for r, m in zip(routes, count_route_macs(self))]
         return list(self._route_cache)
 
     def route(self, stitch_id: Optional[int] = None) -> Route:
@@ -263,6 +272,7 @@ class StitchedNet(nn.Module):
             anchor.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
         self._route_cache = None
+        self._weights_changed()
         self.route_bn.discard()  # new heads (LeViT's hold BatchNorm layers): the routes' statistics no longer fit
         self.route_bn.layers.clear()
 
@@ -297,28 +307,45 @@ class StitchedNet(nn.Module):
         """Least-squares init of every stitching layer; see :func:`timm_stitch.ls_init.init_stitches`."""
         from .ls_init import init_stitches
         init_stitches(self, data, **kwargs)
+        self._weights_changed()
 
     # ---- route cards --------------------------------------------------------------------------------------------
 
     _card: Optional[RouteCard] = None
-    _card_profile: Optional[str] = None
+    _card_latency: tuple[Optional[str], int] = (None, 1)
 
     @property
     def card(self) -> Optional[RouteCard]:
         """The loaded route card (accuracy and latency of the routes), or None."""
         return self._card
 
-    def load_card(self, card: Union[RouteCard, str, os.PathLike], latency_profile: Optional[str] = None) -> None:
+    @property
+    def latency_profile(self) -> str:
+        """The latency profile ``routes()`` reads: the one given to ``load_card``, else that of this model's
+        current device and dtype at the card's batch size."""
+        from .profile import device_profile
+        pinned, batch_size = self._card_latency
+        if pinned is not None:
+            return pinned
+        param = next(self.parameters())
+        return device_profile(param.device, batch_size, param.dtype)
+
+    def load_card(self, card: Union[RouteCard, str, os.PathLike], latency_profile: Optional[str] = None,
+                  batch_size: int = 1) -> None:
         """Attach a route card (a ``RouteCard``, a ``routes.json`` path or official JSON-lines results) so that
-        ``routes()`` reports its top1/top5 and the latency measured under ``latency_profile`` (default: this model's
-        device and dtype at batch 1). Raises ``ValueError`` when the card is for another model."""
+        ``routes()`` reports its top1/top5 (while its weights and model arguments are this model's) and the latency
+        measured under ``latency_profile`` (default: this model's device and dtype at the time of the call, at
+        ``batch_size``). A card that records no weights (older cards, official results) is keyed to this model's
+        current weights, with a warning. Raises ``ValueError`` when the card is for another model."""
         from .cards import RouteCard, model_name
         if not isinstance(card, RouteCard):
             card = RouteCard.load(card, model=model_name(self))
         card.check_model(self)
-        self._card, self._card_profile = card, latency_profile
-        if self._route_cache is not None:  # keep the counted params and MACs
-            self._route_cache = self._annotate_routes(self._route_cache, [r.macs for r in self._route_cache])
+        if card.measured_with is None and card.has_accuracy:
+            warnings.warn('the route card records no weights fingerprint: its accuracies are taken to be those of '
+                          'the weights the model has now', stacklevel=2)
+            card = card.keyed_to(self)
+        self._card, self._card_latency = card, (latency_profile, batch_size)
 
     def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
         """timm's ``custom_load`` hook (``pretrained=True`` on an official SN-Net release): load the release file
@@ -334,38 +361,23 @@ class StitchedNet(nn.Module):
             min_top1: Optional[float] = None,
     ) -> Route:
         """Make the best route meeting every bound active and return it (highest top1, else lowest cost; see
-        :func:`timm_stitch.selection.select_route`); raises ``ValueError`` when no route fits."""
-        from .selection import select_route
-        route = select_route(self.routes(), max_macs, max_params, max_latency_ms, min_top1)
+        :meth:`timm_stitch.catalogue.RouteCatalogue.select`); raises ``ValueError`` when no route fits, or when a
+        bound needs stale accuracies or a latency profile the card lacks."""
+        from .catalogue import RouteCatalogue
+        route = RouteCatalogue.of(self).select(max_macs, max_params, max_latency_ms, min_top1)
         self.set_stitch(route.id)
         return route
 
     def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
         """The routes no other route beats on both ``x`` (``'macs'``, ``'params'``, ``'latency_ms'``; lower is
         better) and ``y`` (``'top1'``, ``'top5'``), sorted by ``x``."""
-        from .selection import pareto_front
-        return pareto_front(self.routes(), x, y)
+        from .catalogue import RouteCatalogue
+        return RouteCatalogue.of(self).pareto(x, y)
 
-    def _annotate_routes(self, routes: list[Route], macs: list[int]) -> list[Route]:
-        """``routes`` with ``macs`` and the loaded card's accuracy and latency, dominated routes marked."""
-        from .profile import device_profile
-        from .selection import mark_dominated
-        card, profile = self._card, self._card_profile
-        if card is not None and profile is None:
-            param = next(self.parameters())
-            profile = device_profile(param.device, 1, param.dtype)
-        annotated = []
-        for route, route_macs in zip(routes, macs):
-            entry = card.route(route.id) if card is not None else None
-            if entry is None:
-                annotated.append(replace(route, macs=route_macs, top1=None, top5=None, latency_ms=None))
-                continue
-            latency = entry.latency.get(profile, {})
-            extra = {**route.extra, 'accuracy': entry.accuracy, 'latency_profile': profile if latency else None,
-                     'latency_p90_ms': latency.get('p90_ms'), 'throughput': latency.get('throughput')}
-            annotated.append(replace(route, macs=route_macs, top1=entry.top1, top5=entry.top5,
-                                     latency_ms=latency.get('median_ms'), extra=extra))
-        return mark_dominated(annotated)
+    def _weights_changed(self) -> None:
+        """Forget the cached weights fingerprint, so that the card's accuracies are checked against the new ones."""
+        from .catalogue import forget_weights
+        forget_weights(self)
 
     # ---- families -----------------------------------------------------------------------------------------------
 
@@ -385,6 +397,7 @@ class StitchedNet(nn.Module):
         # per-route BatchNorm statistics exist only for calibrated routes: make room for those the state dict holds
         prepare_load(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self._weights_changed()
 
     # ---- hub & export -------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """On-device latency of every route: warm-up, repeated timing, median and p90, written into a route card."""
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import time
@@ -24,6 +25,7 @@ __all__ = ['profile', 'device_profile', 'latency_stats']
 DeviceLike = Union[str, torch.device]
 
 
+@functools.cache
 def _cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
@@ -70,8 +72,9 @@ def _timed_call(model: StitchedNet, stitch_id: int, images: torch.Tensor) -> flo
     return (time.perf_counter() - start) * 1e3
 
 
-def latency_stats(times_ms: Sequence[float], batch_size: int) -> dict[str, float]:
-    """Median and p90 latency (ms) of repeated calls, and the throughput (images/s) at the median."""
+def latency_stats(times_ms: Sequence[float], batch_size: int = 1) -> dict[str, float]:
+    """Median and p90 latency (ms) of repeated calls, and the throughput (images/s) at the median: the one
+    definition of these statistics in timm-stitch (p90 linearly interpolated, as ``numpy.percentile``)."""
     median = float(np.median(times_ms))
     return {'median_ms': median, 'p90_ms': float(np.percentile(times_ms, 90)), 'throughput': batch_size / median * 1e3}
 
@@ -92,7 +95,8 @@ def profile(
     The model is moved to ``device``/``dtype`` (and left there) and timed in eval mode on random images at its
     default input size: ``warmup`` untimed calls per route, then ``repeats`` rounds timing each route once. The
     result is merged into the model's loaded card (or a new one from :meth:`RouteCard.from_model`), loaded into
-    the model so that ``routes()`` reports ``latency_ms``, and saved to ``out`` when given. The defaults keep a
+    the model so that ``routes()`` reports ``latency_ms`` (while the model stays on that device and dtype), and
+    saved to ``out`` when given. The defaults keep a
     full DeiT-Ti/S/B sweep (71 routes, batch 1) to a few minutes on a 2-core CPU. A model inside DDP or
     DataParallel is timed as the model itself; one inside ``torch.compile`` too, in eager mode (with a warning).
     """
@@ -138,7 +142,7 @@ def profile(
     }
     card = model.card if model.card is not None else RouteCard.from_model(model)
     card = card.with_latency(key, stats, record)
-    model.load_card(card, latency_profile=key)
+    model.load_card(card, batch_size=batch_size)
     if out is not None:
         card.save(out)
     return card

@@ -1,0 +1,164 @@
+"""The routes of a stitched network read through its route card: annotation, selection and Pareto fronts.
+
+A card's accuracies hold only for the weights and model arguments they were measured with
+(``RouteCard.measured_with``: the weights fingerprint and ``num_classes``, ``in_chans``, ``input_size``,
+``final_norm_on_stitched_routes``). The catalogue compares them with the model at query time and reports no accuracy
+while they differ, saying why in ``route.extra['accuracy_stale']``. Latency is read from the profile of the model's
+current device, dtype and batch size, also at query time, so that ``.to()`` is followed.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+
+from .fingerprint import weights_fingerprint
+from .routes import Route
+from .selection import mark_dominated, pareto_front, select_route
+
+if TYPE_CHECKING:
+    from .cards import RouteCard
+    from .model import StitchedNet
+
+__all__ = ['RouteCatalogue', 'card_routes', 'card_key', 'model_args', 'weights_key', 'forget_weights', 'staleness']
+
+#: per model: (signature of its tensors, fingerprint), so that routes() hashes the weights only after they change
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_args(model: StitchedNet) -> dict[str, Any]:
+    """The model arguments a card's accuracies depend on besides the weights."""
+    from .macs import model_input_size
+    return {'num_classes': model.num_classes, 'in_chans': model.in_chans,
+            'input_size': list(model_input_size(model)),
+            'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes}
+
+
+def _signature(state: dict[str, torch.Tensor]) -> Optional[tuple]:
+    """Where each tensor lives and how often it was written in place (``_version``): changes whenever a value can
+    have changed. None for inference tensors, which keep no version counter."""
+    try:
+        return tuple((k, v.data_ptr(), v._version, v.dtype, v.device) for k, v in state.items())
+    except RuntimeError:
+        return None
+
+
+def weights_key(model: StitchedNet) -> str:
+    """The fingerprint a card's accuracies are keyed to: :func:`weights_fingerprint` of the weights in float32, so
+    that a move to another device, or a cast that loses nothing (fp16 weights shipped and loaded as float32), keeps
+    it. Cached per model until a tensor is replaced or written in place."""
+    state = model.state_dict()
+    signature = _signature(state)
+    cached = _FINGERPRINTS.get(model)
+    if signature is not None and cached is not None and cached[0] == signature:
+        return cached[1]
+    key = weights_fingerprint({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    if signature is not None:
+        _FINGERPRINTS[model] = (signature, key)
+    return key
+
+
+def forget_weights(model: StitchedNet) -> None:
+    """Drop ``model``'s cached fingerprint (its weights were changed through its own API)."""
+    _FINGERPRINTS.pop(model, None)
+
+
+def card_key(model: StitchedNet) -> dict[str, Any]:
+    """What a card measured on ``model`` is keyed to: its weights fingerprint and model arguments."""
+    return {'weights_fingerprint': weights_key(model), 'model_args': model_args(model)}
+
+
+def staleness(card: Optional[RouteCard], model: StitchedNet) -> Optional[str]:
+    """Why ``card``'s accuracies do not hold for ``model`` (other model arguments, other weights), or None."""
+    key = card.measured_with if card is not None else None
+    if not key or not card.has_accuracy:
+        return None
+    now = model_args(model)
+    changed = [f'{name}={value!r} (the model has {now.get(name)!r})'
+               for name, value in (key.get('model_args') or {}).items() if now.get(name) != value]
+    if changed:
+        return 'the card was measured with ' + ', '.join(changed)
+    expected = key.get('weights_fingerprint')
+    if expected is not None:
+        actual = weights_key(model)
+        if actual != expected:
+            return (f'the card was measured on other weights (fingerprint {expected}, the model has {actual}): '
+                    'reset_classifier, init_stitches, load_state_dict, training or a lossy dtype cast change them')
+    return None
+
+
+class RouteCatalogue:
+    """Routes (structure, params, MACs) annotated with a card's accuracy and the latency of one profile.
+
+    Args:
+        routes: The counted routes.
+        card: The route card, or None.
+        profile: The latency profile to read (device, dtype and batch size), or None for no latency.
+        stale: Why the card's accuracies do not hold (see :func:`staleness`), or None when they do.
+    """
+
+    def __init__(self, routes: Sequence[Route], card: Optional[RouteCard] = None, profile: Optional[str] = None,
+                 stale: Optional[str] = None):
+        self.routes, self.card, self.profile, self.stale = list(routes), card, profile, stale
+
+    @classmethod
+    def of(cls, model: StitchedNet) -> RouteCatalogue:
+        """The catalogue of ``model`` as it is now: its loaded card, checked against its weights and arguments,
+        and the latency profile of its current device, dtype and card batch size."""
+        card = model.card
+        return cls(model.counted_routes(), card, model.latency_profile if card is not None else None,
+                   staleness(card, model))
+
+    def annotated(self) -> list[Route]:
+        """The routes with the card's top1/top5 (unless stale) and latency, dominated routes marked."""
+        annotated = []
+        for route in self.routes:
+            entry = self.card.route(route.id) if self.card is not None else None
+            if entry is None:
+                annotated.append(replace(route, top1=None, top5=None, latency_ms=None))
+                continue
+            latency = entry.latency.get(self.profile, {}) if self.profile else {}
+            stale = self.stale if entry.top1 is not None or entry.top5 is not None else None
+            extra = {**route.extra, 'accuracy': None if stale else entry.accuracy, 'accuracy_stale': stale,
+                     'latency_profile': self.profile if latency else None,
+                     'latency_p90_ms': latency.get('p90_ms'), 'throughput': latency.get('throughput')}
+            annotated.append(replace(route, top1=None if stale else entry.top1, top5=None if stale else entry.top5,
+                                     latency_ms=latency.get('median_ms'), extra=extra))
+        return mark_dominated(annotated)
+
+    def select(
+            self,
+            max_macs: Optional[float] = None,
+            max_params: Optional[float] = None,
+            max_latency_ms: Optional[float] = None,
+            min_top1: Optional[float] = None,
+    ) -> Route:
+        """The best route meeting every bound (see :func:`timm_stitch.selection.select_route`). Raises
+        ``ValueError`` when a bound needs what the card cannot give: accuracies that are stale, or latencies of a
+        profile it does not hold."""
+        if min_top1 is not None and self.stale:
+            raise ValueError(f'cannot select by min_top1: the route card is stale, {self.stale}. Measure the routes '
+                             'again (timm-stitch validate) and load the new card')
+        routes = self.annotated()
+        if max_latency_ms is not None and self.card is not None and all(r.latency_ms is None for r in routes):
+            held = ', '.join(self.card.latency_profiles) or 'none'
+            raise ValueError(f'cannot select by max_latency_ms: the route card has no latency profile '
+                             f'{self.profile!r} (it holds: {held}). Profile the model on this device and dtype '
+                             '(timm_stitch.profile), or load the card with the latency_profile to use')
+        return select_route(routes, max_macs, max_params, max_latency_ms, min_top1)
+
+    def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
+        """The routes no other route beats on both ``x`` (lower is better) and ``y`` (higher is better), sorted by
+        ``x``. Raises ``ValueError`` when ``y`` is an accuracy and the card is stale."""
+        if self.stale and y in ('top1', 'top5'):
+            raise ValueError(f'no {y} Pareto front: the route card is stale, {self.stale}')
+        return pareto_front(self.annotated(), x, y)
+
+
+def card_routes(card: RouteCard, latency_profile: Optional[str] = None) -> list[Route]:
+    """The card's own entries as ``Route`` records (latency from ``latency_profile``), with ``dominated`` marked."""
+    routes = [Route(id=e.id, anchors=tuple(e.anchors or ()), cuts=tuple(map(tuple, e.cuts or ())), stage=e.stage,
+                    params=e.params, macs=e.macs) for e in card.routes]
+    return RouteCatalogue(routes, card, latency_profile).annotated()
