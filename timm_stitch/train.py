@@ -37,11 +37,9 @@ from timm.utils import (
 )
 from torch import nn
 
-from .cards import atomic_write
+from ._io import atomic_write
 from .checkpoint import keep_history, load_state, output_lock, plain_args, publish, save_checkpoint, trim_summary
-from .sampling import RouteSampler
-from .train_args import build_parser, check_args, mixup_active, parse_args
-from .validate import (
+from .evaluation import (
     create_image_dataset,
     create_stitched_model,
     eval_loader,
@@ -50,6 +48,8 @@ from .validate import (
     resolve_amp_dtype,
     resolve_device,
 )
+from .sampling import RouteSampler
+from .train_args import build_parser, check_args, mixup_active, parse_args
 
 __all__ = ['build_parser', 'parse_args', 'main', 'add_parser', 'param_groups', 'save_checkpoint', 'load_state']
 

@@ -6,8 +6,8 @@ import argparse
 import os
 from typing import Any, Callable, Optional, Sequence
 
+from .evaluation import check_data_dir, resolve_amp_dtype
 from .sampling import SAMPLING_MODES, SYNC_MODES
-from .validate import check_data_dir, resolve_amp_dtype
 
 __all__ = ['build_parser', 'parse_args', 'check_args', 'mixup_active']
 
