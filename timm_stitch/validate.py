@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._io import atomic_write
+from .arguments import MODEL_OPTIONS, RUNTIME_OPTIONS, add_shared_args
 from .evaluation import (
     check_data_dir,
     create_image_dataset,
@@ -139,42 +140,24 @@ def _results_csv(records: dict[int, dict[str, Any]]) -> str:
 # ---- command line -------------------------------------------------------------------------------------------------
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    from timm.utils import ParseKwargs
+    """The validation arguments (timm ``validate.py`` names where they apply)."""
     p = parser or argparse.ArgumentParser(prog='timm-stitch validate', description=__doc__.split('\n')[0])
-    p.add_argument('--data-dir', default=None, help='dataset root (an ImageFolder, or what --dataset expects)')
-    p.add_argument('--dataset', default='', help='timm dataset type/name (default: folder)')
+    add_shared_args(p, ('data_dir', 'dataset'))
     p.add_argument('--split', default='validation', help='dataset split (default: validation)')
-    p.add_argument('--dataset-download', action='store_true', help='allow download of the dataset (torch/ types)')
-    p.add_argument('--class-map', default='', help='path to a class to index mapping file')
-    p.add_argument('--input-img-mode', default=None,
-                   help="Pillow mode to read images in (default: the model's, L for 1 channel, RGB for 3)")
-    p.add_argument('--model', '-m', required=True, help='snnet_* architecture, or snnet with --anchors')
-    p.add_argument('--anchors', default=None, help='comma-separated timm anchor names for --model snnet')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
-    p.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
-    p.add_argument('--checkpoint', default='', help='weights to load (.safetensors or .pth)')
+    add_shared_args(p, ('dataset_download', 'class_map', 'input_img_mode'))
+    add_shared_args(p, (*MODEL_OPTIONS, 'checkpoint'), model={'required': True})
     p.add_argument('--use-ema', action='store_true',
                    help='load the EMA weights of --checkpoint (the _ema.safetensors beside it, or a .pth\'s EMA entry)')
-    p.add_argument('--num-classes', type=int, default=None, help='number of classes (default: the model\'s)')
-    p.add_argument('--img-size', type=int, default=None, help='input image size')
-    p.add_argument('--crop-pct', type=float, default=None, help='center crop fraction')
-    p.add_argument('--mean', type=float, nargs='+', default=None, help='pixel mean')
-    p.add_argument('--std', type=float, nargs='+', default=None, help='pixel std')
-    p.add_argument('--interpolation', default='', help='resize interpolation')
-    p.add_argument('-b', '--batch-size', type=int, default=256, help='batch size per rank (default: 256)')
-    p.add_argument('-j', '--workers', type=int, default=4, help='data loading workers per rank (default: 4)')
-    p.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loader')
-    p.add_argument('--amp', action='store_true', help='mixed precision autocast')
-    p.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
-                   help='autocast dtype with --amp (default: float16)')
-    p.add_argument('--device', default=None, help='device (default: cuda if available, else cpu)')
+    add_shared_args(p, ('crop_pct', 'mean', 'std', 'interpolation', 'batch_size', 'workers', 'pin_mem'),
+                    batch_size={'default': 256})
+    add_shared_args(p, RUNTIME_OPTIONS)
     p.add_argument('--stitch-ids', default='all', help="routes to evaluate: 'all' or e.g. '0,3,5-9'")
     p.add_argument('--routes-per-pass', type=int, default=0,
                    help='routes computed per pass over the data; each finished pass is recorded (0: all at once)')
     p.add_argument('--output', default='', help='output folder (default: ./validate-MODEL)')
     p.add_argument('--results-file', default='', help='timm-style CSV (default: OUTPUT/results.csv)')
-    p.add_argument('--no-progress', action='store_true', help='hide progress bars')
     return p
+
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ``ValueError``/``FileNotFoundError`` for missing, contradicting or ineffective arguments."""
