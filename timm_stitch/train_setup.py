@@ -251,6 +251,14 @@ def setup(args: argparse.Namespace, locks: contextlib.ExitStack) -> TrainRun:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
 
+    # the data before the output folder: a bad dataset or image mode fails before anything is written
+    loader_train, mixup_fn = _create_train_loader(model, args, data_config, device)
+    val_ids = _val_route_ids(args.val_routes, model)
+    loader_eval = None
+    if val_ids:
+        dataset_eval = create_image_dataset(args, args.val_split, model.in_chans)
+        loader_eval = eval_loader(dataset_eval, data_config, args.validation_batch_size or args.batch_size,
+                                  args.workers, args.rank, args.world_size, pin_memory=args.pin_mem)
     output_dir = _output_dir(args)
     if primary:  # one writer per output folder, from before the resume reads it
         locks.enter_context(output_lock(output_dir))
@@ -280,13 +288,6 @@ def setup(args: argparse.Namespace, locks: contextlib.ExitStack) -> TrainRun:
         train_model = DistributedDataParallel(
             model, device_ids=[device] if device.type == 'cuda' else None, find_unused_parameters=True, **ddp_kwargs)
 
-    loader_train, mixup_fn = _create_train_loader(model, args, data_config, device)
-    val_ids = _val_route_ids(args.val_routes, model)
-    loader_eval = None
-    if val_ids:
-        dataset_eval = create_image_dataset(args, args.val_split, model.in_chans)
-        loader_eval = eval_loader(dataset_eval, data_config, args.validation_batch_size or args.batch_size,
-                                  args.workers, args.rank, args.world_size, pin_memory=args.pin_mem)
     criterion, takes_images = _build_criterion(args, mixup_active(args), model.num_classes, device)
 
     lr_scheduler, num_epochs = create_scheduler_v2(
