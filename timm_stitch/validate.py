@@ -114,7 +114,7 @@ def _reusable(records: dict[int, dict[str, Any]], key: dict[str, Any], route_ids
         why = Counter(reasons[k] for k in route_ids if k in records and reasons[k] is not None)
         text = f'{sum(k in kept for k in route_ids)} of {len(route_ids)} routes reused from {path}'
         if why:
-            text += '; measuring again the ' + ', '.join(f'{n} {reason}' for reason, n in why.items())
+            text += f'; measuring {sum(why.values())} again: ' + ', '.join(f'{n} {reason}' for reason, n in why.items())
         dropped = len(records) - len(kept) - sum(why.values())
         if dropped:
             text += f'; {dropped} records of other weights or settings dropped'
