@@ -103,6 +103,7 @@ def _build_criterion(args: argparse.Namespace, use_mixup: bool, num_classes: int
 
 
 def _val_route_ids(text: str, model: nn.Module) -> list[int]:
+    """The routes ``--val-routes`` names: 'none', 'anchors', 'all' or ids."""
     if text == 'none':
         return []
     if text == 'anchors':
@@ -159,6 +160,7 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
 
 
 def _create_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """timm's optimizer over :func:`param_groups`; sets ``args.lr`` from ``--lr-base`` when not given."""
     if args.lr is None:
         args.lr = _scaled_lr(args)
     opt_kwargs = dict(args.opt_kwargs)
