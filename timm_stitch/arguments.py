@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     'parse_count', 'int_at_least', 'float_in', 'existing_file', 'parse_device', 'stitched_model_name',
-    'add_shared_args',
+    'add_shared_args', 'MODEL_OPTIONS', 'DATA_OPTIONS', 'RUNTIME_OPTIONS',
 ]
 
 _SUFFIXES = {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12}
@@ -99,6 +99,7 @@ def stitched_model_name(text: str) -> str:
 
 _COUNT, _POSITIVE, _FRACTION = int_at_least(0), int_at_least(1), float_in(0.01, 1.0)  # one object per check
 
+
 def _shared_options() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
     """Every shared option: its flags and ``add_argument`` keywords, by destination name."""
     from timm.utils import ParseKwargs
@@ -127,8 +128,8 @@ def _shared_options() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
                                            help="evaluation center crop fraction (default: the model's)")),
         'mean': (('--mean',), dict(type=float, nargs='+', default=None, help="pixel mean (default: the model's)")),
         'std': (('--std',), dict(type=float, nargs='+', default=None, help="pixel std (default: the model's)")),
-        'interpolation': (('--interpolation',), dict(default='', help="evaluation resize interpolation (default: "
-                                                                      "the model's)")),
+        'interpolation': (('--interpolation',), dict(
+            default='', help="evaluation resize interpolation (default: the model's)")),
         'batch_size': (('-b', '--batch-size'), dict(type=_POSITIVE, help='batch size per rank')),
         'workers': (('-j', '--workers'), dict(type=_COUNT, default=4,
                                               help='data loading workers per rank (default: 4)')),
