@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
 import timm_stitch
+from timm_stitch._io import atomic_path
 from timm_stitch.card_readme import write_card_dir
 from timm_stitch.cards import RouteCard
 from timm_stitch.data import (
@@ -41,8 +42,8 @@ from timm_stitch.data import (
     write_idx,
 )
 from timm_stitch.data.fashion_mnist import SAMPLE_FILE
+from timm_stitch.evaluation import eval_loader, evaluate_routes
 from timm_stitch.models.snnet_vit_fmnist import FMNIST_ANCHORS, SHIPPED_DIR
-from timm_stitch.validate import eval_loader, evaluate_routes
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ['--dataset', 'torch/fashion_mnist', '--workers', '1', '--no-progress']
@@ -188,10 +189,9 @@ def main(argv=None) -> None:
 
 def write_fp16(checkpoint: Path, out: Path) -> None:
     """``checkpoint`` with its floating-point tensors in fp16 (3.3 MB instead of 6.6 MB)."""
-    tmp = out.with_suffix('.tmp')
-    save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in load_file(checkpoint).items()}, tmp, metadata={'format': 'pt'})
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+                   for k, v in load_file(checkpoint).items()}, tmp, metadata={'format': 'pt'})
 
 
 def sample_top1(model) -> dict[str, float]:
@@ -204,9 +204,8 @@ def sample_top1(model) -> dict[str, float]:
 def ship(weights: Path, card: RouteCard) -> None:
     """Copy the fp16 weights and the card into the package, and write the model card folder."""
     SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = SHIPPED_DIR / 'model.safetensors.tmp'
-    shutil.copyfile(weights, tmp)
-    tmp.replace(SHIPPED_DIR / 'model.safetensors')
+    with atomic_path(SHIPPED_DIR / 'model.safetensors') as tmp:
+        shutil.copyfile(weights, tmp)
     card.save(SHIPPED_DIR / 'routes.json')
     write_card_dir(card, REPO / 'model_cards' / 'snnet_vit_fmnist_tsb')
     print(f'shipped to {SHIPPED_DIR}', flush=True)

@@ -11,8 +11,9 @@ from reported_tables import DEIT_TSB, read_rows
 from tiny_models import tiny_snnet
 
 import timm_stitch
+from timm_stitch._io import atomic_write
 from timm_stitch.card_readme import render_readme, write_card_dir
-from timm_stitch.cards import SCHEMA_VERSION, RouteCard, atomic_write
+from timm_stitch.cards import SCHEMA_VERSION, RouteCard
 from timm_stitch.profile import device_profile
 
 

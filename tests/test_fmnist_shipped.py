@@ -14,10 +14,10 @@ from timm.data import resolve_data_config
 
 import timm_stitch.data.fashion_mnist as fashion_mnist
 from timm_stitch import demo
-from timm_stitch.cards import file_sha256
+from timm_stitch._io import file_sha256
 from timm_stitch.data import GreyImageDataset, load_fashion_mnist_sample
+from timm_stitch.evaluation import eval_loader, evaluate_routes
 from timm_stitch.models.snnet_vit_fmnist import FMNIST_ANCHORS, SHIPPED_DIR
-from timm_stitch.validate import eval_loader, evaluate_routes
 
 WEIGHTS = SHIPPED_DIR / 'model.safetensors'
 SAMPLED_ROUTES = [0, 1, 2, 4, 10, 17, 20, 26, 34]  # the anchors, Ti->S and S->B routes at early/middle/late cuts

@@ -8,8 +8,8 @@ import pytest
 from image_folders import ANCHORS, make_image_folder
 
 from timm_stitch.data import prepare_fashion_mnist, write_idx
+from timm_stitch.evaluation import image_mode
 from timm_stitch.train import main as train_main
-from timm_stitch.validate import image_mode
 from timm_stitch.validate import main as validate_main
 
 FMNIST = ['--model', 'snnet_vit_fmnist_tsb', '--pretrained']

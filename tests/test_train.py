@@ -168,3 +168,29 @@ def test_cli_subcommand_reads_the_config_and_the_command_line_wins(tmp_path, dat
                      'cli', '--epochs', '1', '--lr', '0.001', '--val-routes', 'none']) == 0
     saved = yaml.safe_load((tmp_path / 'cli' / 'args.yaml').read_text())
     assert saved['epochs'] == 1 and saved['lr'] == 0.001 and saved['opt'] == 'adamw' and saved['batch_size'] == 16
+
+
+def test_bad_data_fails_before_the_output_folder_is_made(tmp_path, data):
+    with pytest.raises(ValueError, match='the model takes 1'):
+        main(['--model', 'snnet_vit_fmnist_tsb', '--data-dir', str(data), '--input-img-mode', 'RGB', '--output',
+              str(tmp_path / 'out'), '--experiment', 'run'])
+    with pytest.raises(ValueError, match='less than one batch'):
+        main(['-c', str(write_config(tmp_path / 'c.yaml', batch_size=1000)), '--data-dir', str(data), '--output',
+              str(tmp_path / 'out'), '--experiment', 'run'])
+    assert not (tmp_path / 'out').exists()
+
+
+def test_setup_then_the_loop_is_a_run(tmp_path, data):
+    import contextlib
+
+    from timm_stitch.fingerprint import weights_fingerprint
+    from timm_stitch.train import setup, train_loop
+    args = parse_args(['-c', str(write_config(tmp_path / 'c.yaml', epochs=1)), '--data-dir', str(data),
+                       '--output', str(tmp_path), '--experiment', 'run', '--val-routes', 'none'])
+    with contextlib.ExitStack() as locks:
+        run = setup(args, locks)
+        assert (run.start_epoch, run.num_updates, run.loader_eval) == (0, 0, None)
+        assert run.route_ids == list(range(run.model.num_routes)) and run.output_dir == str(tmp_path / 'run')
+        digest = train_loop(run)
+    assert run.num_updates == len(run.loader_train)
+    assert digest == weights_fingerprint(load_file(tmp_path / 'run' / 'last.safetensors'), length=64)

@@ -10,11 +10,12 @@ import pytest
 import timm
 import torch
 from image_folders import ANCHORS, make_image_folder
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from timm_stitch.cards import RouteCard
 from timm_stitch.cli import main as cli_main
-from timm_stitch.validate import evaluate_routes, main, parse_ids
+from timm_stitch.evaluation import evaluate_routes, parse_ids
+from timm_stitch.validate import main
 
 MODEL_ARGS = ['--model', 'snnet', '--model-kwargs', f'anchors={ANCHORS!r}', '--num-classes', '4', '--img-size', '32',
               '--crop-pct', '1.0', '-b', '8', '-j', '0', '--no-progress']
@@ -142,7 +143,7 @@ def _own_losses(weights: Path, data: Path) -> dict[int, float]:
     from safetensors.torch import load_file
     from timm.data import create_dataset, resolve_data_config
 
-    from timm_stitch.validate import eval_loader
+    from timm_stitch.evaluation import eval_loader
     model = timm.create_model('snnet', anchors=ANCHORS, num_classes=4)
     model.load_state_dict(load_file(weights))
     config = resolve_data_config({'crop_pct': 1.0, 'img_size': 32}, model=model)
@@ -192,3 +193,44 @@ def test_ineffective_options_are_errors(tmp_path, setup, extra, match):
     data, weights, _ = setup
     with pytest.raises(ValueError, match=match):
         main([*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights), *extra])
+
+
+def _biased_copy(weights: Path, path: Path) -> Path:
+    """``weights`` with every head biased to class 0: other weights, other accuracy and loss."""
+    state = load_file(weights)
+    for key in [k for k in state if k.endswith('head.bias')]:
+        state[key] = torch.tensor([20.0, 0.0, 0.0, 0.0])
+    save_file(state, path)
+    return path
+
+
+def test_a_rerun_with_other_weights_or_arguments_measures_again(tmp_path, setup, caplog):
+    """Validating checkpoint B into the folder of checkpoint A reported A's accuracy beside B's hash."""
+    data, weights_a, model = setup
+    weights_b = _biased_copy(weights_a, tmp_path / 'b.safetensors')
+    args = [*MODEL_ARGS, '--data-dir', str(data)]
+    out, fresh = tmp_path / 'out', tmp_path / 'fresh'
+    assert main([*args, '--checkpoint', str(weights_b), '--output', str(fresh)]) == 0
+    assert main([*args, '--checkpoint', str(weights_a), '--output', str(out)]) == 0
+    first = _records(out)
+    caplog.clear()
+    with caplog.at_level('INFO', logger='timm_stitch.validate'):
+        assert main([*args, '--checkpoint', str(weights_b), '--output', str(out)]) == 0
+    card, own_card = RouteCard.load(out / 'routes.json'), RouteCard.load(fresh / 'routes.json')
+    assert [r.top1 for r in card.routes] == [r.top1 for r in own_card.routes] == [25.0] * model.num_routes
+    records, own = _records(out), _records(fresh)
+    assert all(abs(records[k]['loss'] - first[k]['loss']) > 1e-3 for k in records)
+    assert {k: r['loss'] for k, r in records.items()} == {k: r['loss'] for k, r in own.items()}
+    assert f'0 of {model.num_routes} routes reused' in caplog.text
+    assert f'{model.num_routes} measured other weights' in caplog.text
+    caplog.clear()
+    with caplog.at_level('INFO', logger='timm_stitch.validate'):  # another crop: every route measured again
+        assert main([*args, '--checkpoint', str(weights_b), '--output', str(out), '--crop-pct', '0.5',
+                     '--stitch-ids', '0-1']) == 0
+    assert '0 of 2 routes reused' in caplog.text and "2 measured with other settings (crop_pct)" in caplog.text
+    caplog.clear()
+    with caplog.at_level('INFO', logger='timm_stitch.validate'):  # a copy of the same tensors: reused
+        copy = _biased_copy(weights_a, tmp_path / 'copy.safetensors')
+        assert main([*args, '--checkpoint', str(copy), '--output', str(out), '--crop-pct', '0.5',
+                     '--stitch-ids', '0-1']) == 0
+    assert '2 of 2 routes reused' in caplog.text

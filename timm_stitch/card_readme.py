@@ -9,7 +9,8 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .cards import PathLike, RouteCard, atomic_write
+from ._io import atomic_write
+from .cards import PathLike, RouteCard
 from .catalogue import card_routes
 from .routes import macs_unit
 

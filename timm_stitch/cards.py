@@ -13,15 +13,14 @@ Rendering (README.md, plot) lives in :mod:`timm_stitch.card_readme`.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+from ._io import atomic_write, file_sha256
 from .catalogue import card_key
 from .unwrap import unwrap, unwrap_stitched
 
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from .model import StitchedNet
 
 __all__ = [
-    'RouteCard', 'CardRoute', 'SCHEMA_VERSION', 'model_name', 'file_sha256', 'atomic_write',
+    'RouteCard', 'CardRoute', 'SCHEMA_VERSION', 'model_name',
 ]
 
 SCHEMA_VERSION = 1
@@ -319,30 +318,6 @@ def model_name(model: StitchedNet) -> str:
     model = unwrap(model)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return cfg.get('architecture') or 'stitched(' + ', '.join(model.anchor_names) + ')'
-
-
-def file_sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write(path: PathLike, data: Union[str, bytes]) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, so a failure leaves no partial file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _now() -> str:

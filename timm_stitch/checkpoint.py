@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .cards import atomic_write, file_sha256
+from ._io import atomic_path, atomic_write, file_sha256, fsync_path
 
 __all__ = ['save_checkpoint', 'load_state', 'publish', 'output_lock', 'keep_history', 'plain_args', 'trim_summary']
 
@@ -87,21 +87,11 @@ def _save_weights(model: nn.Module, path: str, metadata: dict[str, str]) -> str:
     return file_sha256(path)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_with_link(target: str, link: str, hard: bool = False) -> None:
     """Make ``link`` a symlink (``target`` relative to the link's folder) or a hard link (else a copy) to
     ``target`` in one atomic rename, from the store, where a temp file left by a killed run is removed by the next
     :func:`publish`."""
-    folder = os.path.dirname(link)
-    tmp = os.path.join(folder, STORE, f'{os.path.basename(link)}.{os.getpid()}-{os.urandom(4).hex()}.tmp')
-    try:
+    with atomic_path(link, temp_dir=os.path.join(os.path.dirname(link), STORE), fsync=False) as tmp:
         if not hard:
             os.symlink(target, tmp)
         else:
@@ -109,11 +99,6 @@ def _replace_with_link(target: str, link: str, hard: bool = False) -> None:
                 os.link(target, tmp)
             except OSError:
                 shutil.copyfile(target, tmp)
-        os.replace(tmp, link)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path_stem: str, model: nn.Module, state: dict[str, Any], model_ema: Optional[nn.Module] = None
@@ -133,15 +118,15 @@ def save_checkpoint(path_stem: str, model: nn.Module, state: dict[str, Any], mod
             state['ema_sha256'] = _save_weights(model_ema, os.path.join(tmp, f'{name}_ema.safetensors'), meta)
         torch.save(state, os.path.join(tmp, f'{name}.state.pth'))
         for file in os.listdir(tmp):
-            _fsync(os.path.join(tmp, file))
+            fsync_path(os.path.join(tmp, file))
         done = tmp.removesuffix('.tmp')
         os.rename(tmp, done)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(store)
+    fsync_path(store)
     _replace_with_link(os.path.join(STORE, os.path.basename(done)), os.path.join(folder, name))  # the commit
-    _fsync(folder)
+    fsync_path(folder)
     publish(folder, name, state)
 
 

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from .cli import add_model_args, build_model, int_at_least, parse_device
+from .cli import add_model_args, add_shared_args, build_model, int_at_least
 from .profile import profile
 from .routes import format_route_table
 
@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                           'card given with --card (its accuracies, other devices\' latencies) is '
                                           'kept and the new latencies added to it.')
     add_model_args(p)
-    p.add_argument('--device', type=parse_device, default='cpu', help='torch device, e.g. cpu or cuda:0')
+    add_shared_args(p, ('device',), device={'default': 'cpu'})
     p.add_argument('--batch-size', type=int_at_least(1), default=1, help='images per timed call (default: 1)')
     p.add_argument('--dtype', choices=sorted(DTYPES), default='float32',
                    help='weights and input dtype (default: float32)')

@@ -26,7 +26,8 @@ import torch
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
 from torch import nn
 
-from .cards import RouteCard, file_sha256
+from ._io import file_sha256
+from .cards import RouteCard
 from .model import StitchedNet
 
 __all__ = ['OFFICIAL_FORMATS', 'OfficialFormat', 'read_checkpoint', 'convert_official', 'add_parser']

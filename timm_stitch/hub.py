@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +20,11 @@ import torch
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
-from timm.models import get_pretrained_cfg, is_model
-from timm.models._builder import _resolve_pretrained_source
-from timm.models._hub import download_from_hf, save_config_for_hf, save_for_hf
+from timm.models import get_pretrained_cfg, is_model, save_for_hf
 from torch import nn
 
+from ._io import atomic_dir
+from ._timm_compat import download_from_hf, resolve_pretrained_source, save_config_for_hf
 from .bn import is_route_bn_key
 from .card_readme import render_readme
 from .cards import RouteCard
@@ -64,9 +63,7 @@ def save_pretrained(
     """
     model = unwrap(model)
     target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.tmp-'))
-    try:
+    with atomic_dir(target) as tmp:
         if isinstance(model, StitchedNet):
             _write_stitched(model, tmp, card, dict(model_args or {}), repo_id or target.name)
         elif not is_model((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''):
@@ -76,10 +73,6 @@ def save_pretrained(
                 'route with torch.export or ONNX, or save the whole stitched model')
         else:
             save_for_hf(model, str(tmp), model_args=dict(model_args or {}), safe_serialization=True)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -140,20 +133,6 @@ def _card_for(model: StitchedNet, weights: Path) -> RouteCard:
     return card.with_measurements(loaded)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst`` only once ``src`` is complete."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'.{dst.name}.old-'))
-    os.replace(dst, old / dst.name)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old / dst.name, dst)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
@@ -161,7 +140,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def load_pretrained_card(model: StitchedNet, cache_dir: Optional[PathLike] = None) -> Optional[RouteCard]:
     """Load ``routes.json`` from where ``model``'s pretrained weights came from (the same Hub repo, or the folder of
     a local file) onto the model; returns it, or None when that place has no card (a warning says so)."""
-    load_from, location = _resolve_pretrained_source(model.pretrained_cfg)
+    load_from, location = resolve_pretrained_source(model.pretrained_cfg)
     path = None
     if load_from == 'hf-hub':
         repo = location[0] if isinstance(location, (tuple, list)) else location

@@ -6,8 +6,9 @@ import argparse
 import os
 from typing import Any, Callable, Optional, Sequence
 
+from .arguments import MODEL_OPTIONS, RUNTIME_OPTIONS, add_shared_args
+from .evaluation import check_data_dir, resolve_amp_dtype
 from .sampling import SAMPLING_MODES, SYNC_MODES
-from .validate import check_data_dir, resolve_amp_dtype
 
 __all__ = ['build_parser', 'parse_args', 'check_args', 'mixup_active']
 
@@ -53,33 +54,20 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='timm-stitch train', description=__doc__.split('\n')[0], add_help=add_help)
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of argument defaults')
     g = p.add_argument_group('dataset')
-    g.add_argument('--data-dir', default=None, help='dataset root (an ImageFolder, or what --dataset expects)')
-    g.add_argument('--dataset', default='', help='timm dataset type/name (default: folder)')
+    add_shared_args(g, ('data_dir', 'dataset'))
     g.add_argument('--train-split', default='train', help='training split (default: train)')
     g.add_argument('--val-split', default='validation', help='validation split (default: validation)')
-    g.add_argument('--dataset-download', action='store_true', help='allow download of the dataset (torch/ types)')
-    g.add_argument('--class-map', default='', help='path to a class to index mapping file')
-    g.add_argument('--input-img-mode', default=None,
-                   help="Pillow mode to read images in (default: the model's, L for 1 channel, RGB for 3)")
+    add_shared_args(g, ('dataset_download', 'class_map', 'input_img_mode', 'crop_pct', 'mean', 'std', 'interpolation',
+                        'batch_size', 'workers', 'pin_mem'), batch_size={'default': 128})
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None,
+                   help='validation batch size (default: --batch-size)')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default=None, help='snnet_* architecture, or snnet with --anchors')
-    g.add_argument('--anchors', default=None, help='comma-separated timm anchor names for --model snnet')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
-    g.add_argument('--pretrained', action='store_true', help="start from --model's pretrained stitched weights")
+    add_shared_args(g, MODEL_OPTIONS)
     g.add_argument('--pretrained-anchors', action='store_true', help="start from each anchor's timm weights")
     g.add_argument('--initial-checkpoint', default='', help='weights to start from (.safetensors or .pth)')
     g.add_argument('--resume', default='', help='resume from a .state.pth (or its .safetensors, or the output dir)')
     g.add_argument('--no-resume-opt', action='store_true', default=None,
                    help='do not restore the optimizer when resuming')
-    g.add_argument('--num-classes', type=int, default=None, help='number of classes')
-    g.add_argument('--img-size', type=int, default=None, help='input image size')
-    g.add_argument('--crop-pct', type=float, default=None, help='validation center crop fraction')
-    g.add_argument('--mean', type=float, nargs='+', default=None, help='pixel mean')
-    g.add_argument('--std', type=float, nargs='+', default=None, help='pixel std')
-    g.add_argument('--interpolation', default='', help='validation resize interpolation')
-    g.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per rank (default: 128)')
-    g.add_argument('-vb', '--validation-batch-size', type=int, default=None,
-                   help='validation batch size (default: --batch-size)')
     g.add_argument('--grad-checkpointing', action='store_true', help='gradient checkpointing through the blocks')
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='sgd', help='optimizer (default: sgd)')
@@ -142,26 +130,20 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--model-ema-force-cpu', action='store_true', default=None, help='keep the EMA on the CPU')
     g.add_argument('--model-ema-decay', type=float, default=None, help='EMA decay (default: 0.9998)')
     g.add_argument('--model-ema-warmup', action='store_true', default=None, help='EMA decay warmup')
-    g.add_argument('--amp', action='store_true', help='mixed precision training')
-    g.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
-                   help='autocast dtype with --amp (default: float16)')
+    add_shared_args(g, RUNTIME_OPTIONS)
     g = p.add_argument_group('misc')
     g.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     g.add_argument('--log-interval', type=int, default=50, help='batches between log lines (default: 50)')
     g.add_argument('--checkpoint-hist', type=int, default=10, help='epoch checkpoints kept (default: 10)')
-    g.add_argument('-j', '--workers', type=int, default=4, help='data loading workers per rank (default: 4)')
-    g.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loaders')
     g.add_argument('--no-prefetcher', action='store_true', help="disable timm's CUDA prefetcher")
     g.add_argument('--output', default='', help='output root (default: ./output/train)')
     g.add_argument('--experiment', default='', help='run folder name under --output')
     g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'), help='checkpoint metric')
-    g.add_argument('--device', default=None, help='device (default: cuda if available, else cpu)')
     g.add_argument('--dist-backend', default=None, help='torch.distributed backend (default: by device)')
     g.add_argument('--dist-url', default='env://', help='torch.distributed init url')
     g.add_argument('--dist-bn', default='reduce', choices=('broadcast', 'reduce', ''),
                    help='sync BatchNorm statistics across ranks after each epoch')
     g.add_argument('--no-ddp-bb', action='store_true', help='DDP without broadcast_buffers')
-    g.add_argument('--no-progress', action='store_true', help='hide progress bars')
     g = p.add_argument_group('stitching')
     g.add_argument('--stitch-init-samples', type=int, default=0,
                    help='least-squares init of the stitching layers from this many clean training images (0: off)')

@@ -2,9 +2,11 @@
 
 Each pass over the data computes a chunk of routes (``--routes-per-pass``, default all) on every batch; the data is
 sharded across ranks under ``torchrun`` (each sample counted once, no padding) and the counts summed. Every finished
-route is appended to ``routes.jsonl`` in ``--output`` (the file is rewritten through a temp file, so an interruption
-leaves whole records only); a rerun skips the routes already there. At the end ``routes.json`` (a route card with the
-measured accuracy) and ``results.csv`` (timm-style rows, one per route) are written.
+route is recorded in ``routes.jsonl`` in ``--output`` (rewritten atomically, so an interruption leaves whole records
+only), keyed by the weights' fingerprint and the model and data settings: a rerun into the same folder reuses the
+records of the same weights and settings and measures the other routes again, saying which and why. At the end
+``routes.json`` (a route card with the measured accuracy) and ``results.csv`` (timm-style rows, one per route) are
+written.
 """
 from __future__ import annotations
 
@@ -14,104 +16,30 @@ import io
 import json
 import logging
 import os
+from collections import Counter
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
-__all__ = ['evaluate_routes', 'eval_loader', 'parse_ids', 'image_mode', 'create_image_dataset', 'load_weights', 'main',
-           'add_parser']
+from ._io import atomic_write
+from .arguments import MODEL_OPTIONS, RUNTIME_OPTIONS, add_shared_args
+from .evaluation import (
+    check_data_dir,
+    create_image_dataset,
+    create_stitched_model,
+    eval_loader,
+    evaluate_routes,
+    parse_ids,
+    resolve_amp_dtype,
+    resolve_device,
+)
+from .fingerprint import weights_fingerprint
+
+__all__ = ['load_weights', 'record_key', 'main', 'add_parser']
 
 _logger = logging.getLogger('timm_stitch.validate')
-
-#: the Pillow mode images are read in for a model's number of input channels
-_IMAGE_MODES = {1: 'L', 3: 'RGB'}
-
-
-def parse_ids(text: str, num_routes: int) -> list[int]:
-    """Route ids from ``'all'``, ``'anchors'`` handled by the caller, or ``'0,3,5-9'``; raises ``ValueError`` on ids
-    outside ``0..num_routes-1``."""
-    if text == 'all':
-        return list(range(num_routes))
-    ids: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(','))):
-        try:
-            lo, _, hi = part.partition('-')
-            ids.extend(range(int(lo), int(hi or lo) + 1))
-        except ValueError:
-            raise ValueError(f"route ids must look like 'all' or '0,3,5-9', got {text!r}") from None
-    bad = [i for i in ids if not 0 <= i < num_routes]
-    if bad or not ids:
-        raise ValueError(f'route ids {bad or text!r} are out of range: valid ids are 0..{num_routes - 1}')
-    return sorted(set(ids))
-
-
-def eval_loader(
-        dataset: torch.utils.data.Dataset,
-        data_config: dict[str, Any],
-        batch_size: int,
-        workers: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        indices: Optional[Sequence[int]] = None,
-        pin_memory: bool = False,
-) -> DataLoader:
-    """A loader of eval-transformed (resize, center crop, normalise) images: this rank's share of ``indices``
-    (default: all samples), every ``world_size``-th sample, in order and without the padding of timm's samplers."""
-    from timm.data import create_transform
-    dataset.transform = create_transform(**data_config, is_training=False)
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    return DataLoader(Subset(dataset, indices[rank::world_size]), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=pin_memory)
-
-
-def image_mode(in_chans: int, override: Optional[str] = None) -> str:
-    """The Pillow mode to read images in for a model with ``in_chans`` input channels ('L' for 1, 'RGB' for 3), or
-    ``override`` (timm's ``--input-img-mode``) when it has that many bands; raises ``ValueError`` otherwise."""
-    from PIL import Image
-    if not override:
-        if in_chans not in _IMAGE_MODES:
-            raise ValueError(f'no default image mode for a model with {in_chans} input channels (1 reads L, 3 reads '
-                             'RGB): pass --input-img-mode')
-        return _IMAGE_MODES[in_chans]
-    try:
-        bands = len(Image.new(override, (1, 1)).getbands())
-    except ValueError:
-        raise ValueError(f'--input-img-mode {override!r} is not a Pillow image mode (e.g. L, RGB, RGBA)') from None
-    if bands != in_chans:
-        raise ValueError(f'--input-img-mode {override!r} gives {bands}-channel images, the model takes {in_chans}')
-    return override
-
-
-class _ConvertedDataset(torch.utils.data.Dataset):
-    """A torchvision dataset (timm's ``torch/`` names ignore ``input_img_mode``) whose images are converted to
-    ``mode`` before ``transform``, which the loaders set on this wrapper."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, mode: str):
-        self.dataset, self.mode, self.transform = dataset, mode, getattr(dataset, 'transform', None)
-        dataset.transform = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image, target = self.dataset[index]
-        image = image.convert(self.mode)
-        return (self.transform(image) if self.transform is not None else image), target
-
-
-def create_image_dataset(args: argparse.Namespace, split: str, in_chans: int, **kwargs: Any
-                         ) -> torch.utils.data.Dataset:
-    """timm's ``create_dataset`` for ``args`` (``--dataset``, ``--data-dir``...) with the images read in the mode the
-    model takes (:func:`image_mode`), whatever mode the files are in."""
-    from timm.data import create_dataset
-    mode = image_mode(in_chans, args.input_img_mode)
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=split, download=args.dataset_download,
-                             class_map=args.class_map, input_img_mode=mode, **kwargs)
-    return _ConvertedDataset(dataset, mode) if args.dataset.startswith('torch/') else dataset
 
 
 def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:
@@ -141,41 +69,6 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:
     return path
 
 
-@torch.no_grad()
-def evaluate_routes(
-        model: nn.Module,
-        loader: Any,
-        route_ids: Sequence[int],
-        device: torch.device,
-        amp_dtype: Optional[torch.dtype] = None,
-        progress: bool = True,
-) -> dict[int, dict[str, float]]:
-    """Loss, top-1 and top-5 (percent) of each route in ``route_ids`` over ``loader``; every batch runs every
-    route. Under ``torch.distributed`` the counts of all ranks are summed, so each rank returns the same values."""
-    model.eval()
-    sums = torch.zeros(len(route_ids), 3, dtype=torch.float64, device=device)  # loss sum, top1, top5 counts
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    for images, target in tqdm(loader, desc=f'eval {len(route_ids)} routes', disable=not progress, leave=False):
-        images, target = images.to(device), target.to(device)
-        for i, k in enumerate(route_ids):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                output = model(images, stitch_id=k)
-            output = output.float()
-            top5 = output.topk(min(5, output.shape[-1]), dim=-1).indices
-            hits = top5.eq(target[:, None])
-            sums[i, 0] += nn.functional.cross_entropy(output, target, reduction='sum')
-            sums[i, 1] += hits[:, 0].sum()
-            sums[i, 2] += hits.any(dim=-1).sum()
-        count += target.shape[0]
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(count)
-    n = max(count.item(), 1.0)
-    return {k: {'loss': sums[i, 0].item() / n, 'top1': 100 * sums[i, 1].item() / n,
-                'top5': 100 * sums[i, 2].item() / n, 'count': int(count.item())}
-            for i, k in enumerate(route_ids)}
-
-
 # ---- records and outputs ------------------------------------------------------------------------------------------
 
 def _read_records(path: str) -> dict[int, dict[str, Any]]:
@@ -185,8 +78,51 @@ def _read_records(path: str) -> dict[int, dict[str, Any]]:
         return {r['stitch_id']: r for r in map(json.loads, filter(str.strip, f))}
 
 
+def record_key(args: argparse.Namespace, model: nn.Module, data_config: dict[str, Any],
+               amp_dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    """What a validation record was measured with: the fingerprint of the weights (whichever file or release they
+    came from) and the settings that change a route's accuracy (model arguments, data, transform, precision), as
+    plain JSON values."""
+    settings = {
+        'model': args.model, 'anchors': args.anchors, 'model_kwargs': dict(args.model_kwargs or {}),
+        'num_classes': model.num_classes, 'dataset': args.dataset or 'folder',
+        'data_dir': os.path.abspath(args.data_dir) if args.data_dir else None, 'split': args.split,
+        'class_map': args.class_map, 'input_img_mode': args.input_img_mode,
+        **{k: data_config.get(k) for k in ('input_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')},
+        'amp_dtype': str(amp_dtype) if amp_dtype is not None else None}
+    return json.loads(json.dumps({'weights': weights_fingerprint(model), 'settings': settings}, default=str))
+
+
+def _stale_reason(record: dict[str, Any], key: dict[str, Any]) -> Optional[str]:
+    """Why ``record`` was not measured with ``key``, or None when it was."""
+    own = record.get('key')
+    if not isinstance(own, dict):
+        return 'measured by an earlier version (no key)'
+    if own.get('weights') != key['weights']:
+        return 'measured other weights'
+    changed = sorted(k for k in set(own.get('settings', {})) | set(key['settings'])
+                     if own.get('settings', {}).get(k) != key['settings'].get(k))
+    return f"measured with other settings ({', '.join(changed)})" if changed else None
+
+
+def _reusable(records: dict[int, dict[str, Any]], key: dict[str, Any], route_ids: Sequence[int], path: str,
+              log: bool = True) -> dict[int, dict[str, Any]]:
+    """The records measured with ``key``; logs how many of ``route_ids`` are reused and why the others are not."""
+    reasons = {k: _stale_reason(r, key) for k, r in records.items()}
+    kept = {k: r for k, r in records.items() if reasons[k] is None}
+    if records and log:
+        why = Counter(reasons[k] for k in route_ids if k in records and reasons[k] is not None)
+        text = f'{sum(k in kept for k in route_ids)} of {len(route_ids)} routes reused from {path}'
+        if why:
+            text += f'; measuring {sum(why.values())} again: ' + ', '.join(f'{n} {reason}' for reason, n in why.items())
+        dropped = len(records) - len(kept) - sum(why.values())
+        if dropped:
+            text += f'; {dropped} records of other weights or settings dropped'
+        _logger.info(text)
+    return kept
+
+
 def _write_records(path: str, records: dict[int, dict[str, Any]]) -> None:
-    from .cards import atomic_write
     atomic_write(path, ''.join(json.dumps(records[k]) + '\n' for k in sorted(records)))
 
 
@@ -204,82 +140,23 @@ def _results_csv(records: dict[int, dict[str, Any]]) -> str:
 # ---- command line -------------------------------------------------------------------------------------------------
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    from timm.utils import ParseKwargs
+    """The validation arguments (timm ``validate.py`` names where they apply)."""
     p = parser or argparse.ArgumentParser(prog='timm-stitch validate', description=__doc__.split('\n')[0])
-    p.add_argument('--data-dir', default=None, help='dataset root (an ImageFolder, or what --dataset expects)')
-    p.add_argument('--dataset', default='', help='timm dataset type/name (default: folder)')
+    add_shared_args(p, ('data_dir', 'dataset'))
     p.add_argument('--split', default='validation', help='dataset split (default: validation)')
-    p.add_argument('--dataset-download', action='store_true', help='allow download of the dataset (torch/ types)')
-    p.add_argument('--class-map', default='', help='path to a class to index mapping file')
-    p.add_argument('--input-img-mode', default=None,
-                   help="Pillow mode to read images in (default: the model's, L for 1 channel, RGB for 3)")
-    p.add_argument('--model', '-m', required=True, help='snnet_* architecture, or snnet with --anchors')
-    p.add_argument('--anchors', default=None, help='comma-separated timm anchor names for --model snnet')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model kwargs')
-    p.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
-    p.add_argument('--checkpoint', default='', help='weights to load (.safetensors or .pth)')
+    add_shared_args(p, ('dataset_download', 'class_map', 'input_img_mode'))
+    add_shared_args(p, (*MODEL_OPTIONS, 'checkpoint'), model={'required': True})
     p.add_argument('--use-ema', action='store_true',
                    help='load the EMA weights of --checkpoint (the _ema.safetensors beside it, or a .pth\'s EMA entry)')
-    p.add_argument('--num-classes', type=int, default=None, help='number of classes (default: the model\'s)')
-    p.add_argument('--img-size', type=int, default=None, help='input image size')
-    p.add_argument('--crop-pct', type=float, default=None, help='center crop fraction')
-    p.add_argument('--mean', type=float, nargs='+', default=None, help='pixel mean')
-    p.add_argument('--std', type=float, nargs='+', default=None, help='pixel std')
-    p.add_argument('--interpolation', default='', help='resize interpolation')
-    p.add_argument('-b', '--batch-size', type=int, default=256, help='batch size per rank (default: 256)')
-    p.add_argument('-j', '--workers', type=int, default=4, help='data loading workers per rank (default: 4)')
-    p.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loader')
-    p.add_argument('--amp', action='store_true', help='mixed precision autocast')
-    p.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
-                   help='autocast dtype with --amp (default: float16)')
-    p.add_argument('--device', default=None, help='device (default: cuda if available, else cpu)')
+    add_shared_args(p, ('crop_pct', 'mean', 'std', 'interpolation', 'batch_size', 'workers', 'pin_mem'),
+                    batch_size={'default': 256})
+    add_shared_args(p, RUNTIME_OPTIONS)
     p.add_argument('--stitch-ids', default='all', help="routes to evaluate: 'all' or e.g. '0,3,5-9'")
     p.add_argument('--routes-per-pass', type=int, default=0,
                    help='routes computed per pass over the data; each finished pass is recorded (0: all at once)')
     p.add_argument('--output', default='', help='output folder (default: ./validate-MODEL)')
     p.add_argument('--results-file', default='', help='timm-style CSV (default: OUTPUT/results.csv)')
-    p.add_argument('--no-progress', action='store_true', help='hide progress bars')
     return p
-
-
-def create_stitched_model(args: argparse.Namespace, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(args.model, ...)`` with a clear error for an unknown name or a non-stitched model."""
-    import timm
-
-    from . import models  # noqa: F401  (registers the architectures)
-    from .model import StitchedNet
-    if not timm.is_model(args.model):
-        raise ValueError(f'unknown model {args.model!r}: expected a registered snnet_* architecture '
-                         f"(see timm.list_models('snnet*')) or 'snnet' with --anchors")
-    model_kwargs = dict(args.model_kwargs or {})
-    if args.anchors:
-        if 'anchors' in model_kwargs:
-            raise ValueError('give the anchors either with --anchors or in --model-kwargs, not both')
-        model_kwargs['anchors'] = [a.strip() for a in args.anchors.split(',') if a.strip()]
-    if args.num_classes is not None:
-        model_kwargs['num_classes'] = args.num_classes
-    if args.img_size is not None:
-        model_kwargs['img_size'] = args.img_size
-    model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs, **kwargs)
-    if not isinstance(model, StitchedNet):
-        raise ValueError(f'{args.model} is not a stitched network (expected an snnet_* architecture)')
-    return model
-
-
-def check_data_dir(args: argparse.Namespace) -> None:
-    """Raise for a folder dataset without ``--data-dir`` or a ``--data-dir`` that does not exist."""
-    if not args.dataset and not args.data_dir:
-        raise ValueError('--data-dir is required for a folder dataset')
-    if args.data_dir and not os.path.exists(args.data_dir):
-        raise FileNotFoundError(f'dataset path {args.data_dir!r} does not exist')
-
-
-def resolve_amp_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
-    """The autocast dtype of ``--amp``/``--amp-dtype`` (None without ``--amp``); ``--amp-dtype`` alone is an
-    error, not a silent no-op."""
-    if args.amp_dtype and not args.amp:
-        raise ValueError(f'--amp-dtype {args.amp_dtype} needs --amp')
-    return getattr(torch, args.amp_dtype or 'float16') if args.amp else None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -291,16 +168,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--routes-per-pass must be >= 0, got {args.routes_per_pass}')
     resolve_amp_dtype(args)
 
-
-def resolve_device(name: Optional[str]) -> str:
-    return name or ('cuda' if torch.cuda.is_available() else 'cpu')
-
-
 def run(args: argparse.Namespace) -> int:
     from timm.data import resolve_data_config
     from timm.utils import init_distributed_device, setup_default_logging
 
-    from .cards import RouteCard, atomic_write
+    from .cards import RouteCard
     if not logging.root.handlers:
         setup_default_logging()
     check_args(args)
@@ -322,10 +194,9 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or f'validate-{args.model}'
     records_path = os.path.join(output, 'routes.jsonl')
     os.makedirs(output, exist_ok=True)
-    records = _read_records(records_path)
+    key = record_key(args, model, data_config, dtype)
+    records = _reusable(_read_records(records_path), key, route_ids, records_path, log=args.rank == 0)
     todo = [k for k in route_ids if k not in records]
-    if records and args.rank == 0:
-        _logger.info(f'{len(route_ids) - len(todo)} of {len(route_ids)} routes already in {records_path}')
     routes = model.routes()
     chunk = args.routes_per_pass or len(todo) or 1
     for start in range(0, len(todo), chunk):
@@ -340,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                     'top5_err': round(100 - r['top5'], 4), 'loss': round(r['loss'], 6), 'count': r['count'],
                     'param_count': round(routes[k].params / 1e6, 3), 'gmacs': round(routes[k].macs / 1e9, 4),
                     'img_size': data_config['input_size'][-1], 'crop_pct': data_config['crop_pct'],
-                    'interpolation': data_config['interpolation']}
+                    'interpolation': data_config['interpolation'], 'key': key}
                 _logger.info(f"route {k}: top1 {r['top1']:.3f} top5 {r['top5']:.3f} ({r['count']} images)")
             _write_records(records_path, records)
         if args.distributed:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .._io import atomic_dir
 
 __all__ = ['FASHION_MNIST_CLASSES', 'DEFAULT_SOURCES', 'SAMPLE_FILE', 'read_idx', 'write_idx', 'find_source',
            'prepare_fashion_mnist', 'load_fashion_mnist', 'load_fashion_mnist_sample', 'GreyImageDataset']
@@ -126,17 +127,9 @@ def prepare_fashion_mnist(root: PathLike, source: Optional[PathLike] = None) -> 
     if all((raw / name).is_file() for name in names):
         return root
     folder = find_source(source)
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=raw.parent, prefix='.raw-'))
-    try:
+    with atomic_dir(raw) as tmp:
         for name in names:
             read_idx(_locate(folder, name))  # validate before publishing
             with _open(_locate(folder, name)) as src, open(tmp / name, 'wb') as dst:
                 shutil.copyfileobj(src, dst)
-        if raw.exists():
-            shutil.rmtree(raw)
-        tmp.rename(raw)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return root

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 import urllib.error
 from contextlib import contextmanager
@@ -23,9 +22,10 @@ from urllib.parse import urlparse
 import safetensors.torch
 from huggingface_hub import constants
 from safetensors import SafetensorError, safe_open
-from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-from timm.models._hub import get_cache_dir
+from timm.models import resolve_pretrained_cfg
 
+from .._io import atomic_path
+from .._timm_compat import get_cache_dir, resolve_pretrained_source
 from ..convert import OFFICIAL_FORMATS, OfficialFormat, StateDict, map_official_keys, official_card, read_checkpoint
 from ..hub import check_pretrained_state_dict
 from ..model import StitchedNet
@@ -78,18 +78,12 @@ def _read_cached(cached: Path, source: Path) -> Optional[StateDict]:
 
 def _write_cached(state: StateDict, cached: Path, source: Path, fmt: OfficialFormat) -> None:
     """Write the conversion atomically (temp file renamed into place); a cache that cannot be written only warns."""
-    tmp = None
+    metadata = {'format': 'pt', 'release': fmt.release, **_source_stamp(source)}
     try:
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f'.{cached.name}.', suffix='.tmp')
-        os.close(fd)
-        metadata = {'format': 'pt', 'release': fmt.release, **_source_stamp(source)}
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # as a plain download would be, not mkstemp's 0600
-        os.replace(tmp, cached)
+        with atomic_path(cached) as tmp:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
     except OSError as e:
         _logger.warning(f'could not cache the converted weights at {cached} ({e}); the next load converts again')
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_release(model: StitchedNet, checkpoint_path: str) -> None:
@@ -176,7 +170,7 @@ def prepare_release_load(variant: str, kwargs: dict[str, Any]) -> Optional[tuple
         return None  # 'hf-hub:'/'local-dir:' names: the saved config.json says how the model was built
     for key, value in OFFICIAL_FORMATS[variant].model_kwargs.items():
         kwargs.setdefault(key, value)
-    load_from, url = _resolve_pretrained_source(cfg)
+    load_from, url = resolve_pretrained_source(cfg)
     if load_from != 'url' or not cfg.get('custom_load'):
         return None
     cache_dir = kwargs.get('cache_dir') or get_cache_dir()

@@ -1,0 +1,16 @@
+"""The timm functions timm-stitch relies on that timm keeps in private modules (``timm.models._builder``,
+``timm.models._hub``): imported here and nowhere else, so a timm release that moves one breaks this module alone,
+with an error naming the function and the installed timm."""
+from __future__ import annotations
+
+import timm
+
+try:
+    from timm.models._builder import _resolve_pretrained_source as resolve_pretrained_source
+    from timm.models._hub import download_from_hf, get_cache_dir, save_config_for_hf
+except ImportError as e:  # pragma: no cover - depends on the installed timm
+    raise ImportError(f'timm-stitch needs timm.models._builder._resolve_pretrained_source and timm.models._hub\'s '
+                      f'download_from_hf, get_cache_dir and save_config_for_hf, which timm {timm.__version__} does '
+                      f'not have ({e}); install a timm version timm-stitch supports (see its requirements)') from e
+
+__all__ = ['resolve_pretrained_source', 'download_from_hf', 'get_cache_dir', 'save_config_for_hf']

@@ -1,0 +1,187 @@
+"""Evaluation pieces shared by the trainer, the validator and the demo: the stitched model from command-line
+arguments, datasets read in the model's image mode, sharded eval loaders, and every route's loss/top-1/top-5 in one
+pass over the data."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+__all__ = ['parse_ids', 'eval_loader', 'image_mode', 'create_image_dataset', 'evaluate_routes',
+           'create_stitched_model', 'check_data_dir', 'resolve_amp_dtype', 'resolve_device']
+
+#: the Pillow mode images are read in for a model's number of input channels
+_IMAGE_MODES = {1: 'L', 3: 'RGB'}
+
+
+def parse_ids(text: str, num_routes: int) -> list[int]:
+    """Route ids from ``'all'``, ``'anchors'`` handled by the caller, or ``'0,3,5-9'``; raises ``ValueError`` on ids
+    outside ``0..num_routes-1``."""
+    if text == 'all':
+        return list(range(num_routes))
+    ids: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(','))):
+        try:
+            lo, _, hi = part.partition('-')
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ValueError(f"route ids must look like 'all' or '0,3,5-9', got {text!r}") from None
+    bad = [i for i in ids if not 0 <= i < num_routes]
+    if bad or not ids:
+        raise ValueError(f'route ids {bad or text!r} are out of range: valid ids are 0..{num_routes - 1}')
+    return sorted(set(ids))
+
+
+def eval_loader(
+        dataset: torch.utils.data.Dataset,
+        data_config: dict[str, Any],
+        batch_size: int,
+        workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        indices: Optional[Sequence[int]] = None,
+        pin_memory: bool = False,
+) -> DataLoader:
+    """A loader of eval-transformed (resize, center crop, normalise) images: this rank's share of ``indices``
+    (default: all samples), every ``world_size``-th sample, in order and without the padding of timm's samplers."""
+    from timm.data import create_transform
+    dataset.transform = create_transform(**data_config, is_training=False)
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    return DataLoader(Subset(dataset, indices[rank::world_size]), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=pin_memory)
+
+
+def image_mode(in_chans: int, override: Optional[str] = None) -> str:
+    """The Pillow mode to read images in for a model with ``in_chans`` input channels ('L' for 1, 'RGB' for 3), or
+    ``override`` (timm's ``--input-img-mode``) when it has that many bands; raises ``ValueError`` otherwise."""
+    from PIL import Image
+    if not override:
+        if in_chans not in _IMAGE_MODES:
+            raise ValueError(f'no default image mode for a model with {in_chans} input channels (1 reads L, 3 reads '
+                             'RGB): pass --input-img-mode')
+        return _IMAGE_MODES[in_chans]
+    try:
+        bands = len(Image.new(override, (1, 1)).getbands())
+    except ValueError:
+        raise ValueError(f'--input-img-mode {override!r} is not a Pillow image mode (e.g. L, RGB, RGBA)') from None
+    if bands != in_chans:
+        raise ValueError(f'--input-img-mode {override!r} gives {bands}-channel images, the model takes {in_chans}')
+    return override
+
+
+class _ConvertedDataset(torch.utils.data.Dataset):
+    """A torchvision dataset (timm's ``torch/`` names ignore ``input_img_mode``) whose images are converted to
+    ``mode`` before ``transform``, which the loaders set on this wrapper."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, mode: str):
+        self.dataset, self.mode, self.transform = dataset, mode, getattr(dataset, 'transform', None)
+        dataset.transform = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, target = self.dataset[index]
+        image = image.convert(self.mode)
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+def create_image_dataset(args: argparse.Namespace, split: str, in_chans: int, **kwargs: Any
+                         ) -> torch.utils.data.Dataset:
+    """timm's ``create_dataset`` for ``args`` (``--dataset``, ``--data-dir``...) with the images read in the mode the
+    model takes (:func:`image_mode`), whatever mode the files are in."""
+    from timm.data import create_dataset
+    mode = image_mode(in_chans, args.input_img_mode)
+    dataset = create_dataset(args.dataset, root=args.data_dir, split=split, download=args.dataset_download,
+                             class_map=args.class_map, input_img_mode=mode, **kwargs)
+    return _ConvertedDataset(dataset, mode) if args.dataset.startswith('torch/') else dataset
+
+
+
+
+@torch.no_grad()
+def evaluate_routes(
+        model: nn.Module,
+        loader: Any,
+        route_ids: Sequence[int],
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype] = None,
+        progress: bool = True,
+) -> dict[int, dict[str, float]]:
+    """Loss, top-1 and top-5 (percent) of each route in ``route_ids`` over ``loader``; every batch runs every
+    route. Under ``torch.distributed`` the counts of all ranks are summed, so each rank returns the same values."""
+    model.eval()
+    sums = torch.zeros(len(route_ids), 3, dtype=torch.float64, device=device)  # loss sum, top1, top5 counts
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for images, target in tqdm(loader, desc=f'eval {len(route_ids)} routes', disable=not progress, leave=False):
+        images, target = images.to(device), target.to(device)
+        for i, k in enumerate(route_ids):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = model(images, stitch_id=k)
+            output = output.float()
+            top5 = output.topk(min(5, output.shape[-1]), dim=-1).indices
+            hits = top5.eq(target[:, None])
+            sums[i, 0] += nn.functional.cross_entropy(output, target, reduction='sum')
+            sums[i, 1] += hits[:, 0].sum()
+            sums[i, 2] += hits.any(dim=-1).sum()
+        count += target.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(count)
+    n = max(count.item(), 1.0)
+    return {k: {'loss': sums[i, 0].item() / n, 'top1': 100 * sums[i, 1].item() / n,
+                'top5': 100 * sums[i, 2].item() / n, 'count': int(count.item())}
+            for i, k in enumerate(route_ids)}
+
+
+
+def create_stitched_model(args: argparse.Namespace, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(args.model, ...)`` with a clear error for an unknown name or a non-stitched model."""
+    import timm
+
+    from . import models  # noqa: F401  (registers the architectures)
+    from .model import StitchedNet
+    if not timm.is_model(args.model):
+        raise ValueError(f'unknown model {args.model!r}: expected a registered snnet_* architecture '
+                         f"(see timm.list_models('snnet*')) or 'snnet' with --anchors")
+    model_kwargs = dict(args.model_kwargs or {})
+    if args.anchors:
+        if 'anchors' in model_kwargs:
+            raise ValueError('give the anchors either with --anchors or in --model-kwargs, not both')
+        model_kwargs['anchors'] = [a.strip() for a in args.anchors.split(',') if a.strip()]
+    if args.num_classes is not None:
+        model_kwargs['num_classes'] = args.num_classes
+    if args.img_size is not None:
+        model_kwargs['img_size'] = args.img_size
+    model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs, **kwargs)
+    if not isinstance(model, StitchedNet):
+        raise ValueError(f'{args.model} is not a stitched network (expected an snnet_* architecture)')
+    return model
+
+
+def check_data_dir(args: argparse.Namespace) -> None:
+    """Raise for a folder dataset without ``--data-dir`` or a ``--data-dir`` that does not exist."""
+    if not args.dataset and not args.data_dir:
+        raise ValueError('--data-dir is required for a folder dataset')
+    if args.data_dir and not os.path.exists(args.data_dir):
+        raise FileNotFoundError(f'dataset path {args.data_dir!r} does not exist')
+
+
+def resolve_amp_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp``/``--amp-dtype`` (None without ``--amp``); ``--amp-dtype`` alone is an
+    error, not a silent no-op."""
+    if args.amp_dtype and not args.amp:
+        raise ValueError(f'--amp-dtype {args.amp_dtype} needs --amp')
+    return getattr(torch, args.amp_dtype or 'float16') if args.amp else None
+
+
+
+def resolve_device(name: Optional[str]) -> str:
+    """``name``, or the default device: cuda when available, else cpu."""
+    return name or ('cuda' if torch.cuda.is_available() else 'cpu')
