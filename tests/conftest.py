@@ -78,14 +78,20 @@ def hub(tmp_path, monkeypatch):
         yield server
 
 
+#: torch's own thread count, which the full-size ``slow`` tests keep
+DEFAULT_THREADS = torch.get_num_threads()
+# Tiny models run fastest on one thread (several threads on a busy 2-core CPU are 10-40x slower). Set for the whole
+# session, so that module-scoped fixtures compute on the same thread count as the tests that compare with them
+# (reductions split over other thread counts round differently).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
-    """Tiny models run fastest on one thread (several threads on a busy 2-core CPU are 10-40x slower); the
-    full-size ``slow`` tests keep torch's default."""
-    if request.node.get_closest_marker('slow'):
+def default_threads_for_slow_tests(request):
+    """The full-size ``slow`` tests run on torch's default thread count; every other test on one thread."""
+    if not request.node.get_closest_marker('slow'):
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(DEFAULT_THREADS)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)

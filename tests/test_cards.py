@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import timm
-import torch
 from huggingface_hub import ModelCard
 from reported_tables import DEIT_TSB, read_rows
 from tiny_models import tiny_snnet
@@ -19,12 +18,8 @@ from timm_stitch.profile import device_profile
 
 @pytest.fixture(scope='module')
 def profiled():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the tests run (conftest), so that the latency keys agree
-    model = tiny_snnet()
-    card = timm_stitch.profile(model, warmup=1, repeats=2, progress=False)
-    yield model, card
-    torch.set_num_threads(threads)
+    model = tiny_snnet()  # on the suite's one thread (conftest), so that the latency keys agree
+    return model, timm_stitch.profile(model, warmup=1, repeats=2, progress=False)
 
 
 def test_card_from_model_round_trips(tmp_path):

@@ -52,7 +52,8 @@ def _hashes(run: Path) -> tuple[str, str]:
 
 @pytest.fixture(scope='module')
 def expected(tmp_path_factory, data) -> tuple[tuple[str, str], str]:
-    """The uninterrupted run's final weights and EMA digests, and its ``summary.csv``."""
+    """The uninterrupted run's final weights and EMA digests, and its ``summary.csv`` (on the suite's one thread, as
+    every run compared with it)."""
     folder = tmp_path_factory.mktemp('full')
     assert main(_argv(folder, data, 'full')) == 0
     return _hashes(folder / 'full'), (folder / 'full' / 'summary.csv').read_text()
