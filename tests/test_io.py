@@ -5,9 +5,11 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 
 import timm_stitch
 from timm_stitch._io import atomic_dir, atomic_path, atomic_write, temp_name
+from timm_stitch.hub import save_pretrained
 
 PACKAGE = Path(timm_stitch.__file__).parent
 
@@ -61,6 +63,21 @@ def _private_timm_imports(path: Path) -> list[str]:
                 names = ['.'.join([value.id, *reversed(parts)])]
         found += [n for n in names if n.split('.')[0] == 'timm' and any(p.startswith('_') for p in n.split('.'))]
     return found
+
+
+def test_saved_folders_and_files_get_plain_permissions(tmp_path, monkeypatch):
+    """Temp files and folders are owner-only (mkdtemp, and safetensors' own writer); what is renamed into place has
+    the permissions of a plain write under the umask, so a saved model can be shared."""
+    old = os.umask(0o022)
+    try:
+        saved = save_pretrained(timm.create_model('snnet_vit_fmnist_tsb'), tmp_path / 'saved')
+        with atomic_path(tmp_path / 'file.bin') as tmp:
+            Path(tmp).write_bytes(b'x')
+            os.chmod(tmp, 0o600)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [saved, *saved.iterdir(), tmp_path / 'file.bin']}
+    assert modes.pop('saved') == 0o755 and set(modes.values()) == {0o644}, modes
 
 
 def test_only_the_compat_module_imports_timm_private_functions():

@@ -11,7 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-__all__ = ['atomic_path', 'atomic_write', 'atomic_dir', 'replace_dir', 'fsync_path', 'file_sha256', 'temp_name']
+__all__ = [
+    'atomic_path', 'atomic_write', 'atomic_dir', 'replace_dir', 'fsync_path', 'file_sha256', 'temp_name',
+    'plain_permissions',
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -34,6 +37,19 @@ def fsync_path(path: PathLike) -> None:
         os.close(fd)
 
 
+def plain_permissions(path: PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions a plain ``open``/``mkdir`` would under the
+    process umask: temp files and folders are made owner-only (``mkstemp``, ``mkdtemp``, safetensors' own writer),
+    which would otherwise survive the rename and make saved models unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    for item in [path, *(path.rglob('*') if path.is_dir() and not path.is_symlink() else ())]:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_path(path: PathLike, temp_dir: Optional[PathLike] = None, fsync: bool = True) -> Iterator[str]:
     """Yield a fresh temp path (not yet created) for the body to write ``path``'s new content to (a file, or a
@@ -44,8 +60,10 @@ def atomic_path(path: PathLike, temp_dir: Optional[PathLike] = None, fsync: bool
     tmp = temp_name(target, temp_dir)
     try:
         yield tmp
-        if fsync and os.path.isfile(tmp) and not os.path.islink(tmp):
-            fsync_path(tmp)
+        if os.path.isfile(tmp) and not os.path.islink(tmp):
+            plain_permissions(tmp)
+            if fsync:
+                fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.lexists(tmp):
@@ -88,6 +106,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.', suffix='.tmp'))
     try:
         yield tmp
+        plain_permissions(tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ._io import atomic_path, atomic_write, file_sha256, fsync_path
+from ._io import atomic_path, atomic_write, file_sha256, fsync_path, plain_permissions
 
 __all__ = ['save_checkpoint', 'load_state', 'publish', 'output_lock', 'keep_history', 'plain_args', 'trim_summary']
 
@@ -117,6 +117,7 @@ def save_checkpoint(path_stem: str, model: nn.Module, state: dict[str, Any], mod
         if model_ema is not None:
             state['ema_sha256'] = _save_weights(model_ema, os.path.join(tmp, f'{name}_ema.safetensors'), meta)
         torch.save(state, os.path.join(tmp, f'{name}.state.pth'))
+        plain_permissions(tmp)
         for file in os.listdir(tmp):
             fsync_path(os.path.join(tmp, file))
         done = tmp.removesuffix('.tmp')
