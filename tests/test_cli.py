@@ -140,12 +140,23 @@ def test_filters_without_values_say_so(capsys):
         assert capsys.readouterr().out == ''
 
 
-def test_runtime_failure_exits_1_and_debug_shows_the_traceback(capsys, tmp_path):
+def test_unreadable_checkpoint_names_the_file_and_the_formats(capsys, tmp_path):
     corrupt = tmp_path / 'corrupt.pth'
     corrupt.write_bytes(os.urandom(256))
-    code, err = _run(capsys, ['routes', TINY, '--checkpoint', str(corrupt)])
-    assert code == 1 and _error_line(err)
-    code, err = _run(capsys, ['routes', TINY, '--checkpoint', str(corrupt), '--debug'])
+    for command in (['routes', TINY], ['validate', '--model', TINY, '--data-dir', str(tmp_path)]):
+        code, err = _run(capsys, [*command, '--checkpoint', str(corrupt)])
+        line = _error_line(err)
+        assert code == 2 and f'cannot load the weights file {corrupt}' in line and '.safetensors' in line, err
+        assert 'weights_only=False' not in line  # torch's advice about an argument the CLI does not have
+
+
+def test_runtime_failure_exits_1_and_debug_shows_the_traceback(capsys, monkeypatch):
+    def broken(model):
+        raise RuntimeError('counter broke')
+    monkeypatch.setattr('timm_stitch.macs.count_route_macs', broken)
+    code, err = _run(capsys, ['routes', TINY])
+    assert code == 1 and 'counter broke' in _error_line(err)
+    code, err = _run(capsys, ['routes', TINY, '--debug'])
     assert code == 1 and 'Traceback' in err and err.rstrip().splitlines()[-1].startswith('timm-stitch: error: ')
 
 

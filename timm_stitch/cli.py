@@ -87,7 +87,8 @@ def build_model(args: argparse.Namespace) -> StitchedNet:
     if not isinstance(model, StitchedNet):
         raise ValueError(f'{args.model} is not a stitched network (expected an snnet_* architecture)')
     if args.checkpoint:
-        timm.models.load_checkpoint(model, args.checkpoint)
+        from .evaluation import load_weights
+        load_weights(model, args.checkpoint)
     if args.card:
         model.load_card(args.card)
     return model.eval()

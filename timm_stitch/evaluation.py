@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Optional, Sequence
+import pickle
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-__all__ = ['parse_ids', 'eval_loader', 'image_mode', 'create_image_dataset', 'evaluate_routes',
+__all__ = ['load_weights', 'parse_ids', 'eval_loader', 'image_mode', 'create_image_dataset', 'evaluate_routes',
            'create_stitched_model', 'check_data_dir', 'resolve_amp_dtype', 'resolve_device']
 
 #: the Pillow mode images are read in for a model's number of input channels
@@ -185,3 +188,55 @@ def resolve_amp_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
 def resolve_device(name: Optional[str]) -> str:
     """``name``, or the default device: cuda when available, else cpu."""
     return name or ('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+_WEIGHTS_FORMATS = ('a .safetensors file, or a torch.save checkpoint (.pth/.pt) holding a state dict, plain or '
+                    "under 'state_dict'/'model'")
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of an error's message (torch's add advice about its own arguments after the first)."""
+    text = str(error).strip().strip("'\"") or repr(error)
+    return text.splitlines()[0].split('. ')[0]
+
+
+@contextmanager
+def _reading_weights(path: str) -> Iterator[None]:
+    """Turn the many errors of a weights file that cannot be read, or does not fit the model, into one
+    ``ValueError`` naming the file and the formats taken."""
+    try:
+        yield
+    except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError, KeyError) as e:
+        raise ValueError(f'cannot load the weights file {path}: expected {_WEIGHTS_FORMATS} that fits the model; '
+                         f'{type(e).__name__}: {_first_sentence(e)}') from e
+
+
+def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:
+    """Load the weights file ``path`` into ``model`` and return the file read. With ``use_ema``, the EMA weights:
+    ``{stem}_ema.safetensors`` beside the trainer's ``{stem}.safetensors``, or the ``state_dict_ema``/``model_ema``
+    entry of a ``.pth``; raises ``FileNotFoundError``/``ValueError`` when there are none, rather than loading the
+    plain weights."""
+    import timm
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    if not use_ema or path.endswith('_ema.safetensors'):
+        with _reading_weights(path):
+            timm.models.load_checkpoint(model, path, use_ema=False)
+        return path
+    if path.endswith('.safetensors'):
+        ema = path.removesuffix('.safetensors') + '_ema.safetensors'
+        if not os.path.isfile(ema):
+            raise FileNotFoundError(f'--use-ema: {path} has no EMA weights beside it (expected {ema}, which the '
+                                    'trainer writes with --model-ema)')
+        with _reading_weights(ema):
+            timm.models.load_checkpoint(model, ema, use_ema=False)
+        return ema
+    with _reading_weights(path):
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint, dict)
+                and checkpoint.get(k) is not None), None)
+    if key is None:
+        raise ValueError(f'--use-ema: {path} holds no EMA weights (no state_dict_ema or model_ema entry)')
+    with _reading_weights(path):
+        model.load_state_dict(timm.models.clean_state_dict(checkpoint[key]))
+    return path

@@ -27,6 +27,7 @@ from .evaluation import (
     create_image_dataset,
     create_stitched_model,
     eval_loader,
+    load_weights,
     parse_ids,
     resolve_amp_dtype,
     resolve_device,
@@ -98,7 +99,7 @@ def _build_criterion(args: argparse.Namespace, use_mixup: bool, num_classes: int
     teacher = timm.create_model(args.kd_model, pretrained=args.kd_pretrained and not args.kd_checkpoint,
                                 num_classes=num_classes)
     if args.kd_checkpoint:
-        timm.models.load_checkpoint(teacher, args.kd_checkpoint)
+        load_weights(teacher, args.kd_checkpoint)
     return DistillationLoss(base, teacher, args.kd_type, args.kd_alpha, args.kd_tau).to(device), True
 
 
@@ -151,7 +152,7 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
         extra['pretrained_anchors'] = True
     model = create_stitched_model(args, **extra)
     if args.initial_checkpoint:
-        timm.models.load_checkpoint(model, args.initial_checkpoint)
+        load_weights(model, args.initial_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.freeze_anchors:

@@ -31,6 +31,7 @@ from .evaluation import (
     create_stitched_model,
     eval_loader,
     evaluate_routes,
+    load_weights,
     parse_ids,
     resolve_amp_dtype,
     resolve_device,
@@ -40,33 +41,6 @@ from .fingerprint import weights_fingerprint
 __all__ = ['load_weights', 'record_key', 'main', 'add_parser']
 
 _logger = logging.getLogger('timm_stitch.validate')
-
-
-def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:
-    """Load the weights file ``path`` into ``model`` and return the file read. With ``use_ema``, the EMA weights:
-    ``{stem}_ema.safetensors`` beside the trainer's ``{stem}.safetensors``, or the ``state_dict_ema``/``model_ema``
-    entry of a ``.pth``; raises ``FileNotFoundError``/``ValueError`` when there are none, rather than loading the
-    plain weights."""
-    import timm
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-    if not use_ema or path.endswith('_ema.safetensors'):
-        timm.models.load_checkpoint(model, path, use_ema=False)
-        return path
-    if path.endswith('.safetensors'):
-        ema = path.removesuffix('.safetensors') + '_ema.safetensors'
-        if not os.path.isfile(ema):
-            raise FileNotFoundError(f'--use-ema: {path} has no EMA weights beside it (expected {ema}, which the '
-                                    'trainer writes with --model-ema)')
-        timm.models.load_checkpoint(model, ema, use_ema=False)
-        return ema
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint, dict)
-                and checkpoint.get(k) is not None), None)
-    if key is None:
-        raise ValueError(f'--use-ema: {path} holds no EMA weights (no state_dict_ema or model_ema entry)')
-    model.load_state_dict(timm.models.clean_state_dict(checkpoint[key]))
-    return path
 
 
 # ---- records and outputs ------------------------------------------------------------------------------------------
