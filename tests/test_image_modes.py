@@ -77,3 +77,12 @@ def test_torchvision_datasets_are_converted_too(tmp_path):
     assert validate_main([*TINY_RGB, *COMMON, '--dataset', 'torch/fashion_mnist', '--data-dir', str(root),
                           '--split', 'test', '--stitch-ids', '0', '--output', str(out)]) == 0
     assert json.loads((out / 'routes.jsonl').read_text())['count'] == 8
+
+    # a split timm would silently read as the test split, and IDX files not in torchvision's layout
+    with pytest.raises(ValueError, match="split 'bogus' is not a split of torch/fashion_mnist: expected one of train"):
+        validate_main([*TINY_RGB, *COMMON, '--dataset', 'torch/fashion_mnist', '--data-dir', str(root),
+                       '--split', 'bogus', '--output', str(out)])
+    with pytest.raises(FileNotFoundError, match=r'not in --data-dir .*idx.* prepare_fashion_mnist'):
+        validate_main([*TINY_RGB, *COMMON, '--dataset', 'torch/fashion_mnist', '--data-dir', str(source),
+                       '--split', 'test', '--output', str(tmp_path / 'out2')])
+    assert not (tmp_path / 'out2').exists()

@@ -95,15 +95,34 @@ class _ConvertedDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
+#: split names timm's torchvision datasets take
+TORCH_SPLITS = ('train', 'training', 'test', 'val', 'valid', 'validation', 'eval', 'evaluation')
+
+
 def create_image_dataset(args: argparse.Namespace, split: str, in_chans: int, **kwargs: Any
                          ) -> torch.utils.data.Dataset:
     """timm's ``create_dataset`` for ``args`` (``--dataset``, ``--data-dir``...) with the images read in the mode the
     model takes (:func:`image_mode`), whatever mode the files are in."""
     from timm.data import create_dataset
     mode = image_mode(in_chans, args.input_img_mode)
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=split, download=args.dataset_download,
-                             class_map=args.class_map, input_img_mode=mode, **kwargs)
-    return _ConvertedDataset(dataset, mode) if args.dataset.startswith('torch/') else dataset
+    is_torch = args.dataset.lower().startswith('torch/')
+    if is_torch and split not in TORCH_SPLITS:  # timm reads any other name as the test split
+        raise ValueError(f'split {split!r} is not a split of {args.dataset}: expected one of {", ".join(TORCH_SPLITS)} '
+                         "('train'/'training' is the training split, the others its test split)")
+    try:
+        dataset = create_dataset(args.dataset, root=args.data_dir, split=split, download=args.dataset_download,
+                                 class_map=args.class_map, input_img_mode=mode, **kwargs)
+    except RuntimeError as e:
+        if not (is_torch and 'not found' in str(e)):
+            raise
+        hint = ''
+        if args.dataset.lower() == 'torch/fashion_mnist':
+            hint = (' For IDX files in one folder (such as Debian\'s /usr/share/datasets/fashion-mnist), lay them out '
+                    'first: python -c "from timm_stitch.data import prepare_fashion_mnist; '
+                    'prepare_fashion_mnist(\'DIR\', source=\'IDX_FOLDER\')", then pass --data-dir DIR.')
+        raise FileNotFoundError(f'{args.dataset} is not in --data-dir {args.data_dir!r} in torchvision\'s layout '
+                                f'(and --dataset-download is off).{hint}') from e
+    return _ConvertedDataset(dataset, mode) if is_torch else dataset
 
 
 
