@@ -108,6 +108,8 @@ def test_bad_values_are_usage_errors(capsys, tmp_path, monkeypatch):
         ('profile', TINY, '--batch-size', '0'): ['--batch-size', "'0'", '>= 1'],
         ('profile', TINY, '--repeats', 'many'): ['--repeats', "'many'", '>= 1'],
         ('routes', TINY, '--checkpoint', str(tmp_path / 'missing.pth')): ['--checkpoint', 'missing.pth'],
+        ('convert', str(tmp_path / 'missing.pth'), '--out', str(tmp_path / 'o')): [
+            f"no such file or directory: '{tmp_path / 'missing.pth'}'"],
         ('card', TINY, '--out', str(tmp_path / 'c'), '--accuracy', str(tmp_path)): ['--accuracy', 'is a folder'],
         ('routes', TINY, '--min-top1', '188'): ['--min-top1', "'188'", '[0, 100]'],
         ('routes', TINY, '--max-macs=-5G'): ['--max-macs', "'-5G'", 'non-negative'],

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _message(error: BaseException) -> str:
     if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
         return error.args[0]  # str(KeyError) would add quotes
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f'{error.strerror.lower()}: {error.filename!r}'  # not Python's '[Errno 2] ...' form
     return str(error) or type(error).__name__
 
 
