@@ -236,3 +236,16 @@ def test_snapshot_download_then_local_dir(hub, published):
     assert loaded.routes()[2].top1 == TOP1[2]
     hub.offline()
     assert snapshot_download('someone/snap') == path
+
+
+def test_the_active_route_is_saved_with_the_model(tmp_path):
+    """config.json records the active route (its num_features is that route's), and the reloaded model runs it."""
+    model = timm.create_model('snnet_deit_tsb', **SMALL).eval()
+    model.set_stitch(3)
+    folder = save_pretrained(model, tmp_path / 'saved')
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config['model_args']['stitch_id'] == 3 and config['num_features'] == model.num_features
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert loaded.stitch_id == 3 and loaded.num_features == config['num_features']
+    x = _images()
+    assert torch.equal(loaded(x), model(x))
