@@ -63,6 +63,9 @@ class RouteCard:
     provenance: list[dict[str, Any]] = field(default_factory=list)
     #: what the accuracies hold for: ``{'weights_fingerprint': ..., 'model_args': {...}}``, or None (unknown)
     measured_with: Optional[dict[str, Any]] = None
+    #: confidence cascades measured on this card's weights: ``{'routes', 'confidence', 'dataset', 'curve'}`` with
+    #: ``curve`` a list of ``{'threshold', 'top1', 'mean_macs'}`` (see :mod:`timm_stitch.cascade`)
+    cascades: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     # ---- building ----
@@ -108,6 +111,7 @@ class RouteCard:
         card = copy.deepcopy(self)
         for entry in card.routes:
             entry.top1 = entry.top5 = entry.accuracy = None
+        card.cascades = []
         card.provenance = [p for p in card.provenance if p.get('what') != 'accuracy']
         card.measured_with = None
         return card
@@ -246,6 +250,7 @@ class RouteCard:
             'routes': [asdict(r) for r in self.routes],
             'provenance': self.provenance,
             'measured_with': self.measured_with,
+            'cascades': self.cascades,
         }
 
     @classmethod
@@ -261,6 +266,7 @@ class RouteCard:
             settings=dict(data.get('settings', {})),
             provenance=list(data.get('provenance', [])),
             measured_with=data.get('measured_with'),
+            cascades=list(data.get('cascades', [])),
         )
 
     def save(self, path: PathLike) -> None:

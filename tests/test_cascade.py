@@ -1,0 +1,112 @@
+"""Confidence cascades: answers, prefix reuse, the threshold sweep and its record in the route card."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_images, tiny_snnet
+
+import timm_stitch
+from timm_stitch import Cascade, RouteCard
+from timm_stitch.cascade import add_cascade_curve, confidence, select_cascade, stage_macs_of, sweep_thresholds
+from timm_stitch.macs import count_anchor_macs
+from timm_stitch.serving import first_segment_length, prefix_macs
+
+
+@pytest.fixture(scope='module')
+def model():
+    return tiny_snnet()
+
+
+def _from_anchor(model, anchor):
+    return [r.id for r in model.plan.routes if not r.is_anchor and r.anchors[0] == anchor]
+
+
+def _reference(model, x, routes, thresholds, kind):
+    """The definition with plain route calls: each stage's route on the samples still unanswered."""
+    out = torch.empty(len(x), 10)
+    answered = torch.full((len(x),), -1)
+    active = torch.arange(len(x))
+    for i, k in enumerate(routes):
+        logits = model(x[active], stitch_id=k)
+        take = torch.ones(len(active), dtype=torch.bool) if i == len(routes) - 1 else \
+            confidence(logits, kind) >= thresholds[i]
+        out[active[take]], answered[active[take]] = logits[take], k
+        active = active[~take]
+    return out, answered
+
+
+@pytest.mark.parametrize('kind', ['max_softmax', 'margin'])
+def test_cascade_answers_are_the_answering_routes_outputs(model, kind):
+    first = _from_anchor(model, 0)
+    routes = [first[-1], first[0], 2]  # two stitched routes sharing anchor 0's prefix, then anchor B
+    x = tiny_images(16, seed=3)
+    with torch.no_grad():
+        thresholds = [float(confidence(model(x, stitch_id=k), kind).median()) for k in routes[:2]]
+        out = Cascade(model, routes, thresholds, confidence=kind)(x)
+        expected, answered = _reference(model, x, routes, thresholds, kind)
+    assert torch.equal(out.route, answered)
+    assert set(answered.tolist()) == set(routes), 'every stage answers some samples'
+    assert torch.equal(out.logits, expected)
+
+
+def test_cascade_reuses_the_shared_prefix(model, monkeypatch):
+    first = _from_anchor(model, 0)
+    calls = []
+    adapter = model.adapters[0]
+    embed = adapter.embed
+    monkeypatch.setattr(adapter, 'embed', lambda x: calls.append(len(x)) or embed(x))
+    with torch.no_grad():
+        Cascade(model, [first[0], first[-1]], threshold=2.0)(tiny_images(6))  # nothing reaches 2.0: all escalate
+    assert calls == [6], 'the second route resumes from the first route\'s activations'
+
+
+def test_cascade_stage_macs_subtract_the_resumed_prefix(model):
+    first = _from_anchor(model, 0)
+    routes = [first[0], first[-1], 2]
+    counted = model.counted_routes()
+    anchor = count_anchor_macs(model)[0][0]
+    depth = min(first_segment_length(model, first[0]), first_segment_length(model, first[-1]))
+    resumed = counted[first[-1]].macs - prefix_macs(anchor, depth)
+    assert stage_macs_of(model, routes) == [counted[first[0]].macs, resumed, counted[2].macs]
+
+
+def test_bad_cascades_raise(model):
+    with pytest.raises(ValueError, match='2 thresholds for a cascade of 2 routes'):
+        Cascade(model, [0, 1], [0.5, 0.6])
+    with pytest.raises(ValueError, match="unknown confidence 'entropy'"):
+        Cascade(model, [0, 1], 0.5, confidence='entropy')
+    with pytest.raises(ValueError, match='out of range'):
+        Cascade(model, [0, 99], 0.5)
+
+
+def test_sweep_on_synthetic_logits():
+    targets = torch.tensor([0, 1, 0, 1])
+    cheap = torch.tensor([[4., 0.], [0., 4.], [0.1, 0.], [0.1, 0.]])  # confident and right / unsure
+    cheap[1] = torch.tensor([4., 0.])  # confident and wrong
+    big = torch.tensor([[0., 1.], [0., 1.], [1., 0.], [0., 1.]])
+    curve = sweep_thresholds([cheap, big], targets, [10, 100], [0.0, 0.9, 1.0])
+    # t=0: the cheap route answers all (2 right); t=0.9: it answers the two confident ones (1 right), the big one
+    # the two others (both right); t=1.0: the big one answers all (3 right)
+    assert curve == [
+        {'threshold': 0.0, 'top1': 50.0, 'mean_macs': 10.0},
+        {'threshold': 0.9, 'top1': 75.0, 'mean_macs': 60.0},
+        {'threshold': 1.0, 'top1': 75.0, 'mean_macs': 110.0},
+    ]
+
+
+def test_cascade_curve_round_trips_through_the_card(model, tmp_path):
+    card = RouteCard.from_model(model)
+    curve = [{'threshold': 0.5, 'top1': 80.0, 'mean_macs': 1e6}, {'threshold': 0.9, 'top1': 85.0, 'mean_macs': 2e6}]
+    card = add_cascade_curve(card, [0, 2], 'max_softmax', curve, dataset='fashion-mnist/test[5000:]')
+    card.save(tmp_path / 'routes.json')
+    loaded = RouteCard.load(tmp_path / 'routes.json')
+    assert loaded.cascades == card.cascades
+    assert select_cascade(loaded, 1.5e6) == {'routes': [0, 2], 'confidence': 'max_softmax', **curve[0]}
+    assert select_cascade(loaded, 5e6)['top1'] == 85.0
+    with pytest.raises(ValueError, match='cheapest needs 1e\\+06'):
+        select_cascade(loaded, 10)
+    assert card.without_accuracy().cascades == []
+
+
+def test_cascade_is_exported():
+    assert timm_stitch.Cascade is Cascade
