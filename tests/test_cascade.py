@@ -110,3 +110,13 @@ def test_cascade_curve_round_trips_through_the_card(model, tmp_path):
 
 def test_cascade_is_exported():
     assert timm_stitch.Cascade is Cascade
+
+
+def test_card_plot_draws_the_cascade_curve(model, tmp_path):
+    from timm_stitch.card_readme import plot_card
+    card = RouteCard.from_model(model).with_accuracy({r.id: (50.0 + r.id, None) for r in model.plan.routes},
+                                                      dataset='tiny/val', source='measured')
+    plot_card(card, tmp_path / 'plain.png')
+    curve = [{'threshold': 0.5, 'top1': 60.0, 'mean_macs': 1e6}, {'threshold': 0.9, 'top1': 70.0, 'mean_macs': 2e6}]
+    plot_card(add_cascade_curve(card, [0, 2], 'margin', curve, 'tiny/val'), tmp_path / 'cascade.png')
+    assert (tmp_path / 'plain.png').read_bytes() != (tmp_path / 'cascade.png').read_bytes()
