@@ -163,7 +163,8 @@ def plot_card(card: RouteCard, path: PathLike) -> None:
                 label='Pareto front', zorder=1)
         for cascade in card.cascades:
             curve = sorted(cascade['curve'], key=lambda p: p['mean_macs'])
-            label = 'cascade ' + ' → '.join(str(k) for k in cascade['routes']) + f" ({cascade['confidence']})"
+            label = (f"cascade {' → '.join(str(k) for k in cascade['routes'])} ({cascade['confidence']}, "
+                     f"{cascade['dataset']})")
             ax.plot([p['mean_macs'] / scale for p in curve], [p['top1'] for p in curve], lw=1, label=label, zorder=2)
     source = next((r.accuracy for r in card.routes if r.accuracy), None)
     ylabel = 'top-1 (%)' if has_acc else 'params (M)'
