@@ -120,3 +120,16 @@ def test_card_plot_draws_the_cascade_curve(model, tmp_path):
     curve = [{'threshold': 0.5, 'top1': 60.0, 'mean_macs': 1e6}, {'threshold': 0.9, 'top1': 70.0, 'mean_macs': 2e6}]
     plot_card(add_cascade_curve(card, [0, 2], 'margin', curve, 'tiny/val'), tmp_path / 'cascade.png')
     assert (tmp_path / 'plain.png').read_bytes() != (tmp_path / 'cascade.png').read_bytes()
+
+
+def test_card_merge_carries_cascades_with_their_weights(model):
+    curve = [{'threshold': 0.5, 'top1': 60.0, 'mean_macs': 1e6}]
+    base = RouteCard.from_model(model).with_accuracy({0: (50.0, None)}, dataset='tiny/val', source='measured')
+    old = add_cascade_curve(base, [0, 2], 'margin', curve, 'tiny/val')
+    other = add_cascade_curve(base, [1, 2], 'margin', curve, 'tiny/val')
+    assert [c['routes'] for c in old.with_measurements(other).cascades] == [[0, 2], [1, 2]]
+    retrained = dict(base.measured_with, weights_fingerprint='other weights')
+    other.measured_with = retrained
+    with pytest.warns(UserWarning, match='older ones are dropped'):
+        merged = old.with_measurements(other)
+    assert [c['routes'] for c in merged.cascades] == [[1, 2]], 'a cascade measured on other weights is dropped'

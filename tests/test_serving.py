@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -107,3 +108,28 @@ def test_shared_prefix_runs_common_units_once(monkeypatch):
     with torch.no_grad():
         mixed_forward(model, tiny_images(4), ids, share_prefix=False)
     assert sorted(calls) == [1, 1, 2]
+
+
+def test_mixed_batches_are_thread_safe():
+    model = tiny_snnet()
+    x = tiny_images(6)
+    batches = [torch.tensor([k, (k + 5) % 23, k, 0, 22, (k * 3) % 23]) for k in range(12)]
+    with torch.no_grad():
+        serial = [model(x, stitch_id=ids) for ids in batches]
+    results, errors = {}, []
+
+    def worker(i: int) -> None:
+        try:
+            with torch.no_grad():
+                results[i] = model(x, stitch_id=batches[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, expected in enumerate(serial):
+        assert torch.equal(results[i], expected), f'batch {i} differed under concurrency'
