@@ -1,7 +1,10 @@
 """Confidence cascades: answers, prefix reuse, the threshold sweep and its record in the route card."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
+import timm
 import torch
 from tiny_models import tiny_images, tiny_snnet
 
@@ -9,7 +12,7 @@ import timm_stitch
 from timm_stitch import Cascade, RouteCard
 from timm_stitch.cascade import add_cascade_curve, confidence, select_cascade, stage_macs_of, sweep_thresholds
 from timm_stitch.macs import count_anchor_macs
-from timm_stitch.serving import first_segment_length, prefix_macs
+from timm_stitch.serving import cascade_stage_macs, first_segment_length, prefix_macs
 
 
 @pytest.fixture(scope='module')
@@ -27,6 +30,8 @@ def _reference(model, x, routes, thresholds, kind):
     answered = torch.full((len(x),), -1)
     active = torch.arange(len(x))
     for i, k in enumerate(routes):
+        if not len(active):
+            break
         logits = model(x[active], stitch_id=k)
         take = torch.ones(len(active), dtype=torch.bool) if i == len(routes) - 1 else \
             confidence(logits, kind) >= thresholds[i]
@@ -68,6 +73,8 @@ def test_cascade_stage_macs_subtract_the_resumed_prefix(model):
     depth = min(first_segment_length(model, first[0]), first_segment_length(model, first[-1]))
     resumed = counted[first[-1]].macs - prefix_macs(anchor, depth)
     assert stage_macs_of(model, routes) == [counted[first[0]].macs, resumed, counted[2].macs]
+    assert cascade_stage_macs(counted, count_anchor_macs(model)[0], routes, share_prefix=False) == [
+        counted[k].macs for k in routes]
 
 
 def test_bad_cascades_raise(model):
@@ -133,3 +140,30 @@ def test_card_merge_carries_cascades_with_their_weights(model):
     with pytest.warns(UserWarning, match='older ones are dropped'):
         merged = old.with_measurements(other)
     assert [c['routes'] for c in merged.cascades] == [[1, 2]], 'a cascade measured on other weights is dropped'
+
+
+@pytest.mark.families('swin', 'resnet', 'levit', 'convnext', 'eva')
+def test_cascade_answers_per_family(family, family_net):
+    model = family_net.model.eval()
+    front = model.plan.routes[-1].anchors[0]
+    stitched = _from_anchor(model, front)
+    routes = [stitched[0], stitched[-1], len(model.anchors) - 1]
+    x = torch.randn(12, *family_net.images.shape[1:], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)  # uncalibrated BatchNorm routes
+        first = confidence(model(x, stitch_id=routes[0]))
+        escalated = first < first.median()
+        thresholds = [float(first.median()), float(confidence(model(x[escalated], stitch_id=routes[1])).median())]
+        out = Cascade(model, routes, thresholds)(x)
+        expected, answered = _reference(model, x, routes, thresholds, 'max_softmax')
+    assert torch.equal(out.route, answered)
+    assert set(answered.tolist()) == set(routes), 'every stage answers some samples'
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)  # resumed prefixes: batch-size rounding
+
+
+def test_shipped_fmnist_card_selects_a_cascade():
+    model = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True).eval()
+    cascade = Cascade.select(model, max_macs=25e6)
+    assert (cascade.routes, cascade.thresholds, cascade.confidence) == ([0, 2], [0.75], 'max_softmax')
+    with pytest.raises(ValueError, match='no route card'):
+        Cascade.select(tiny_snnet(), 1e9)

@@ -82,6 +82,15 @@ class Cascade:
             if source is not None:
                 self.keep[source].add(depth)
 
+    @classmethod
+    def select(cls, model: StitchedNet, max_macs: float) -> Cascade:
+        """The most accurate cascade recorded in ``model``'s loaded card whose mean MACs fit ``max_macs`` (see
+        :func:`select_cascade`); ``ValueError`` when the model has no card or no recorded cascade fits."""
+        if model.card is None:
+            raise ValueError('the model has no route card: load one with model.load_card(...)')
+        point = select_cascade(model.card, max_macs)
+        return cls(model, point['routes'], point['threshold'], confidence=point['confidence'])
+
     def __call__(self, x: torch.Tensor) -> CascadeOutput:
         model = self.model
         if model.training:
