@@ -10,7 +10,14 @@ from tiny_models import tiny_images, tiny_snnet
 
 import timm_stitch
 from timm_stitch import Cascade, RouteCard
-from timm_stitch.cascade import add_cascade_curve, confidence, select_cascade, stage_macs_of, sweep_thresholds
+from timm_stitch.cascade import (
+    add_cascade_curve,
+    confidence,
+    route_logits,
+    select_cascade,
+    stage_macs_of,
+    sweep_thresholds,
+)
 from timm_stitch.macs import count_anchor_macs
 from timm_stitch.serving import cascade_stage_macs, first_segment_length, prefix_macs
 
@@ -167,3 +174,13 @@ def test_shipped_fmnist_card_selects_a_cascade():
     assert (cascade.routes, cascade.thresholds, cascade.confidence) == ([0, 2], [0.75], 'max_softmax')
     with pytest.raises(ValueError, match='no route card'):
         Cascade.select(tiny_snnet(), 1e9)
+
+
+def test_route_logits_are_each_routes_outputs(model):
+    x = tiny_images(6, seed=4)
+    data = [(x[:4], torch.tensor([0, 1, 2, 3])), (x[4:], torch.tensor([4, 5]))]
+    logits, targets = route_logits(model, [3, 0], data, progress=False)
+    assert torch.equal(targets, torch.arange(6))
+    with torch.no_grad():
+        for k, got in zip([3, 0], logits):
+            assert torch.equal(got, torch.cat([model(x[:4], stitch_id=k), model(x[4:], stitch_id=k)]))
