@@ -6,6 +6,7 @@ from . import models  # noqa: F401  (registers the architectures)
 from .bn import recalibrate_bn
 from .builder import StitchOptions, stitch
 from .cards import RouteCard
+from .cascade import Cascade
 from .catalogue import RouteCatalogue
 from .compile import CompiledStitchedNet, compile
 from .convert import convert_official
@@ -26,5 +27,5 @@ __all__ = [
     'RouteCard', 'RouteCatalogue', 'count_route_macs', 'profile', 'device_profile',
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
-    'RouteSampler',
+    'RouteSampler', 'Cascade',
 ]

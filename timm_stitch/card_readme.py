@@ -124,8 +124,9 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME, repo_id
 
 
 def plot_card(card: RouteCard, path: PathLike) -> None:
-    """Save a PNG of every route's MACs against top-1 (or params when no accuracy is known), anchors starred and
-    the Pareto front drawn. Needs matplotlib (``pip install timm-stitch[plot]``)."""
+    """Save a PNG of every route's MACs against top-1 (or params when no accuracy is known), anchors starred, the
+    Pareto front and the card's cascade curves (mean MACs) drawn. Needs matplotlib
+    (``pip install timm-stitch[plot]``)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -160,6 +161,11 @@ def plot_card(card: RouteCard, path: PathLike) -> None:
         front = pareto_front(routes, 'macs', 'top1')
         ax.step([r.macs / scale for r in front], [r.top1 for r in front], where='post', c='grey', lw=0.8,
                 label='Pareto front', zorder=1)
+        for cascade in card.cascades:
+            curve = sorted(cascade['curve'], key=lambda p: p['mean_macs'])
+            label = (f"cascade {' → '.join(str(k) for k in cascade['routes'])} ({cascade['confidence']}, "
+                     f"{cascade['dataset']})")
+            ax.plot([p['mean_macs'] / scale for p in curve], [p['top1'] for p in curve], lw=1, label=label, zorder=2)
     source = next((r.accuracy for r in card.routes if r.accuracy), None)
     ylabel = 'top-1 (%)' if has_acc else 'params (M)'
     if source:

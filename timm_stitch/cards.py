@@ -63,6 +63,9 @@ class RouteCard:
     provenance: list[dict[str, Any]] = field(default_factory=list)
     #: what the accuracies hold for: ``{'weights_fingerprint': ..., 'model_args': {...}}``, or None (unknown)
     measured_with: Optional[dict[str, Any]] = None
+    #: confidence cascades measured on this card's weights: ``{'routes', 'confidence', 'dataset', 'curve'}`` with
+    #: ``curve`` a list of ``{'threshold', 'top1', 'mean_macs'}`` (see :mod:`timm_stitch.cascade`)
+    cascades: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     # ---- building ----
@@ -108,6 +111,7 @@ class RouteCard:
         card = copy.deepcopy(self)
         for entry in card.routes:
             entry.top1 = entry.top5 = entry.accuracy = None
+        card.cascades = []
         card.provenance = [p for p in card.provenance if p.get('what') != 'accuracy']
         card.measured_with = None
         return card
@@ -151,10 +155,11 @@ class RouteCard:
         return card
 
     def with_measurements(self, other: RouteCard) -> RouteCard:
-        """A copy with the accuracies (where ``other`` has any), latency profiles and provenance records of
-        ``other`` merged in; everything ``other`` does not hold is kept. ``other``'s MACs, params and structure are
-        not taken: this card's own counts stand. Accuracies travel with their ``measured_with``: the copy takes
-        ``other``'s, and accuracies of this card measured with another one are dropped."""
+        """A copy with the accuracies (where ``other`` has any), latency profiles, provenance records and cascade
+        curves of ``other`` merged in; everything ``other`` does not hold is kept. ``other``'s MACs, params and
+        structure are not taken: this card's own counts stand. Accuracies (and cascades) travel with their
+        ``measured_with``: the copy takes ``other``'s, and those of this card measured with another one are
+        dropped."""
         card = copy.deepcopy(self)
         accuracy = {r.id: r for r in other.routes if r.top1 is not None or r.top5 is not None}
         if accuracy:
@@ -172,6 +177,9 @@ class RouteCard:
             entry.latency.update(copy.deepcopy(source.latency))
         card.provenance += [copy.deepcopy(p) for p in other.provenance
                             if p.get('what') != _COUNTED and p not in card.provenance]
+        merged = {(tuple(c['routes']), c['confidence']) for c in other.cascades}
+        card.cascades = [c for c in card.cascades if (tuple(c['routes']), c['confidence']) not in merged
+                         ] + copy.deepcopy(other.cascades)
         return card
 
     def with_latency(self, profile: str, stats: Mapping[int, Mapping[str, float]], record: Mapping[str, Any]
@@ -191,7 +199,7 @@ class RouteCard:
             warnings.warn('merging accuracies measured on other weights or model arguments: the older ones are '
                           'dropped', stacklevel=3)
             cleared = self.without_accuracy()
-            self.routes, self.provenance = cleared.routes, cleared.provenance
+            self.routes, self.provenance, self.cascades = cleared.routes, cleared.provenance, cleared.cascades
         self.measured_with = copy.deepcopy(other.measured_with)
 
     def _drop_replaced_accuracy(self, ids: Mapping[int, Any]) -> None:
@@ -246,6 +254,7 @@ class RouteCard:
             'routes': [asdict(r) for r in self.routes],
             'provenance': self.provenance,
             'measured_with': self.measured_with,
+            'cascades': self.cascades,
         }
 
     @classmethod
@@ -261,6 +270,7 @@ class RouteCard:
             settings=dict(data.get('settings', {})),
             provenance=list(data.get('provenance', [])),
             measured_with=data.get('measured_with'),
+            cascades=list(data.get('cascades', [])),
         )
 
     def save(self, path: PathLike) -> None:

@@ -20,6 +20,7 @@ from .stitching import StitchingLayer
 
 if TYPE_CHECKING:
     from .cards import RouteCard
+    from .serving import RouteIds
 
 __all__ = ['StitchedNet', 'AnchorSpec', 'RouteSegment', 'build_anchor', 'anchor_name']
 
@@ -244,7 +245,12 @@ class StitchedNet(nn.Module):
         route = self.plan.routes[self.resolve_stitch_id(stitch_id)]
         return self.adapters[route.anchors[-1]].head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stitch_id: Optional[Union[int, RouteIds]] = None) -> torch.Tensor:
+        """Logits of route ``stitch_id`` (default: the active route), or with one route id per sample (a 1-D integer
+        tensor or sequence): see :func:`timm_stitch.serving.mixed_forward`."""
+        if isinstance(stitch_id, (torch.Tensor, list, tuple)):
+            from .serving import mixed_forward
+            return mixed_forward(self, x, stitch_id)
         stitch_id = self.resolve_stitch_id(stitch_id)
         with route_bn_stats(self, stitch_id):  # BatchNorm in heads (LeViT) too
             return self.forward_head(self._route_features(x, stitch_id), stitch_id=stitch_id)
