@@ -174,6 +174,9 @@ def test_shipped_fmnist_card_selects_a_cascade():
     assert (cascade.routes, cascade.thresholds, cascade.confidence) == ([0, 2], [0.75], 'max_softmax')
     with pytest.raises(ValueError, match='no route card'):
         Cascade.select(tiny_snnet(), 1e9)
+    other_heads = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True, num_classes=5).eval()
+    with pytest.raises(ValueError, match='route card is stale .*num_classes=10'):
+        Cascade.select(other_heads, max_macs=25e6)
 
 
 def test_route_logits_are_each_routes_outputs(model):

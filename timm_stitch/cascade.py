@@ -86,8 +86,12 @@ class Cascade:
     def select(cls, model: StitchedNet, max_macs: float) -> Cascade:
         """The most accurate cascade recorded in ``model``'s loaded card whose mean MACs fit ``max_macs`` (see
         :func:`select_cascade`); ``ValueError`` when the model has no card or no recorded cascade fits."""
+        from .catalogue import staleness
         if model.card is None:
             raise ValueError('the model has no route card: load one with model.load_card(...)')
+        stale = staleness(model.card, model)
+        if stale:
+            raise ValueError(f'the route card is stale ({stale}): its cascade curves were measured on other weights')
         point = select_cascade(model.card, max_macs)
         return cls(model, point['routes'], point['threshold'], confidence=point['confidence'])
 
