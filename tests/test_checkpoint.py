@@ -59,6 +59,7 @@ def expected(tmp_path_factory, data) -> tuple[tuple[str, str], str]:
     return _hashes(folder / 'full'), (folder / 'full' / 'summary.csv').read_text()
 
 
+@pytest.mark.integration
 def test_a_run_killed_anywhere_and_resumed_ends_as_the_uninterrupted_run(tmp_path, data, expected):
     rng = random.Random(0)
     # every file operation of a checkpoint save and a few of the next (a resumed process writes args.yaml, trains

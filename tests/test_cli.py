@@ -162,6 +162,7 @@ def test_runtime_failure_exits_1_and_debug_shows_the_traceback(capsys, monkeypat
     assert code == 1 and 'Traceback' in err and err.rstrip().splitlines()[-1].startswith('timm-stitch: error: ')
 
 
+@pytest.mark.integration
 def test_entry_point(tmp_path):
     """The installed ``timm-stitch`` script and ``python -m timm_stitch.cli`` in subprocesses: a usage error at
     parse time and one raised by the library."""

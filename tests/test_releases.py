@@ -142,6 +142,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.integration
 @pytest.mark.filterwarnings('ignore:route .* BatchNorm')
 def test_second_load_in_a_new_process_makes_no_request(releases):
     server, served, _ = releases

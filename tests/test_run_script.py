@@ -79,6 +79,7 @@ def test_launcher_runs_a_stock_style_script_with_the_plugin(script, capsys):
     assert 'active route 0 of 35' in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_launcher_as_a_module_propagates_the_exit_status(script):
     result = subprocess.run([sys.executable, '-m', 'timm_stitch.run_script', str(script), '--model',
                              'snnet_vit_fmnist_tsb', '--pretrained', '--model-kwargs', 'stitch_id=34', '--exit', '4'],
