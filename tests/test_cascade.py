@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -68,7 +69,7 @@ def test_cascade_reuses_the_shared_prefix(model, monkeypatch):
     embed = adapter.embed
     monkeypatch.setattr(adapter, 'embed', lambda x: calls.append(len(x)) or embed(x))
     with torch.no_grad():
-        Cascade(model, [first[0], first[-1]], threshold=2.0)(tiny_images(6))  # nothing reaches 2.0: all escalate
+        Cascade(model, [first[0], first[-1]], threshold=1.0)(tiny_images(6))  # nothing reaches 1.0: all escalate
     assert calls == [6], 'the second route resumes from the first route\'s activations'
 
 
@@ -187,3 +188,24 @@ def test_route_logits_are_each_routes_outputs(model):
     with torch.no_grad():
         for k, got in zip([3, 0], logits):
             assert torch.equal(got, torch.cat([model(x[:4], stitch_id=k), model(x[4:], stitch_id=k)]))
+
+
+def test_cascade_arguments_are_checked(model):
+    with pytest.raises(ValueError, match=r"threshold 1.5 is not a confidence: expected a number in \[0, 1\]"):
+        Cascade(model, [0, 2], threshold=1.5)
+    for bad in (float('nan'), -0.5, True, '0.9'):
+        with pytest.raises(ValueError, match='is not a confidence'):
+            Cascade(model, [0, 2], threshold=[bad])
+    with pytest.raises(ValueError, match='repeat a route'):
+        Cascade(model, [0, 0, 2], threshold=0.5)
+    # numpy and torch forms of the same arguments
+    cascade = Cascade(model, np.array([0, 2]), threshold=torch.tensor(0.5))
+    assert (cascade.routes, cascade.thresholds) == ([0, 2], [0.5])
+    assert Cascade(model, torch.tensor([0, 2]), threshold=np.float32(0.5)).thresholds == [0.5]
+
+
+def test_cascade_of_a_compiled_model_is_the_model_inside():
+    model = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True).eval()
+    compiled = torch.compile(model, backend='eager')
+    assert Cascade.select(compiled, max_macs=25e6).routes == Cascade.select(model, max_macs=25e6).routes
+    assert Cascade(compiled, [0, 2], threshold=0.5).model is model

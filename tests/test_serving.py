@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import threading
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_images, tiny_snnet
@@ -133,3 +134,15 @@ def test_mixed_batches_are_thread_safe():
     assert not errors
     for i, expected in enumerate(serial):
         assert torch.equal(results[i], expected), f'batch {i} differed under concurrency'
+
+
+def test_empty_batches_numpy_ids_and_0d_ids():
+    model = tiny_snnet().eval()
+    x = tiny_images(3)
+    with torch.no_grad():
+        for ids in ([], torch.tensor([], dtype=torch.long), np.array([], dtype=np.int64)):
+            assert model(x[:0], stitch_id=ids).shape == (0, 10)
+        ids = np.array([0, 5, 2])
+        assert torch.equal(model(x, stitch_id=ids), model(x, stitch_id=ids.tolist()))
+        assert torch.equal(model(x, stitch_id=torch.tensor(5)), model(x, stitch_id=5))
+        assert torch.equal(model(x, stitch_id=np.int64(5)), model(x, stitch_id=5))

@@ -12,13 +12,16 @@ into a route card (``RouteCard.cascades``) and :func:`select_cascade` reads to p
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import TYPE_CHECKING, Any, Iterable, Literal, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._modes import eval_mode
 from .serving import cascade_resume, cascade_stage_macs, first_segment_length, run_route
+from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
     from .cards import RouteCard
@@ -62,18 +65,28 @@ class Cascade:
 
     def __init__(self, model: StitchedNet, routes: Sequence[int], threshold: Union[float, Sequence[float]],
                  confidence: Confidence = 'max_softmax') -> None:
+        model = unwrap_stitched(model, 'Cascade')
+        routes = routes.tolist() if isinstance(routes, (torch.Tensor, np.ndarray)) else list(routes)
         if not routes:
             raise ValueError('a cascade needs at least one route')
         if confidence not in CONFIDENCES:
             raise ValueError(f'unknown confidence {confidence!r}: valid are {", ".join(CONFIDENCES)}')
         self.model = model
         self.routes = [model.check_stitch_id(k) for k in routes]
+        if len(set(self.routes)) != len(self.routes):
+            raise ValueError(f'routes {self.routes} repeat a route: a later stage would answer nothing new')
         stages = len(self.routes) - 1
-        thresholds = [float(threshold)] * stages if isinstance(threshold, (int, float)) else list(threshold)
+        if isinstance(threshold, (torch.Tensor, np.ndarray)):
+            threshold = threshold.tolist()
+        thresholds = [threshold] * stages if isinstance(threshold, numbers.Number) else list(threshold)
         if len(thresholds) != stages:
             raise ValueError(f'got {len(thresholds)} thresholds for a cascade of {len(self.routes)} routes: give '
                              f'one, or one per route but the last ({stages})')
-        self.thresholds = thresholds
+        for t in thresholds:
+            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0:
+                raise ValueError(f'threshold {t!r} is not a confidence: expected a number in [0, 1] (the {confidence} '
+                                 'of a softmax)')
+        self.thresholds = [float(t) for t in thresholds]
         self.confidence = confidence
         fronts = [model.plan.routes[k].anchors[0] for k in self.routes]
         self.resume = cascade_resume(fronts, [first_segment_length(model, k) for k in self.routes])
@@ -87,6 +100,7 @@ class Cascade:
         """The most accurate cascade recorded in ``model``'s loaded card whose mean MACs fit ``max_macs`` (see
         :func:`select_cascade`); ``ValueError`` when the model has no card or no recorded cascade fits."""
         from .catalogue import staleness
+        model = unwrap_stitched(model, 'Cascade.select')
         if model.card is None:
             raise ValueError('the model has no route card: load one with model.load_card(...)')
         stale = staleness(model.card, model)

@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -248,7 +249,9 @@ class StitchedNet(nn.Module):
     def forward(self, x: torch.Tensor, stitch_id: Optional[Union[int, RouteIds]] = None) -> torch.Tensor:
         """Logits of route ``stitch_id`` (default: the active route), or with one route id per sample (a 1-D integer
         tensor or sequence): see :func:`timm_stitch.serving.mixed_forward`."""
-        if isinstance(stitch_id, (torch.Tensor, list, tuple)):
+        if isinstance(stitch_id, (torch.Tensor, np.ndarray)) and stitch_id.ndim == 0:
+            stitch_id = stitch_id.item()  # one route, given as a 0-d tensor or array
+        elif isinstance(stitch_id, (torch.Tensor, np.ndarray, list, tuple)):
             from .serving import mixed_forward
             return mixed_forward(self, x, stitch_id)
         stitch_id = self.resolve_stitch_id(stitch_id)

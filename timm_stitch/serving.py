@@ -13,6 +13,7 @@ from __future__ import annotations
 import numbers
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .bn import route_bn_stats
@@ -33,6 +34,8 @@ def check_route_ids(model: StitchedNet, ids: RouteIds, batch_size: int) -> torch
     """``ids`` as a 1-D int64 CPU tensor of length ``batch_size``; ``TypeError``/``ValueError`` naming the first
     bad position and the valid range otherwise."""
     valid = f'valid ids are 0..{model.num_routes - 1}'
+    if isinstance(ids, np.ndarray):
+        ids = torch.from_numpy(ids)
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f'per-sample stitch_id must have an integer dtype, got {ids.dtype} ({valid})')
@@ -94,6 +97,8 @@ def mixed_forward(model: StitchedNet, x: torch.Tensor, ids: RouteIds, share_pref
     that start in the same anchor share its embedding and common units (see the module docstring)."""
     model.check_input(x)
     ids = check_route_ids(model, ids, x.shape[0])
+    if x.shape[0] == 0:
+        return model(x, stitch_id=model.stitch_id)  # no sample, no route to group by: the empty logits
     groups = group_by_route(ids.to(x.device) if x.device.type != 'cpu' else ids)
     share = share_prefix and not model.training
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
