@@ -93,6 +93,49 @@ def test_stitched_routes_match_feature_info_and_a_hooked_forward(family, family_
         assert torch.equal(some[0], feats[0]) and torch.equal(some[1], feats[-1])
 
 
+def test_deit3_anchor_and_stitched_routes():
+    """DeiT-3 (layer scale) anchors: anchor routes are timm's; a stitched route's blocks are the anchors' blocks."""
+    net = timm_stitch.stitch([dict(model_name='deit3_small_patch16_224', img_size=32, patch_size=8, embed_dim=d,
+                                   depth=3, num_heads=2, num_classes=10) for d in (16, 32)], num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for anchor_id, anchor in enumerate(net.anchors):
+            ours, ref = (net.forward_intermediates(x, stitch_id=anchor_id, intermediates_only=True),
+                         anchor.forward_intermediates(x, intermediates_only=True))
+            assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+        stitch_id = _stitched_ids(net)[0]
+        feats = net.forward_intermediates(x, stitch_id=stitch_id, intermediates_only=True, output_fmt='NLC')
+        assert [f.shape[-1] for f in feats] == [i['num_chs'] for i in route_feature_info(net, stitch_id)]
+        assert [int(i['module'].split('.')[1]) for i in route_feature_info(net, stitch_id)] == \
+            _expected_anchors(net, stitch_id)
+
+
+@pytest.mark.families('deit', 'eva')
+def test_norm_uses_each_blocks_own_anchor_norm(family, family_net):
+    net, x = family_net.model.eval(), family_net.images
+    stitch_id = _stitched_ids(net)[-1]
+    with torch.no_grad():
+        raw = net.forward_intermediates(x, stitch_id=stitch_id, intermediates_only=True, output_fmt='NLC')
+        normed = net.forward_intermediates(x, stitch_id=stitch_id, intermediates_only=True, norm=True,
+                                           output_fmt='NLC')
+        for r, n, anchor in zip(raw, normed, _expected_anchors(net, stitch_id)):
+            assert torch.equal(n, net.anchors[anchor].norm(r))
+
+
+def test_prune_keeps_every_route(family, family_net):
+    """Blocks are shared between routes: pruning resolves the indices and drops the heads only."""
+    net, x = family_net.model.eval(), family_net.images
+    stitch_id = _stitched_ids(net)[-1]
+    n = len(route_feature_info(net, stitch_id))
+    with torch.no_grad():
+        before = net.forward_intermediates(x, stitch_id=stitch_id, intermediates_only=True)
+        assert net.prune_intermediate_layers([-1], stitch_id=stitch_id) == [n - 1]
+        assert net.num_classes == 0
+        after = net.forward_intermediates(x, stitch_id=stitch_id, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert net(x, stitch_id=0).shape[-1] == net.anchors[0].num_features
+
+
 @pytest.mark.families('deit', 'swin')
 def test_bad_indices_name_the_route_range(family, family_net):
     net, x = family_net.model, family_net.images
@@ -145,7 +188,6 @@ def test_create_model_features_only(arch):
 
 
 @pytest.mark.integration
-@pytest.mark.families('deit', 'resnet')
 def test_features_backbone_compiles_per_route(family, family_net):
     net, x = family_net.model.eval(), family_net.images
     backbone = StitchedFeatures(net, out_indices=2)
