@@ -145,6 +145,9 @@ def test_bad_indices_name_the_route_range(family, family_net):
         net.forward_intermediates(x, indices=[n], stitch_id=stitch_id)
     with pytest.raises(ValueError, match=rf'route {stitch_id}.*1\.\.{n}'):
         net.forward_intermediates(x, indices=n + 1, stitch_id=stitch_id)
+    formats = ['NCHW', 'NLC'] if family == 'deit' else ['NCHW']
+    with pytest.raises(ValueError, match=re.escape(f"valid are {formats}")):
+        net.forward_intermediates(x, output_fmt='NLC' if family == 'swin' else 'NHWC', stitch_id=stitch_id)
     net.set_stitch(stitch_id)
     backbone = StitchedFeatures(net, out_indices=(0, n - 1))
     m = len(route_feature_info(net, 0))

@@ -120,12 +120,11 @@ def route_intermediates(
 ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
     """``forward_intermediates`` of route ``stitch_id`` (default: the active one); see the module docstring."""
     stitch_id = net.resolve_stitch_id(stitch_id)
-    if output_fmt not in ('NCHW', 'NLC'):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
     taken = take_indices(net, stitch_id, indices)
     route = net.plan.routes[stitch_id]
-    if output_fmt == 'NLC' and net.adapters[route.anchors[0]].layout != 'tokens':
-        raise ValueError(f"output_fmt 'NLC' is for plain token families; route {stitch_id} gives NCHW maps")
+    formats = [f for f in ('NCHW', 'NLC') if all(f in net.adapters[a].intermediate_formats for a in route.anchors)]
+    if output_fmt not in formats:
+        raise ValueError(f'output_fmt {output_fmt!r} is not one route {stitch_id} gives: valid are {formats}')
     net.check_input(x)
     with route_bn_stats(net, stitch_id):
         if route.is_anchor:

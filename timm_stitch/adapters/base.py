@@ -57,6 +57,9 @@ class AnchorAdapter:
         """Parameters used after the last unit (final norm when applied, pooling, classifier)."""
         raise NotImplementedError
 
+    #: the ``output_fmt`` values the family's ``forward_intermediates`` takes
+    intermediate_formats: tuple[str, ...] = ('NCHW',)
+
     def feature_points(self) -> tuple[tuple[int, int, Optional[int]], ...]:
         """Where timm's intermediates are taken, as ``(end, info, stage)``: intermediate ``info`` (an index into
         the model's ``feature_info``) is the activation after ``units[:end]`` (``end`` -1: the stem output of

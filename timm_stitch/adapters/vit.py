@@ -17,6 +17,7 @@ __all__ = ['ViTAdapter']
 class ViTAdapter(AnchorAdapter):
     """One stage of ``depth`` blocks; stitch points carry all tokens (class token included)."""
     layout = 'tokens'
+    intermediate_formats = ('NCHW', 'NLC')
     model: VisionTransformer
 
     @property
