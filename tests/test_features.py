@@ -200,3 +200,19 @@ def test_features_backbone_compiles_per_route(family, family_net):
         for stitch_id in (0, _stitched_ids(net)[-1]):
             backbone.set_stitch(stitch_id)
             assert all(torch.equal(a, b) for a, b in zip(compiled(x), backbone(x)))
+
+
+def test_shipped_fmnist_model_as_a_pretrained_backbone():
+    backbone = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True, features_only=True, out_indices=[-1])
+    backbone.eval()
+    net = backbone.model
+    x = torch.randn(2, net.in_chans, *net.fixed_input_size)
+    widths = set()
+    with torch.no_grad():
+        for stitch_id in (0, net.num_routes // 2, net.num_routes - 1):
+            backbone.set_stitch(stitch_id)
+            (feat,) = backbone(x)
+            assert feat.shape[1:] == (backbone.feature_info.channels()[0], 7, 7)
+            assert torch.equal(feat, net.forward_intermediates(x, indices=1, intermediates_only=True)[0])
+            widths.add(feat.shape[1])
+    assert len(widths) == 3
