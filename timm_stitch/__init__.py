@@ -11,6 +11,7 @@ from .catalogue import RouteCatalogue
 from .compile import CompiledStitchedNet, compile
 from .convert import convert_official
 from .export import StitchedRoute, export_stitch
+from .features import StitchedFeatures
 from .hub import push_to_hub, save_pretrained
 from .ls_init import init_stitches
 from .macs import count_route_macs
@@ -27,5 +28,5 @@ __all__ = [
     'RouteCard', 'RouteCatalogue', 'count_route_macs', 'profile', 'device_profile',
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
-    'RouteSampler', 'Cascade',
+    'RouteSampler', 'Cascade', 'StitchedFeatures',
 ]

@@ -260,6 +260,25 @@ class StitchedNet(nn.Module):
 
     # ---- timm model conventions ---------------------------------------------------------------------------------
 
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
+                              norm: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
+                              stitch_id: Optional[int] = None) -> Any:
+        """timm's ``forward_intermediates`` on route ``stitch_id``; see :mod:`timm_stitch.features` for indexing."""
+        from .features import route_intermediates
+        return route_intermediates(self, x, indices, norm, output_fmt, intermediates_only, stitch_id)
+
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True, stitch_id: Optional[int] = None) -> list[int]:
+        """timm's ``prune_intermediate_layers``: blocks are shared between routes, so only heads go."""
+        from .features import prune_route_intermediates
+        return prune_route_intermediates(self, indices, prune_norm, prune_head, stitch_id)
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm ``feature_info`` of the active route's intermediates (channels follow the route)."""
+        from .features import route_feature_info
+        return route_feature_info(self, self._stitch_id)
+
     @property
     def num_features(self) -> int:
         """Feature width of the active route (its last anchor's)."""

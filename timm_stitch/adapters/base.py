@@ -57,6 +57,25 @@ class AnchorAdapter:
         """Parameters used after the last unit (final norm when applied, pooling, classifier)."""
         raise NotImplementedError
 
+    #: the ``output_fmt`` values the family's ``forward_intermediates`` takes
+    intermediate_formats: tuple[str, ...] = ('NCHW',)
+
+    def feature_points(self) -> tuple[tuple[int, int, Optional[int]], ...]:
+        """Where timm's intermediates are taken, as ``(end, info, stage)``: intermediate ``info`` (an index into
+        the model's ``feature_info``) is the activation after ``units[:end]`` (``end`` -1: the stem output of
+        :meth:`embed_intermediate`); ``stage`` names the stage whose output it is (None: every block is one)."""
+        raise NotImplementedError
+
+    def embed_intermediate(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``embed(x)`` and the stem intermediate taken inside it (None when the family has none)."""
+        return self.embed(x), None
+
+    def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
+                     img_size: tuple[int, int]) -> torch.Tensor:
+        """A unit output as timm's ``forward_intermediates`` returns intermediate ``info`` (``img_size``: input
+        (H, W))."""
+        return x
+
     def input_size(self) -> Optional[tuple[int, int]]:
         """The (H, W) the model requires, or None when it accepts any size."""
         return None

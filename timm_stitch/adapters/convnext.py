@@ -29,6 +29,10 @@ class ConvNeXtAdapter(StagedAdapter):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.stem(x)
 
+    def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
+                     img_size: tuple[int, int]) -> torch.Tensor:
+        return self.model.norm_pre(x) if norm and info == len(self.model.stages) - 1 else x
+
     def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         return self.model.norm_pre(x) if final_norm else x
 

@@ -31,6 +31,13 @@ class LevitAdapter(StagedAdapter):
         x = self.model.stem(x)
         return x if self.model.use_conv else x.flatten(2).transpose(1, 2)
 
+    def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
+                     img_size: tuple[int, int]) -> torch.Tensor:
+        if self.model.use_conv:
+            return x
+        h, w = self.model.stages[info].blocks[-1].attn.resolution
+        return x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
     def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         return x
 

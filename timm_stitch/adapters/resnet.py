@@ -1,7 +1,7 @@
 """Residual CNNs: timm ``ResNet`` (stages ``layer1..layer4``, NCHW maps)."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from timm.models.resnet import ResNet
@@ -26,9 +26,18 @@ class ResNetAdapter(StagedAdapter):
     def stage_dims(self) -> tuple[int, ...]:
         return tuple(info['num_chs'] for info in self.model.feature_info[1:])
 
+    stage_info_offset = 1  # feature_info[0] is the stem
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_intermediate(x)[0]
+
+    def embed_intermediate(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         m = self.model
-        return m.maxpool(m.act1(m.bn1(m.conv1(x))))
+        stem = m.act1(m.bn1(m.conv1(x)))
+        return m.maxpool(stem), stem
+
+    def feature_points(self) -> tuple[tuple[int, int, Optional[int]], ...]:
+        return ((-1, 0, -1),) + super().feature_points()
 
     def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         return x

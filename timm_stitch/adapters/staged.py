@@ -1,7 +1,7 @@
 """Shared base of hierarchical adapters: stages of blocks flattened into one list of units."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -42,3 +42,9 @@ class StagedAdapter(AnchorAdapter):
 
     def unit_index(self, stage: int, block: int) -> int:
         return self._first[stage] + block
+
+    #: index of stage 0's output in the model's ``feature_info`` (1 when a stem feature comes first)
+    stage_info_offset = 0
+
+    def feature_points(self) -> tuple[tuple[int, int, Optional[int]], ...]:
+        return tuple((self._first[s] + d, s + self.stage_info_offset, s) for s, d in enumerate(self._depths))

@@ -29,6 +29,12 @@ class SwinAdapter(StagedAdapter):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.patch_embed(x)
 
+    def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
+                     img_size: tuple[int, int]) -> torch.Tensor:
+        if norm and info == len(self.model.layers) - 1:
+            x = self.model.norm(x)  # sized for the last stage only, as in timm
+        return x.permute(0, 3, 1, 2).contiguous()
+
     def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         return self.model.norm(x) if final_norm else x
 

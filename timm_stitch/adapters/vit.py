@@ -17,6 +17,7 @@ __all__ = ['ViTAdapter']
 class ViTAdapter(AnchorAdapter):
     """One stage of ``depth`` blocks; stitch points carry all tokens (class token included)."""
     layout = 'tokens'
+    intermediate_formats = ('NCHW', 'NLC')
     model: VisionTransformer
 
     @property
@@ -38,6 +39,19 @@ class ViTAdapter(AnchorAdapter):
         x = m._pos_embed(x)
         x = m.patch_drop(x)
         return m.norm_pre(x)
+
+    def feature_points(self) -> tuple[tuple[int, int, Optional[int]], ...]:
+        return tuple((i + 1, i, None) for i in range(len(self.model.blocks)))
+
+    def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
+                     img_size: tuple[int, int]) -> torch.Tensor:
+        m = self.model
+        x = m.norm(x) if norm else x
+        x = x[:, m.num_prefix_tokens:]
+        if output_fmt == 'NLC':
+            return x
+        h, w = m.patch_embed.dynamic_feat_size(img_size)
+        return x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
     def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         return self.model.norm(x) if final_norm else x

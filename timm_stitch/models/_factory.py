@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 from timm.models import build_model_with_cfg
 
 from ..convert import OFFICIAL_FORMATS
+from ..features import StitchedFeatures
 from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_errors
 from ..model import AnchorSpec, StitchedNet
 from ._release import prepare_release_load, release_download_errors
@@ -55,7 +56,10 @@ def create_snnet(
 ) -> StitchedNet:
     """Build a registered stitched architecture through timm's ``build_model_with_cfg`` (``builder`` makes the model
     from ``anchors`` and the kwargs); with ``pretrained``, also load the route card: the official release's (see
-    ``_release``), or the ``routes.json`` found next to the weights."""
+    ``_release``), or the ``routes.json`` found next to the weights. ``features_only=True`` (with ``out_indices``,
+    ``feature_cfg=dict(norm=..., output_fmt=...)``) returns the network as a :class:`StitchedFeatures` backbone."""
+    features_only = kwargs.pop('features_only', False)
+    features_args = dict(out_indices=kwargs.pop('out_indices', None), **(kwargs.pop('feature_cfg', None) or {}))
     kwargs.setdefault('pretrained_filter_fn', check_pretrained_state_dict)
     with pretrained_errors(variant):
         release = prepare_release_load(variant, kwargs) if pretrained and variant in OFFICIAL_FORMATS else None
@@ -64,4 +68,4 @@ def create_snnet(
                                          anchors=list(anchors), **kwargs)
         if pretrained and model.card is None and release is None:  # a release URL has no routes.json beside it
             load_pretrained_card(model, cache_dir=kwargs.get('cache_dir'))
-    return model
+    return StitchedFeatures(model, **features_args) if features_only else model
