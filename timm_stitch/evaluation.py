@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -225,7 +223,7 @@ def _reading_weights(path: str) -> Iterator[None]:
     ``ValueError`` naming the file and the formats taken."""
     try:
         yield
-    except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError, KeyError) as e:
+    except Exception as e:  # torch.load and safetensors raise a dozen types for damaged or foreign files
         raise ValueError(f'cannot load the weights file {path}: expected {_WEIGHTS_FORMATS} that fits the model; '
                          f'{type(e).__name__}: {_first_sentence(e)}') from e
 
