@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import safetensors.torch
@@ -23,9 +24,11 @@ def _save(state_dict: dict, path: Path) -> str:
     return str(path)
 
 
-def _assert_anchor_routes_equal_timm(arch: str, tmp_path: Path, build_kwargs: dict, load_kwargs: dict) -> None:
+def _assert_anchor_routes_equal_timm(arch: str, tmp_path: Path, build_kwargs: dict, load_kwargs: dict,
+                                     size: Optional[int] = None) -> None:
     """Save a randomly initialised ``arch`` (built with ``build_kwargs``), load it with ``load_kwargs`` on top, and
-    compare each anchor route with that anchor saved alone and loaded by timm with the same kwargs."""
+    compare each anchor route on ``size`` images (default the img_size) with that anchor saved alone and loaded by
+    timm with the same kwargs."""
     torch.manual_seed(0)
     saved = timm.create_model(arch, **build_kwargs)
     file = _save(saved.state_dict(), tmp_path / 'snnet.safetensors')
@@ -33,7 +36,7 @@ def _assert_anchor_routes_equal_timm(arch: str, tmp_path: Path, build_kwargs: di
     classes = kwargs.get('num_classes', 1000)  # the checkpoint's: timm keeps its heads
     model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=file, num_classes=classes),
                               **kwargs).eval()
-    size = kwargs.get('img_size', 224)
+    size = size or kwargs.get('img_size', 224)
     x = torch.randn(2, kwargs.get('in_chans', 3), size, size)
     for i, name in enumerate(model.anchor_names):
         prefix = f'anchors.{i}.'
@@ -48,6 +51,11 @@ def _assert_anchor_routes_equal_timm(arch: str, tmp_path: Path, build_kwargs: di
 @pytest.mark.parametrize('load_kwargs', [dict(img_size=384), dict(in_chans=1)])
 def test_deit_ts_loads_224_checkpoint_at_384_and_one_channel(tmp_path: Path, load_kwargs: dict) -> None:
     _assert_anchor_routes_equal_timm('snnet_deit_ts', tmp_path, {}, load_kwargs)
+
+
+def test_dynamic_img_size_runs_other_sizes_like_timm(tmp_path: Path) -> None:
+    _assert_anchor_routes_equal_timm('snnet_deit_tsb', tmp_path, SMALL_ARCHS['snnet_deit_tsb'][0],
+                                     dict(img_size=48, dynamic_img_size=True), size=64)
 
 
 def test_swin_relative_position_tables_resampled_for_another_window(tmp_path: Path) -> None:
