@@ -105,3 +105,16 @@ def test_set_input_size_names_anchor_without_it() -> None:
     model = timm_stitch.stitch(['resnet18', 'resnet34'], pretrained_anchors=False)
     with pytest.raises(NotImplementedError, match='anchor 0'):
         model.set_input_size(img_size=64)
+
+
+@pytest.mark.parametrize('arch', sorted(SMALL_ARCHS))
+def test_every_anchor_first_conv_adapted_to_in_chans(tmp_path: Path, arch: str) -> None:
+    torch.manual_seed(0)
+    saved = timm.create_model(arch, **SMALL_ARCHS[arch][0])
+    file = _save(saved.state_dict(), tmp_path / 'snnet.safetensors')
+    model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=file, num_classes=10),
+                              in_chans=1, **SMALL_ARCHS[arch][0])
+    assert len(model._traits['first_conv']) == len(model.anchors)
+    for name in model._traits['first_conv']:
+        key = f'{name}.weight'
+        assert torch.equal(model.state_dict()[key], adapt_input_conv(1, saved.state_dict()[key])), key

@@ -11,9 +11,11 @@ import sys
 from typing import Any, Mapping, Optional, Union
 
 import torch
+from timm.models import adapt_input_conv
 from torch import nn
 
-__all__ = ['anchor_first_convs', 'filter_anchor_checkpoints', 'is_input_conv_mismatch', 'set_anchors_input_size']
+__all__ = ['adapt_first_convs', 'anchor_first_convs', 'filter_anchor_checkpoints', 'is_input_conv_mismatch',
+           'set_anchors_input_size']
 
 
 def _anchor_first_conv(anchor: nn.Module) -> Optional[str]:
@@ -52,6 +54,18 @@ def is_input_conv_mismatch(key: str, saved: torch.Tensor, expected: torch.Tensor
     ``in_chans`` after the pretrained filter."""
     return (key.endswith('.weight') and key[:-len('.weight')] in first_convs and saved.ndim == expected.ndim
             and saved.shape[0] == expected.shape[0] and saved.shape[2:] == expected.shape[2:])
+
+
+def adapt_first_convs(state_dict: dict, model: nn.Module) -> dict:
+    """``state_dict`` with every anchor's first-conv weight adapted to ``model.in_chans`` by timm's
+    ``adapt_input_conv``, for loads that bypass timm's own adaptation (``custom_load``)."""
+    own = model.state_dict()
+    base_chans = (model.pretrained_cfg.get('input_size') or (3,))[0]
+    for name in anchor_first_convs(model.anchors):
+        key = f'{name}.weight'
+        if key in state_dict and state_dict[key].shape != own[key].shape:
+            state_dict[key] = adapt_input_conv(model.in_chans, state_dict[key], base_chans=base_chans)
+    return state_dict
 
 
 def set_anchors_input_size(
