@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from timm.models import adapt_input_conv
+from timm.models import adapt_input_conv, get_model_input_config
 from tiny_models import SMALL_ARCHS, tiny_images, tiny_snnet
 
 import timm_stitch
@@ -90,6 +90,7 @@ def test_set_input_size_resamples_each_anchor_and_macs_follow() -> None:
     references = [copy.deepcopy(a) for a in model.anchors]
     model.set_input_size(img_size=48)
     assert model.fixed_input_size == (48, 48)
+    assert get_model_input_config(model)['input_size'] == (3, 48, 48)  # what timm's data config resolves
     assert all(a > b for a, b in zip((r.macs for r in model.routes()), before))
     x = tiny_images(2)
     x = torch.nn.functional.interpolate(x, size=(48, 48))

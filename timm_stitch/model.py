@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
 from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
 from .input_size import anchor_first_convs, set_anchors_input_size
@@ -130,6 +131,7 @@ class StitchedNet(nn.Module):
         does); route MACs then follow the new size."""
         set_anchors_input_size(self.anchors, img_size, patch_size, **kwargs)
         self._set_fixed_input_size()
+        update_model_input_size(self, self.fixed_input_size or img_size, patch_size=patch_size)  # timm's input config
         self._route_cache = None
 
     # ---- routes -------------------------------------------------------------------------------------------------
