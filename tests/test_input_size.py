@@ -14,6 +14,7 @@ from timm.models import adapt_input_conv, get_model_input_config
 from tiny_models import SMALL_ARCHS, tiny_images, tiny_snnet
 
 import timm_stitch
+from timm_stitch.input_size import filter_anchor_checkpoints
 from timm_stitch.models.snnet_vit_fmnist import SHIPPED_DIR
 
 SWIN_KWARGS = SMALL_ARCHS['snnet_swin_tsb'][0]
@@ -119,3 +120,9 @@ def test_every_anchor_first_conv_adapted_to_in_chans(tmp_path: Path, arch: str) 
     for name in model._traits['first_conv']:
         key = f'{name}.weight'
         assert torch.equal(model.state_dict()[key], adapt_input_conv(1, saved.state_dict()[key])), key
+
+
+def test_anchor_filters_leave_a_same_size_checkpoint_unchanged(family_net) -> None:
+    state = family_net.model.state_dict()
+    filtered = filter_anchor_checkpoints(state, family_net.model.anchors)
+    assert filtered.keys() == state.keys() and all(torch.equal(filtered[k], v) for k, v in state.items())
