@@ -15,6 +15,7 @@ from tiny_models import SMALL_ARCHS, tiny_images, tiny_snnet
 
 import timm_stitch
 from timm_stitch.input_size import filter_anchor_checkpoints
+from timm_stitch.macs import count_route_macs
 from timm_stitch.models.snnet_vit_fmnist import SHIPPED_DIR
 
 SWIN_KWARGS = SMALL_ARCHS['snnet_swin_tsb'][0]
@@ -57,6 +58,14 @@ def test_deit_ts_loads_224_checkpoint_at_384_and_one_channel(tmp_path: Path, loa
 def test_dynamic_img_size_runs_other_sizes_like_timm(tmp_path: Path) -> None:
     _assert_anchor_routes_equal_timm('snnet_deit_tsb', tmp_path, SMALL_ARCHS['snnet_deit_tsb'][0],
                                      dict(img_size=48, dynamic_img_size=True), size=64)
+
+
+def test_dynamic_img_size_macs_follow_the_img_size() -> None:
+    kwargs = dict(SMALL_ARCHS['snnet_deit_tsb'][0], dynamic_img_size=True)
+    small, large = (timm.create_model('snnet_deit_tsb', **dict(kwargs, img_size=s)) for s in (32, 64))
+    assert large.fixed_input_size is None
+    assert [r.macs for r in large.routes()] == count_route_macs(large, (3, 64, 64))
+    assert all(a > b for a, b in zip((r.macs for r in large.routes()), (r.macs for r in small.routes())))
 
 
 def test_swin_relative_position_tables_resampled_for_another_window(tmp_path: Path) -> None:
