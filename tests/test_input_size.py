@@ -9,12 +9,13 @@ from typing import Optional
 import pytest
 import safetensors.torch
 import timm
+import tiny_models
 import torch
 from timm.models import adapt_input_conv, get_model_input_config
 from tiny_models import SMALL_ARCHS, tiny_images, tiny_snnet
 
 import timm_stitch
-from timm_stitch.input_size import filter_anchor_checkpoints
+from timm_stitch.input_size import filter_anchor_checkpoints, set_anchors_input_size
 from timm_stitch.macs import count_route_macs
 from timm_stitch.models.snnet_vit_fmnist import SHIPPED_DIR
 
@@ -116,6 +117,10 @@ def test_set_input_size_names_anchor_without_it() -> None:
     model = timm_stitch.stitch(['resnet18', 'resnet34'], pretrained_anchors=False)
     with pytest.raises(NotImplementedError, match='anchor 0'):
         model.set_input_size(img_size=64)
+    swin, resnet = tiny_models.tiny_swin(16, (2, 2, 6, 2)), tiny_models.tiny_resnet('resnet18')
+    with pytest.raises(NotImplementedError, match='anchor 1'):  # refused before the Swin anchor changes
+        set_anchors_input_size(torch.nn.ModuleList([swin, resnet]), img_size=64)
+    assert swin.patch_embed.img_size == (32, 32)
 
 
 @pytest.mark.parametrize('arch', sorted(SMALL_ARCHS))

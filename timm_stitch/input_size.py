@@ -18,7 +18,7 @@ __all__ = ['adapt_first_convs', 'anchor_first_convs', 'filter_anchor_checkpoints
            'set_anchors_input_size']
 
 
-def _anchor_first_conv(anchor: nn.Module) -> Optional[str]:
+def _anchor_first_conv(anchor: nn.Module) -> Union[str, tuple[str, ...], None]:
     traits = getattr(anchor, '_traits', None) or {}
     first = traits.get('first_conv', (getattr(anchor, 'pretrained_cfg', None) or {}).get('first_conv'))
     return first or None
@@ -74,10 +74,12 @@ def set_anchors_input_size(
         patch_size: Optional[Union[int, tuple[int, int]]] = None,
         **kwargs: Any,
 ) -> None:
-    """Call timm's ``set_input_size`` on every anchor (position embeddings resampled by timm)."""
+    """Call timm's ``set_input_size`` on every anchor (position embeddings resampled by timm); refused before any
+    anchor changes when one has none."""
     for i, anchor in enumerate(anchors):
         if not hasattr(anchor, 'set_input_size'):
             raise NotImplementedError(f'anchor {i} ({type(anchor).__name__}) has no set_input_size in timm: build the '
                                       'stitched model with img_size=... instead')
-        args = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size, **kwargs).items() if v is not None}
+    args = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size, **kwargs).items() if v is not None}
+    for anchor in anchors:
         anchor.set_input_size(**args)
