@@ -29,6 +29,7 @@ from .bn import is_route_bn_key
 from .card_readme import render_readme
 from .cards import RouteCard
 from .catalogue import staleness
+from .input_size import anchor_first_convs, filter_anchor_checkpoints, is_input_conv_mismatch
 from .model import StitchedNet
 from .unwrap import unwrap
 
@@ -163,14 +164,19 @@ def load_pretrained_card(model: StitchedNet, cache_dir: Optional[PathLike] = Non
 
 
 def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: StitchedNet) -> dict:
-    """timm ``pretrained_filter_fn``: refuse a checkpoint whose keys or shapes are not exactly this model's (apart
-    from the classifier heads, which timm resets when ``num_classes`` differs), naming what differs."""
+    """timm ``pretrained_filter_fn``: each anchor's part through its own timm checkpoint filter (position
+    embeddings resampled to the size in use), then refuse a checkpoint whose keys or shapes are not exactly this
+    model's (apart from the classifier heads, which timm resets when ``num_classes`` differs, and first-conv input
+    channels, which timm adapts to ``in_chans``), naming what differs."""
+    state_dict = filter_anchor_checkpoints(state_dict, model.anchors)
     expected = model.state_dict()
     heads = tuple(f'{c}.' for c in _classifiers(model))
+    first_convs = anchor_first_convs(model.anchors)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected and not is_route_bn_key(k)]  # checked by the load
     misshaped = [f'{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})' for k, v in expected.items()
-                 if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(heads)]
+                 if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(heads)
+                 and not is_input_conv_mismatch(k, state_dict[k], v, first_convs)]
     if not (missing or unexpected or misshaped):
         return dict(state_dict)
     arch = model.pretrained_cfg.get('architecture')

@@ -142,9 +142,11 @@ def route_macs(
 
 
 def model_input_size(model: StitchedNet) -> tuple[int, int, int]:
-    """The (C, H, W) a stitched network is costed at: its fixed input size, else its (or its first anchor's) cfg."""
-    if model.fixed_input_size is not None:
-        return (model.in_chans, *model.fixed_input_size)
+    """The (C, H, W) a stitched network is costed at: its fixed input size, else the ``img_size`` it was built or
+    resized to (``dynamic_img_size``), else its (or its first anchor's) cfg."""
+    size = model.fixed_input_size or (getattr(model, '_traits', None) or {}).get('img_size')
+    if size is not None:
+        return (model.in_chans, *size)
     for source in (model, model.anchors[0]):
         cfg = getattr(source, 'pretrained_cfg', None) or {}
         if cfg.get('input_size'):

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
 from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
+from .input_size import anchor_first_convs, set_anchors_input_size
 from .routes import LayerMapping, Route, StitchPlan, StitchRef, plan_staged_routes, plan_token_routes
 from .stitching import StitchingLayer
 
@@ -94,8 +96,8 @@ class StitchedNet(nn.Module):
         self.anchor_names = [anchor_name(a, m) for a, m in zip(anchors, models)]
         self.num_classes = models[0].num_classes
         self.in_chans = self.adapters[0].in_chans
-        #: the (H, W) every input must have (the first anchor with a fixed size decides), or None
-        self.fixed_input_size = next((s for s in (a.input_size() for a in self.adapters) if s is not None), None)
+        self._traits = {'first_conv': anchor_first_convs(self.anchors)}  # timm adapts each to in_chans when loading
+        self._set_fixed_input_size()
         self.final_norm_on_stitched_routes = final_norm_on_stitched_routes
         self.grad_checkpointing = False
 
@@ -119,6 +121,19 @@ class StitchedNet(nn.Module):
         self._route_cache: Optional[list[Route]] = None
         if stitch_id is not None:
             self.set_stitch(stitch_id)
+
+    def _set_fixed_input_size(self) -> None:
+        #: the (H, W) every input must have (the first anchor with a fixed size decides), or None
+        self.fixed_input_size = next((s for s in (a.input_size() for a in self.adapters) if s is not None), None)
+
+    def set_input_size(self, img_size: Optional[Union[int, tuple[int, int]]] = None,
+                       patch_size: Optional[Union[int, tuple[int, int]]] = None, **kwargs: Any) -> None:
+        """Resize every anchor's input with timm's own ``set_input_size`` (position embeddings resampled as timm
+        does); route MACs then follow the new size."""
+        set_anchors_input_size(self.anchors, img_size, patch_size, **kwargs)
+        self._set_fixed_input_size()
+        update_model_input_size(self, self.fixed_input_size or img_size, patch_size=patch_size)  # timm's input config
+        self._route_cache = None
 
     # ---- routes -------------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from .._io import atomic_path
 from .._timm_compat import get_cache_dir, resolve_pretrained_source
 from ..convert import OFFICIAL_FORMATS, OfficialFormat, StateDict, map_official_keys, official_card, read_checkpoint
 from ..hub import check_pretrained_state_dict
+from ..input_size import adapt_first_convs
 from ..model import StitchedNet
 
 __all__ = ['load_release', 'prepare_release_load', 'release_download_errors', 'converted_path']
@@ -134,7 +135,7 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
 
 def _load_native(model: StitchedNet, state: StateDict) -> None:
     """Load a state dict with ``model``'s own keys; heads of another ``num_classes`` keep their init, as in timm."""
-    state = check_pretrained_state_dict(state, model)  # only classifier heads may differ in shape
+    state = adapt_first_convs(check_pretrained_state_dict(state, model), model)  # now only heads may differ
     own = model.state_dict()
     state.update({k: own[k] for k, v in state.items() if v.shape != own[k].shape})
     model.load_state_dict(state, strict=True)
