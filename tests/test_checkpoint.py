@@ -4,7 +4,6 @@ the state loads with ``weights_only=True`` and resume refuses weights that are n
 
 Killed runs come from ``kill_points``: each kills itself at its k-th file operation, or after a time.
 """
-import hashlib
 import os
 import random
 import shutil
@@ -19,6 +18,7 @@ import torch
 from image_folders import ANCHORS, make_image_folder, write_config
 from kill_points import run_trainer, start_trainer
 
+from timm_stitch.fingerprint import weights_fingerprint
 from timm_stitch.train import load_state, main
 
 EXTRA = ('--model-ema', '--checkpoint-hist', '2', '--val-routes', '0')
@@ -39,15 +39,9 @@ def _argv(tmp_path: Path, data: Path, name: str) -> list[str]:
 
 
 def _hashes(run: Path) -> tuple[str, str]:
-    """The sha256 of the final weights and EMA weights (tensors by name: safetensors orders its metadata freely)."""
-    digests = []
-    for file in ('last.safetensors', 'last_ema.safetensors'):
-        tensors = safetensors.torch.load_file(run / file)
-        digest = hashlib.sha256()
-        for name in sorted(tensors):
-            digest.update(name.encode() + tensors[name].numpy().tobytes())
-        digests.append(digest.hexdigest())
-    return digests[0], digests[1]
+    """Fingerprints of the final weights and EMA weights (tensors by name: safetensors orders its metadata freely)."""
+    return tuple(weights_fingerprint(safetensors.torch.load_file(run / file), length=64)
+                 for file in ('last.safetensors', 'last_ema.safetensors'))
 
 
 @pytest.fixture(scope='module')

@@ -15,10 +15,6 @@ def model():
     return timm.create_model('snnet_deit_tsb').eval()
 
 
-def official_rows() -> list[dict]:
-    return read_rows()
-
-
 def test_routes_and_stitch_layers(model):
     assert model.num_routes == 71
     assert [tuple(m.transform.weight.shape) for m in model.stitch_layers['0'][0]] == [(384, 192)] * 11
@@ -29,7 +25,7 @@ def test_routes_and_stitch_layers(model):
 def test_params_correct_the_official_undercount(final_norm):
     """Official params (SPEC §6) omit the front anchor's cls/pos tokens and count the unused end norm."""
     model = timm.create_model('snnet_deit_tsb', final_norm_on_stitched_routes=final_norm)
-    for route, row in zip(model.routes(), official_rows()):
+    for route, row in zip(model.routes(), read_rows()):
         if route.is_anchor:
             assert route.params == row['params']
             continue
