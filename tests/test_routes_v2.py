@@ -14,6 +14,7 @@ from tiny_models import low_rank_images, tiny_images, tiny_vit_args
 import timm_stitch  # noqa: F401  (registers snnet_*)
 from timm_stitch import StitchedNet, stitch
 from timm_stitch.cards import RouteCard
+from timm_stitch.cli import main as cli_main
 from timm_stitch.export import export_stitch
 from timm_stitch.hub import CONFIG_NAME, save_pretrained
 from timm_stitch.macs import count_macs, count_route_macs
@@ -260,3 +261,11 @@ def test_trainer_builds_the_two_way_route_space_and_samples_it_by_flops(tmp_path
     assert model.num_routes == 5 and len(model.stitch_layers['0']) == 2
     state = torch.load(tmp_path / 'run' / 'last.state.pth', weights_only=False)
     assert state['sampler']['num_routes'] == 5 and state['sampler']['mode'] == 'flops-grouped'
+
+
+def test_command_line_lists_two_way_routes(capsys):
+    assert cli_main(['routes', 'snnet_deit_ts', '--route-space', 'two_way', '--json']) == 0
+    routes = json.loads(capsys.readouterr().out)
+    assert len(routes) == 135 and routes[80]['anchors'] == [0, 1, 0] and routes[80]['cuts'] == [[0, 1], [1, 2]]
+    assert cli_main(['routes', 'snnet_deit_tsb', '--route-space', 'two_way']) == 2
+    assert 'exactly two anchors' in capsys.readouterr().err
