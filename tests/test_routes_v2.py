@@ -13,6 +13,7 @@ from tiny_models import low_rank_images, tiny_images, tiny_vit_args
 
 import timm_stitch  # noqa: F401  (registers snnet_*)
 from timm_stitch import StitchedNet, stitch
+from timm_stitch.card_readme import render_readme
 from timm_stitch.cards import RouteCard
 from timm_stitch.cli import main as cli_main
 from timm_stitch.export import export_stitch
@@ -233,7 +234,7 @@ def test_builder_and_cards_keep_the_route_space(tiny_two_way):
     with pytest.raises(ValueError, match='two plain token anchors'):
         stitch([tiny_vit_args(16, 2, depth=3)] * 3, route_space='two_way')
     card = RouteCard.from_model(tiny_two_way)
-    assert card.settings['route_space'] == 'two_way'
+    assert card.settings['route_space'] == 'two_way' and '- Routes: two-way' in render_readme(card, plot_name=None)
     one_way = StitchedNet([timm.create_model(**tiny_vit_args(16, 2, depth=3)),
                            timm.create_model(**tiny_vit_args(32, 2, depth=6))])
     with pytest.raises(ValueError, match="route_space='two_way'"):
