@@ -91,7 +91,8 @@ def test_every_reported_route_exists_with_the_official_flops_file():
 
 
 @pytest.mark.parametrize('depths, match', [
-    ((12, 24, 24), 'exactly two anchors'), ((12, 18), 'multiple'), ((24, 12), 'multiple'), ((0, 12), 'positive')])
+    ((12, 24, 24), 'exactly two anchors'), ((12, 18), 'multiple'), ((24, 12), 'shallower. anchor first'),
+    ((0, 12), 'positive')])
 def test_bad_depths_raise(depths, match):
     with pytest.raises(ValueError, match=match):
         plan_two_way_routes(depths)

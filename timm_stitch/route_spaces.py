@@ -39,7 +39,10 @@ def two_way_positions(small_depth: int, large_depth: int) -> tuple[list[StitchPo
     it, on layer ``i // r``. Each layer serves one position.
     """
     _check_positive(small_depth=small_depth, large_depth=large_depth)
-    if large_depth < small_depth or large_depth % small_depth:
+    if large_depth < small_depth:
+        raise ValueError(f'two-way routes need the smaller (shallower) anchor first, got depths {small_depth} then '
+                         f'{large_depth}')
+    if large_depth % small_depth:
         raise ValueError(f'two-way routes need the larger anchor\'s depth to be a multiple of the smaller\'s, got '
                          f'depths {small_depth} and {large_depth}')
     r = large_depth // small_depth
