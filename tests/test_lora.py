@@ -156,9 +156,8 @@ def test_export_merges_every_stitch_and_matches_the_route(family, family_net):
     model = _lora_twin(family_net.model)
     _randomize_lora(model)
     x = family_net.images
-    for route in model.routes():
-        if route.is_anchor:
-            continue
+    stitched = [r for r in model.routes() if not r.is_anchor]
+    for route in [[r for r in stitched if r.stage == s][i] for s in {r.stage for r in stitched} for i in (0, -1)]:
         exported = model.export_stitch(route.id)
         assert not any('lora' in k for k in exported.state_dict()), route.id
         assert not any(isinstance(m, LoRALinear) for m in exported.modules())
@@ -167,6 +166,15 @@ def test_export_merges_every_stitch_and_matches_the_route(family, family_net):
         torch.testing.assert_close(exported(x), model(x, stitch_id=route.id), rtol=1e-5, atol=1e-5)
     # the model itself keeps its low-rank layers
     assert any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_merged_export_goes_through_torch_export():
+    model = tiny_snnet(stitch_lora_rank=RANK)
+    _randomize_lora(model)
+    x = tiny_images(2)
+    program = torch.export.export(model.export_stitch(5), (x,))
+    assert not any('lora' in name for name in program.state_dict)
+    torch.testing.assert_close(program.module()(x), model(x, stitch_id=5), rtol=1e-5, atol=1e-5)
 
 
 def test_optimizer_groups_hold_the_update_and_bias_but_not_the_frozen_weight():
