@@ -120,10 +120,10 @@ def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard],
     state = {k: v.detach().contiguous() for k, v in state.items()}
     safetensors.torch.save_file(state, str(weights), metadata={'format': 'pt'})
     # the compat flag changes what the weights compute, so it is always recorded; the active route too, so that the
-    # reloaded model runs the route saved (config.json's num_features is that route's)
+    # reloaded model runs the route saved (config.json's num_features is that route's); the stitching layers' rank
+    # (and scale) because the weights' keys depend on it
     model_args.setdefault('final_norm_on_stitched_routes', model.final_norm_on_stitched_routes)
     model_args.setdefault('stitch_id', model.stitch_id)
-    # the stitching layers' low-rank update (rank and scale) as saved: the weights' keys and values depend on it
     model_args.update({'stitch_lora_rank': 0} if merge_lora else stitch_lora_args(model))
     save_config_for_hf(model, str(folder / CONFIG_NAME), model_args=model_args)
     if card is None:
