@@ -150,6 +150,8 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
         extra['drop_rate'] = args.drop
     if args.pretrained_anchors:
         extra['pretrained_anchors'] = True
+    if args.stitch_lora_rank:
+        extra.update(stitch_lora_rank=args.stitch_lora_rank, stitch_lora_alpha=args.stitch_lora_alpha)
     model = create_stitched_model(args, **extra)
     if args.initial_checkpoint:
         load_weights(model, args.initial_checkpoint)
@@ -157,6 +159,10 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
         model.set_grad_checkpointing(True)
     if args.freeze_anchors:
         model.anchors.requires_grad_(False)
+    if args.stitch_lora_rank and not (args.stitch_init_samples or args.initial_checkpoint or args.pretrained
+                                      or args.resume):
+        _logger.warning('--stitch-lora-rank freezes the base weights of the stitching layers, and neither '
+                        '--stitch-init-samples nor loaded weights set them: they stay at their random init')
     return model.to(device)
 
 
