@@ -236,3 +236,15 @@ def test_unsupported_anchor_family():
         StitchedNet([torch.nn.Linear(2, 2)])
     with pytest.raises(TypeError, match='timm model name'):
         StitchedNet([42])
+
+
+def test_drop_path_rate_per_anchor():
+    """SN-Netv2 gives each anchor its own drop-path rate: a sequence is split, one rate per anchor."""
+    specs = [tiny_vit_args(d, h) for d, h in TINY_WIDTHS[:2]]
+    model = StitchedNet(specs, drop_path_rate=(0.0, 0.3))
+    assert isinstance(model.anchors[0].blocks[-1].drop_path1, torch.nn.Identity)
+    assert model.anchors[1].blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
+    shared = StitchedNet(specs, drop_path_rate=0.3)
+    assert [a.blocks[-1].drop_path1.drop_prob for a in shared.anchors] == [pytest.approx(0.3)] * 2
+    with pytest.raises(ValueError, match=r'drop_path_rate has 3 values .* one per anchor \(2\)'):
+        StitchedNet(specs, drop_path_rate=(0.0, 0.1, 0.2))

@@ -78,6 +78,17 @@ def test_frozen_anchors_distillation_and_lr_scales(tmp_path, data):
     assert any(not torch.equal(v, trained[k]) for k, v in start.state_dict().items() if k.startswith('stitch_'))
 
 
+
+def test_drop_path_one_rate_per_anchor(tmp_path, data):
+    """``--drop-path`` takes one rate for every anchor or one per anchor (the SN-Netv2 recipes give each its own)."""
+    run = _train(tmp_path, data, '--drop-path', '0', '0.25', '--val-routes', 'none', epochs=1)
+    assert yaml.safe_load((run / 'args.yaml').read_text())['drop_path'] == [0.0, 0.25]
+    from timm_stitch.train_setup import _create_model
+    args = parse_args(['-c', str(tmp_path / 'run.yaml'), '--data-dir', str(data), '--drop-path', '0', '0.25'])
+    model = _create_model(args, torch.device('cpu'))
+    rates = [[getattr(b.drop_path1, 'drop_prob', 0.0) for b in a.blocks] for a in model.anchors]
+    assert rates[0] == [0.0, 0.0] and rates[1][-1] == pytest.approx(0.25)
+
 def test_param_groups_split_stitches_and_anchors_and_skip_decay():
     model = timm.create_model('snnet', anchors=ANCHORS, num_classes=4)
     groups = param_groups(model, weight_decay=0.05, stitch_lr_scale=10, anchor_lr_scale=0.1)

@@ -15,7 +15,8 @@ from torch import nn
 
 from ._modes import eval_mode
 from .adapters import AnchorAdapter, adapter_for
-from .model import AnchorSpec, StitchedNet, anchor_name, build_anchor
+from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
+from .model import StitchedNet
 from .route_spaces import RouteSpace
 from .routes import LayerMapping
 from .stitching import _LAYOUT_CHANGES
@@ -66,7 +67,8 @@ def stitch(
     Anchors are sorted by parameter count (smallest first, as SN-Net requires). Option fields
     (``kernel_size``, ``stride``, ``nearest``, ``multi_anchor``, ``stages``, ``layer_mapping``, ``route_space``) may
     be given as an ``options`` object or as keyword arguments; other keywords go to :class:`StitchedNet` or, for
-    anchors given by name, to ``timm.create_model`` (``img_size``, ``drop_path_rate``...).
+    anchors given by name, to ``timm.create_model`` (``img_size``, ``drop_path_rate``...; a sequence
+    ``drop_path_rate`` gives each anchor, in the order given, its own rate).
 
     Raises:
         TypeError: An anchor's family cannot be stitched.
@@ -79,8 +81,8 @@ def stitch(
     net_kwargs = {k: kwargs.pop(k) for k in _NET_ARGS if k in kwargs}
     if kwargs.get('img_size') is None:
         kwargs.pop('img_size', None)
-    models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kwargs)
-             for a in anchors]
+    models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kw)
+              for a, kw in zip(anchors, per_anchor_kwargs(kwargs, len(anchors)))]
     names = [anchor_name(a, m) for a, m in zip(anchors, models)]
     order = sorted(range(len(models)), key=lambda i: sum(p.numel() for p in models[i].parameters()))
     models, names = [models[i] for i in order], [names[i] for i in order]

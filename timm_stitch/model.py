@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
-import timm
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
+from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
 from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
 from .input_size import anchor_first_convs, set_anchors_input_size
 from .route_spaces import RouteSpace, plan_routes
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
     from .serving import RouteIds
 
 __all__ = ['StitchedNet', 'AnchorSpec', 'RouteSegment', 'build_anchor', 'anchor_name']
-
-#: an anchor given as a timm model name, a dict of ``timm.create_model`` arguments, or a built timm model
-AnchorSpec = Union[str, dict, nn.Module]
-
 
 @dataclass(frozen=True)
 class RouteSegment:
@@ -66,7 +62,8 @@ class StitchedNet(nn.Module):
             frozen (0: plain layers); ``stitch_lora_alpha`` scales it by ``alpha / rank`` (SN-Netv2: 64 and 1).
         stitch_id: The route made active (as ``set_stitch``; default: the largest anchor's), so that
             ``timm.create_model(..., stitch_id=k)`` and stock timm scripts' ``--model-kwargs stitch_id=k`` pick a route.
-        **anchor_kwargs: Passed to ``timm.create_model`` for every anchor given by name (``drop_path_rate``...).
+        **anchor_kwargs: Passed to ``timm.create_model`` for every anchor given by name (``drop_path_rate``...);
+            ``drop_path_rate`` may be a sequence with one rate per anchor (SN-Netv2 gives each anchor its own).
     """
 
     def __init__(
@@ -94,8 +91,8 @@ class StitchedNet(nn.Module):
             raise ValueError('a stitched network needs at least one anchor')
         if img_size is not None:
             anchor_kwargs['img_size'] = img_size
-        models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors,
-                               **anchor_kwargs) for a in anchors]
+        models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kwargs)
+                  for a, kwargs in zip(anchors, per_anchor_kwargs(anchor_kwargs, len(anchors)))]
         self.anchors = nn.ModuleList(models)
         self.adapters: list[AnchorAdapter] = [adapter_for(m) for m in models]
         self.anchor_names = [anchor_name(a, m) for a, m in zip(anchors, models)]
@@ -455,32 +452,6 @@ class StitchedNet(nn.Module):
         """Route ``stitch_id`` as a standalone module with only its weights; see :func:`timm_stitch.export`."""
         from .export import export_stitch
         return export_stitch(self, stitch_id)
-
-
-def build_anchor(
-        spec: AnchorSpec, num_classes: Optional[int], in_chans: Optional[int], pretrained: bool, **kwargs: Any,
-) -> nn.Module:
-    """The anchor ``spec`` names, built with ``timm.create_model`` (a built model is returned as it is)."""
-    if isinstance(spec, nn.Module):
-        return spec
-    if isinstance(spec, str):
-        spec = dict(model_name=spec)
-    if not isinstance(spec, dict) or 'model_name' not in spec:
-        raise TypeError(f'an anchor must be a timm model name, a dict with "model_name", or a model; got {spec!r}')
-    args = dict(pretrained=pretrained, **kwargs)
-    args.update((k, v) for k, v in (('num_classes', num_classes), ('in_chans', in_chans)) if v is not None)
-    args.update(spec)
-    return timm.create_model(**args)
-
-
-def anchor_name(spec: AnchorSpec, model: nn.Module) -> str:
-    """The timm architecture name an anchor is known by (its name, its cfg's architecture, or its class)."""
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, dict):
-        return spec['model_name']
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    return cfg.get('architecture') or type(model).__name__
 
 
 def _prefix_pattern(pattern: str, anchor: int) -> str:

@@ -125,7 +125,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
     g.add_argument('--train-interpolation', default='random', help="training interpolation (default: 'random')")
     g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
-    g.add_argument('--drop-path', type=float, default=None, help='drop path rate of every anchor')
+    g.add_argument('--drop-path', type=float, nargs='+', default=None, metavar='RATE',
+                   help='drop path rate of every anchor, or one rate per anchor (in the order the anchors are given)')
     g = p.add_argument_group('EMA and precision')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights')
     g.add_argument('--model-ema-force-cpu', action='store_true', default=None, help='keep the EMA on the CPU')

@@ -145,7 +145,7 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """The stitched model of ``args`` on ``device``, with its start weights, frozen parts and checkpointing."""
     extra: dict[str, Any] = {}
     if args.drop_path is not None:
-        extra['drop_path_rate'] = args.drop_path
+        extra['drop_path_rate'] = args.drop_path[0] if len(args.drop_path) == 1 else tuple(args.drop_path)
     if args.drop:
         extra['drop_rate'] = args.drop
     if args.pretrained_anchors:
