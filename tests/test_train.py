@@ -89,6 +89,31 @@ def test_drop_path_one_rate_per_anchor(tmp_path, data):
     rates = [[getattr(b.drop_path1, 'drop_prob', 0.0) for b in a.blocks] for a in model.anchors]
     assert rates[0] == [0.0, 0.0] and rates[1][-1] == pytest.approx(0.25)
 
+
+def test_train_routes_limit_what_is_trained(tmp_path, data):
+    """``--train-routes`` limits the sampler to the routes named: here only anchor 0 changes."""
+    run = _train(tmp_path, data, '--train-routes', '0', '--val-routes', 'none', '--weight-decay', '0', epochs=1)
+    torch.manual_seed(42)  # the trainer's seed: same untrained anchors
+    start = timm.create_model('snnet', anchors=ANCHORS, num_classes=4).state_dict()
+    trained = load_file(run / 'last.safetensors')
+    changed = {k.split('.')[0] + '.' + k.split('.')[1] for k, v in start.items() if not torch.equal(v, trained[k])}
+    assert changed == {'anchors.0'}
+    from timm_stitch.train_args import check_args
+    from timm_stitch.train_setup import _create_sampler
+
+    def sampled(*argv):
+        args = parse_args(['-c', str(tmp_path / 'run.yaml'), '--data-dir', str(data), *argv])
+        check_args(args)
+        args.rank = 0  # set by the trainer's distributed setup
+        return _create_sampler(timm.create_model('snnet', anchors=ANCHORS, num_classes=4), args)[1]
+    assert sampled('--train-routes', '0-3', '--freeze-anchors') == [2, 3]
+    with pytest.raises(ValueError, match='names only anchor routes'):
+        sampled('--train-routes', '1', '--freeze-anchors')
+    with pytest.raises(ValueError, match=r'out of range: valid ids are 0\.\.'):
+        sampled('--train-routes', '99')
+
+
+
 def test_param_groups_split_stitches_and_anchors_and_skip_decay():
     model = timm.create_model('snnet', anchors=ANCHORS, num_classes=4)
     groups = param_groups(model, weight_decay=0.05, stitch_lr_scale=10, anchor_lr_scale=0.1)

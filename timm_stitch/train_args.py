@@ -168,6 +168,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help='how much more often an anchor route is drawn than a stitched one (default: 1, uniform)')
     g.add_argument('--route-sync', default='synced', choices=SYNC_MODES,
                    help="'synced': one route per step on every rank; 'per-rank': each its own (official)")
+    g.add_argument('--train-routes', default='all',
+                   help="routes the sampler draws from: 'all' or ids like '0-18' (e.g. to refine one segment)")
     g.add_argument('--val-routes', default='anchors',
                    help="routes validated each epoch: 'anchors', 'all', 'none' or ids like '0,3,5-9'")
     g.add_argument('--kd-model', default='', help='timm teacher model for distillation (e.g. regnety_160)')

@@ -190,7 +190,11 @@ def _output_dir(args: argparse.Namespace) -> str:
 
 def _create_sampler(model: nn.Module, args: argparse.Namespace) -> tuple[RouteSampler, list[int]]:
     """The route sampler and the ids of the routes it draws from."""
-    route_ids = [r.id for r in model.plan.routes if not (args.freeze_anchors and r.is_anchor)]
+    allowed = set(parse_ids(args.train_routes, model.num_routes))
+    route_ids = [r.id for r in model.plan.routes if r.id in allowed and not (args.freeze_anchors and r.is_anchor)]
+    if not route_ids:
+        raise ValueError(f'--train-routes {args.train_routes!r} names only anchor routes, which --freeze-anchors '
+                         'leaves nothing to train')
     costs = None
     if args.route_sampling == 'flops-grouped':
         all_costs = route_costs(model)
