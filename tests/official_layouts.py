@@ -111,6 +111,54 @@ def official_levit_state(seed: int = 0, num_classes: int = 1000, img_size: int =
 
 
 
+def official_snnetv2_state(dims: tuple[int, int], depths: tuple[int, int], num_classes: int = 1000, img_size: int = 224,
+                           patch: int = 16, lora_rank: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the keys of the SN-Netv2 releases (``snnetv2_deit3_*.pth``), built from the
+    architecture description: ``anchors.{0,1}.*`` (small, large) in the DeiT-3 ``vit_models`` layout (LayerScale
+    ``gamma_1``/``gamma_2`` per block, ``pos_embed`` without a class-token slot, qkv bias) and
+    ``stitch_layers.{0,1}.{layer}.transform.{weight,bias,lora_A,lora_B}``: one small->large layer per small block,
+    one large->small layer per large->small position (every large block but the last with equal depths, every odd
+    one but the last with twice the depth). The Identity ending each list has no tensors."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, offset=0.0):
+        return torch.randn(*shape, generator=g) * 0.05 + offset
+
+    sd = {}
+    for i, (d, depth) in enumerate(zip(dims, depths)):
+        p = f'anchors.{i}.'
+        sd.update({p + 'cls_token': rnd(1, 1, d), p + 'pos_embed': rnd(1, (img_size // patch) ** 2, d),
+                   p + 'patch_embed.proj.weight': rnd(d, 3, patch, patch), p + 'patch_embed.proj.bias': rnd(d)})
+        for b in range(depth):
+            q = f'{p}blocks.{b}.'
+            for norm in ('norm1', 'norm2'):
+                sd[q + norm + '.weight'], sd[q + norm + '.bias'] = rnd(d, offset=1.0), rnd(d)
+            for name, out_dim, in_dim in (('attn.qkv', 3 * d, d), ('attn.proj', d, d), ('mlp.fc1', 4 * d, d),
+                                          ('mlp.fc2', d, 4 * d)):
+                sd[q + name + '.weight'], sd[q + name + '.bias'] = rnd(out_dim, in_dim), rnd(out_dim)
+            sd[q + 'gamma_1'], sd[q + 'gamma_2'] = rnd(d, offset=0.1), rnd(d, offset=0.1)
+        sd[p + 'norm.weight'], sd[p + 'norm.bias'] = rnd(d, offset=1.0), rnd(d)
+        sd[p + 'head.weight'], sd[p + 'head.bias'] = rnd(num_classes, d), rnd(num_classes)
+    small, large = depths
+    num_ls = sum(1 for i in range(large - 1) if large == small or i % 2 == 1)
+    for c, (d_in, d_out, n) in enumerate(((dims[0], dims[1], small), (dims[1], dims[0], num_ls))):
+        for layer in range(n):
+            t = f'stitch_layers.{c}.{layer}.transform.'
+            sd.update({t + 'weight': rnd(d_out, d_in), t + 'bias': rnd(d_out), t + 'lora_A': rnd(lora_rank, d_in),
+                       t + 'lora_B': rnd(d_out, lora_rank)})
+    return sd
+
+
+def snnetv2_to_timm_stitch(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SN-Netv2 release keys as timm-stitch names them: LayerScale ``gamma_N`` -> ``lsN.gamma``, official
+    stitching list ``c`` -> pair ``c`` of token stage 0."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r'\.gamma_(\d)$', r'.ls\1.gamma', key)
+        out[re.sub(r'^stitch_layers\.(\d+)\.', r'stitch_layers.0.\1.', key)] = value
+    return out
+
+
 
 # ---- any architecture: our keys back to the release's, and the files' wrappers ------------------------------------
 
