@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .route_spaces import ROUTE_SPACES
+
 __all__ = [
     'parse_count', 'int_at_least', 'float_in', 'existing_file', 'parse_device', 'stitched_model_name',
     'add_shared_args', 'MODEL_OPTIONS', 'DATA_OPTIONS', 'RUNTIME_OPTIONS',
@@ -114,6 +116,10 @@ def _shared_options() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
             default=None, help="Pillow mode to read images in (default: the model's, L for 1 channel, RGB for 3)")),
         'model': (('--model', '-m'), dict(default=None, help='snnet_* architecture, or snnet with --anchors')),
         'anchors': (('--anchors',), dict(default=None, help='comma-separated timm anchor names for --model snnet')),
+        'route_space': (('--route-space',), dict(
+            default=None, choices=ROUTE_SPACES,
+            help="routes of the stitched network: 'one_way' (small to large anchors) or 'two_way' (SN-Netv2: two "
+                 "plain token anchors stitched both ways) (default: the architecture's)")),
         'model_kwargs': (('--model-kwargs',), dict(nargs='*', default={}, action=ParseKwargs,
                                                    help='extra create_model kwargs')),
         'pretrained': (('--pretrained',), dict(action='store_true',
@@ -144,7 +150,7 @@ def _shared_options() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
 
 
 #: the shared options, in the order they are listed by ``--help``
-MODEL_OPTIONS = ('model', 'anchors', 'model_kwargs', 'pretrained', 'num_classes', 'img_size')
+MODEL_OPTIONS = ('model', 'anchors', 'route_space', 'model_kwargs', 'pretrained', 'num_classes', 'img_size')
 DATA_OPTIONS = ('data_dir', 'dataset', 'dataset_download', 'class_map', 'input_img_mode', 'crop_pct', 'mean', 'std',
                 'interpolation', 'batch_size', 'workers', 'pin_mem')
 RUNTIME_OPTIONS = ('amp', 'amp_dtype', 'device', 'no_progress')

@@ -16,6 +16,7 @@ from torch import nn
 from ._modes import eval_mode
 from .adapters import AnchorAdapter, adapter_for
 from .model import AnchorSpec, StitchedNet, anchor_name, build_anchor
+from .route_spaces import RouteSpace
 from .routes import LayerMapping
 from .stitching import _LAYOUT_CHANGES
 
@@ -35,6 +36,8 @@ class StitchOptions:
             counts / spatial sizes match.
         layer_mapping: ``'corrected'`` layer sharing between unequal-depth stages, or ``'official'`` (the released
             code's indexing, needed for its checkpoints).
+        route_space: ``'one_way'`` (small to large anchors, with the settings above) or ``'two_way'`` (SN-Netv2:
+            two plain token anchors stitched both ways; the window settings do not apply).
     """
     kernel_size: int = 2
     stride: int = 1
@@ -42,6 +45,7 @@ class StitchOptions:
     multi_anchor: bool = False
     stages: Optional[tuple[int, ...]] = None
     layer_mapping: LayerMapping = 'corrected'
+    route_space: RouteSpace = 'one_way'
 
 
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StitchOptions))
@@ -58,9 +62,9 @@ def stitch(
     """Stitch ``anchors`` (timm names, ``create_model`` kwargs dicts or built models; any order) into one network.
 
     Anchors are sorted by parameter count (smallest first, as SN-Net requires). Option fields
-    (``kernel_size``, ``stride``, ``nearest``, ``multi_anchor``, ``stages``, ``layer_mapping``) may be given as
-    an ``options`` object or as keyword arguments; other keywords go to :class:`StitchedNet` or, for anchors given
-    by name, to ``timm.create_model`` (``img_size``, ``drop_path_rate``...).
+    (``kernel_size``, ``stride``, ``nearest``, ``multi_anchor``, ``stages``, ``layer_mapping``, ``route_space``) may
+    be given as an ``options`` object or as keyword arguments; other keywords go to :class:`StitchedNet` or, for
+    anchors given by name, to ``timm.create_model`` (``img_size``, ``drop_path_rate``...).
 
     Raises:
         TypeError: An anchor's family cannot be stitched.
@@ -83,7 +87,7 @@ def stitch(
     model = StitchedNet(
         models, num_classes=num_classes, in_chans=in_chans, kernel_size=options.kernel_size, stride=options.stride,
         nearest=options.nearest, multi_anchor=options.multi_anchor, stages=stages,
-        layer_mapping=options.layer_mapping, **net_kwargs)
+        layer_mapping=options.layer_mapping, route_space=options.route_space, **net_kwargs)
     model.anchor_names = names
     return model
 
@@ -106,7 +110,12 @@ def stitchable_stages(
     if options.multi_anchor and num_stages > 1:
         raise ValueError('multi_anchor routes are only planned for single-stage token models, not for anchors '
                          f'with {num_stages} stages')
+    if options.route_space == 'two_way' and (num_stages > 1 or len(models) != 2):
+        raise ValueError("route_space='two_way' stitches two plain token anchors (ViT/DeiT/EVA), got "
+                         f'{len(models)} anchors with {num_stages} stages')
     pairs = _pairs(len(models), options.nearest)
+    if options.route_space == 'two_way':
+        pairs += [(b, a) for a, b in pairs]
     for a, b in pairs:
         front, end = adapters[a], adapters[b]
         if (front.layout, end.layout) not in _LAYOUT_CHANGES:

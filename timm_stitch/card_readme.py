@@ -86,6 +86,8 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME, repo_id
                      + ' (fvcore convention, counted by timm-stitch)')
     if params:
         lines.append(f'- Params: {min(params) / 1e6:.1f} to {max(params) / 1e6:.1f} M per route (what the route runs)')
+    if card.settings.get('route_space') == 'two_way':
+        lines.append('- Routes: two-way (SN-Netv2: small to large, large to small, and back)')
     if 'final_norm_on_stitched_routes' in card.settings:
         lines.append(f"- Final norm on stitched routes: {card.settings['final_norm_on_stitched_routes']}")
     if accuracy:

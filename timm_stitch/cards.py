@@ -92,6 +92,7 @@ class RouteCard:
             'num_routes': model.num_routes,
             'input_size': list(model_input_size(model)),
             'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes,
+            'route_space': model.route_space,
         }
         record = {'what': _COUNTED, 'who': f'timm-stitch {__version__}', 'when': _now(),
                   'how': 'fvcore convention at batch 1 (timm_stitch.macs); params a route forward touches',
@@ -226,6 +227,9 @@ class RouteCard:
         names = [a.get('name') for a in self.anchors]
         if names and names != list(model.anchor_names):
             raise ValueError(f'this route card is for anchors {names}, the model has {list(model.anchor_names)}')
+        space = self.settings.get('route_space')
+        if space is not None and space != model.route_space:
+            raise ValueError(f'this route card is for route_space={space!r}, the model has {model.route_space!r}')
         expected = self.settings.get('num_routes')
         if expected is not None and expected != model.num_routes:
             raise ValueError(f'this route card has {expected} routes, the model has {model.num_routes}')

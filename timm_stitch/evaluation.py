@@ -175,6 +175,10 @@ def create_stitched_model(args: argparse.Namespace, **kwargs: Any) -> nn.Module:
         if 'anchors' in model_kwargs:
             raise ValueError('give the anchors either with --anchors or in --model-kwargs, not both')
         model_kwargs['anchors'] = [a.strip() for a in args.anchors.split(',') if a.strip()]
+    if args.route_space is not None:
+        if 'route_space' in model_kwargs:
+            raise ValueError('give the route space either with --route-space or in --model-kwargs, not both')
+        model_kwargs['route_space'] = args.route_space
     if args.num_classes is not None:
         model_kwargs['num_classes'] = args.num_classes
     if args.img_size is not None:

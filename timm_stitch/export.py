@@ -22,8 +22,10 @@ class StitchedRoute(nn.Module):
     """A stitched route as a plain module: the first anchor's embedding, each anchor's blocks of the route joined by
     their stitching layers, then the last anchor's finish and head.
 
-    ``anchors`` are copies of the route's anchors with every module and parameter the route does not run removed
-    (replaced by ``nn.Identity`` / ``None``); ``stitches`` are copies of the route's stitching layers.
+    ``anchors`` are copies of the route's anchors, each once (a two-way route may pass through one twice), with
+    every module and parameter the route does not run removed (replaced by ``nn.Identity`` / ``None``);
+    ``adapters`` and ``units`` follow the route, one entry per anchor it passes through; ``stitches`` are copies of
+    the route's stitching layers.
     """
 
     def __init__(
@@ -74,7 +76,8 @@ def export_stitch(model: StitchedNet, stitch_id: int) -> nn.Module:
         if segments is None:
             return copy.deepcopy(model.anchors[route.anchors[0]]).eval()
         # copy the anchors, stitches and the adapters' view of them together so that they stay linked
-        parts = ([model.anchors[a] for a in route.anchors], [model.adapters[a] for a in route.anchors],
+        parts = ([model.anchors[a] for a in dict.fromkeys(route.anchors)],
+                 [model.adapters[a] for a in route.anchors],
                  [s.stitch for s in segments if s.stitch is not None], [s.units for s in segments])
         anchors, adapters, stitches, units = copy.deepcopy(parts)
     used = {id(p) for p in adapters[0].embed_parameters()}

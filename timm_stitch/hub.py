@@ -108,9 +108,11 @@ def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard],
     weights = folder / WEIGHTS_NAME
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, str(weights), metadata={'format': 'pt'})
-    # the compat flag changes what the weights compute, so it is always recorded; the active route too, so that the
-    # reloaded model runs the route saved (config.json's num_features is that route's)
+    # the compat flag changes what the weights compute and the route space which routes the ids name, so both are
+    # always recorded; the active route too, so that the reloaded model runs the route saved (config.json's
+    # num_features is that route's)
     model_args.setdefault('final_norm_on_stitched_routes', model.final_norm_on_stitched_routes)
+    model_args.setdefault('route_space', model.route_space)
     model_args.setdefault('stitch_id', model.stitch_id)
     save_config_for_hf(model, str(folder / CONFIG_NAME), model_args=model_args)
     if card is None:

@@ -134,11 +134,17 @@ def route_macs(
             (front, end), ref = route.cuts[i], route.stitches[i]
             stop = counts.block_units[ref.stage][front] + 1
             total += sum(counts.units[start:stop]) + stitch_macs[(ref, front)]
-            start = anchors[route.anchors[i + 1]].block_units[ref.stage][end]
+            start = _resume_unit(anchors[route.anchors[i + 1]].block_units[ref.stage], end)
         else:
             total += sum(counts.units[start:])
     last = anchors[route.anchors[-1]]
     return total + (last.finish if final_norm else last.finish_no_norm) + last.head
+
+
+def _resume_unit(block_units: Sequence[int], end: int) -> int:
+    """The unit a route resumes at when it enters a stage at block ``end``; ``end`` equal to the stage depth (a
+    two-way route that runs none of the end anchor's blocks) resumes after the stage's last block."""
+    return block_units[-1] + 1 if end == len(block_units) else block_units[end]
 
 
 def model_input_size(model: StitchedNet) -> tuple[int, int, int]:

@@ -18,7 +18,8 @@ from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
 from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
 from .input_size import anchor_first_convs, set_anchors_input_size
-from .routes import LayerMapping, Route, StitchPlan, StitchRef, plan_staged_routes, plan_token_routes
+from .route_spaces import RouteSpace, plan_routes
+from .routes import LayerMapping, Route, StitchRef
 from .stitching import StitchingLayer
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class StitchedNet(nn.Module):
         multi_anchor: Also build routes through three or more anchors.
         stages: For hierarchical anchors, the stages stitched inside; default all but the last.
         layer_mapping: ``'corrected'`` sharing of layers between unequal-depth anchors, or ``'official'``.
+        route_space: ``'one_way'`` (SN-Net: small to large anchors only) or ``'two_way'`` (SN-Netv2: two plain
+            token anchors stitched both ways, in the official ids; the window settings above do not apply).
         final_norm_on_stitched_routes: Apply the last anchor's final norm on stitched routes (the official DeiT
             code skips it; set False to reproduce its checkpoint).
         pretrained_anchors: Load each anchor's own timm pretrained weights.
@@ -76,6 +79,7 @@ class StitchedNet(nn.Module):
             multi_anchor: bool = False,
             stages: Optional[Sequence[int]] = None,
             layer_mapping: LayerMapping = 'corrected',
+            route_space: RouteSpace = 'one_way',
             final_norm_on_stitched_routes: bool = True,
             pretrained_anchors: bool = False,
             stitch_id: Optional[int] = None,
@@ -101,7 +105,9 @@ class StitchedNet(nn.Module):
         self.final_norm_on_stitched_routes = final_norm_on_stitched_routes
         self.grad_checkpointing = False
 
-        self.plan = _plan(self.adapters, kernel_size, stride, nearest, multi_anchor, stages, layer_mapping)
+        self.route_space = route_space
+        self.plan = plan_routes([a.stage_depths() for a in self.adapters], route_space, kernel_size, stride, nearest,
+                                multi_anchor, stages, layer_mapping)
         self.stitch_layers = nn.ModuleDict()
         for group in self.plan.groups:
             front, end = self.adapters[group.front_anchor], self.adapters[group.end_anchor]
@@ -474,22 +480,6 @@ def anchor_name(spec: AnchorSpec, model: nn.Module) -> str:
         return spec['model_name']
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return cfg.get('architecture') or type(model).__name__
-
-
-def _plan(
-        adapters: Sequence[AnchorAdapter],
-        kernel_size: int,
-        stride: int,
-        nearest: bool,
-        multi_anchor: bool,
-        stages: Optional[Sequence[int]],
-        layer_mapping: LayerMapping,
-) -> StitchPlan:
-    depths = [a.stage_depths() for a in adapters]
-    if all(len(d) == 1 for d in depths):
-        return plan_token_routes([d[0] for d in depths], kernel_size, stride, nearest, multi_anchor, layer_mapping)
-    stages = list(range(min(len(d) for d in depths) - 1)) if stages is None else list(stages)
-    return plan_staged_routes(depths, stages, kernel_size, stride, nearest, layer_mapping)
 
 
 def _prefix_pattern(pattern: str, anchor: int) -> str:

@@ -58,7 +58,8 @@ def record_key(args: argparse.Namespace, model: nn.Module, data_config: dict[str
     came from) and the settings that change a route's accuracy (model arguments, data, transform, precision), as
     plain JSON values."""
     settings = {
-        'model': args.model, 'anchors': args.anchors, 'model_kwargs': dict(args.model_kwargs or {}),
+        'model': args.model, 'anchors': args.anchors, 'route_space': args.route_space,
+        'model_kwargs': dict(args.model_kwargs or {}),
         'num_classes': model.num_classes, 'dataset': args.dataset or 'folder',
         'data_dir': os.path.abspath(args.data_dir) if args.data_dir else None, 'split': args.split,
         'class_map': args.class_map, 'input_img_mode': args.input_img_mode,
