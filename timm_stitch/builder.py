@@ -49,6 +49,8 @@ class StitchOptions:
 
 
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(StitchOptions))
+#: keyword arguments of ``stitch`` that go to :class:`StitchedNet` (the others build the anchors)
+_NET_ARGS = ('final_norm_on_stitched_routes', 'stitch_id', 'stitch_lora_rank', 'stitch_lora_alpha')
 
 
 def stitch(
@@ -74,7 +76,7 @@ def stitch(
     options = dataclasses.replace(options or StitchOptions(), **option_kwargs)
     if not anchors:
         raise ValueError('stitch() needs at least one anchor')
-    net_kwargs = {k: kwargs.pop(k) for k in ('final_norm_on_stitched_routes', 'stitch_id') if k in kwargs}
+    net_kwargs = {k: kwargs.pop(k) for k in _NET_ARGS if k in kwargs}
     if kwargs.get('img_size') is None:
         kwargs.pop('img_size', None)
     models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kwargs)

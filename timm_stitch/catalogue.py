@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from .cards import RouteCard
     from .model import StitchedNet
 
-__all__ = ['RouteCatalogue', 'card_routes', 'card_key', 'model_args', 'weights_key', 'forget_weights', 'staleness']
+__all__ = ['RouteCatalogue', 'card_routes', 'card_key', 'model_args', 'weights_key', 'state_key', 'forget_weights',
+           'staleness']
 
 #: per model: (signature of its tensors, fingerprint), so that routes() hashes the weights only after they change
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -54,10 +55,15 @@ def weights_key(model: StitchedNet) -> str:
     cached = _FINGERPRINTS.get(model)
     if signature is not None and cached is not None and cached[0] == signature:
         return cached[1]
-    key = weights_fingerprint({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    key = state_key(state)
     if signature is not None:
         _FINGERPRINTS[model] = (signature, key)
     return key
+
+
+def state_key(state: Mapping[str, torch.Tensor]) -> str:
+    """The fingerprint :func:`weights_key` gives a model whose state dict is ``state``."""
+    return weights_fingerprint({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
 
 
 def forget_weights(model: StitchedNet) -> None:

@@ -65,7 +65,8 @@ def export_stitch(model: StitchedNet, stitch_id: int) -> nn.Module:
     """Route ``stitch_id`` of ``model`` as a standalone module with only the weights it uses, in eval mode.
 
     An anchor route is a copy of that anchor (an ordinary timm model); a stitched route is a :class:`StitchedRoute`
-    whose outputs equal ``model(x, stitch_id=stitch_id)`` and whose parameter count equals the route's ``params``.
+    whose outputs equal ``model(x, stitch_id=stitch_id)`` and whose parameter count equals the route's ``params``;
+    low-rank stitching layers are merged into plain linear layers.
     BatchNorm statistics recalibrated for the route are baked in. A model inside ``torch.compile``, DDP or
     DataParallel is exported from the model itself.
     """
@@ -80,6 +81,7 @@ def export_stitch(model: StitchedNet, stitch_id: int) -> nn.Module:
                  [model.adapters[a] for a in route.anchors],
                  [s.stitch for s in segments if s.stitch is not None], [s.units for s in segments])
         anchors, adapters, stitches, units = copy.deepcopy(parts)
+    stitches = [s.merge_lora_() for s in stitches]
     used = {id(p) for p in adapters[0].embed_parameters()}
     used |= {id(p) for m in (*stitches, *(u for us in units for u in us)) for p in m.parameters()}
     used |= {id(p) for p in adapters[-1].head_parameters(model.final_norm_on_stitched_routes)}

@@ -28,9 +28,10 @@ from ._timm_compat import download_from_hf, resolve_pretrained_source, save_conf
 from .bn import is_route_bn_key
 from .card_readme import render_readme
 from .cards import RouteCard
-from .catalogue import staleness
+from .catalogue import staleness, state_key, weights_key
 from .input_size import anchor_first_convs, filter_anchor_checkpoints, is_input_conv_mismatch
 from .model import StitchedNet
+from .stitching import merged_lora_state, stitch_lora_args
 from .unwrap import unwrap
 
 __all__ = [
@@ -52,6 +53,7 @@ def save_pretrained(
         card: Optional[RouteCard] = None,
         model_args: Optional[Mapping[str, Any]] = None,
         repo_id: Optional[str] = None,
+        merge_lora: bool = False,
 ) -> Path:
     """Write a Hub-ready folder: ``config.json``, ``model.safetensors``, ``routes.json`` and ``README.md``.
 
@@ -61,12 +63,17 @@ def save_pretrained(
     ``torch.compile``, DDP or DataParallel is saved as the model itself. The folder is built next to
     ``save_directory`` and renamed into place, so a failure leaves nothing half-written; an existing folder is
     replaced.
+
+    Low-rank stitching layers (``stitch_lora_rank > 0``) are saved as they are (``weight``, ``lora_A``, ``lora_B``:
+    training can go on from them) unless ``merge_lora``: then each is saved merged into a plain linear layer and
+    ``config.json`` says ``stitch_lora_rank=0``, so the folder loads as a model with plain stitching layers that
+    computes the same (the card's accuracies are keyed to the merged weights).
     """
     model = unwrap(model)
     target = Path(save_directory)
     with atomic_dir(target) as tmp:
         if isinstance(model, StitchedNet):
-            _write_stitched(model, tmp, card, dict(model_args or {}), repo_id or target.name)
+            _write_stitched(model, tmp, card, dict(model_args or {}), repo_id or target.name, merge_lora)
         elif not is_model((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''):
             raise TypeError(
                 f'cannot save a {type(model).__name__} as a timm model: only stitched models of a registered '
@@ -87,38 +94,46 @@ def push_to_hub(
         revision: Optional[str] = None,
         private: Optional[bool] = None,
         create_pr: bool = False,
+        merge_lora: bool = False,
 ) -> Any:
     """Save ``model`` as :func:`save_pretrained` does and upload the folder to ``repo_id`` in one commit
     (``HfApi.upload_folder``; the repo is created when missing). Returns the ``huggingface_hub`` ``CommitInfo``."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pretrained(model, Path(tmp) / 'repo', card=card, model_args=model_args, repo_id=repo_id)
+        folder = save_pretrained(model, Path(tmp) / 'repo', card=card, model_args=model_args, repo_id=repo_id,
+                                 merge_lora=merge_lora)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                  revision=revision, create_pr=create_pr)
 
 
 def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard], model_args: dict,
-                    repo_id: str) -> None:
+                    repo_id: str, merge_lora: bool) -> None:
     arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
     if not arch or not is_model(arch):
         raise ValueError(
             f'cannot save a stitched model without a registered architecture (its pretrained_cfg names {arch!r}): '
             "build it with timm.create_model('snnet_...') so that timm can rebuild it from config.json")
     weights = folder / WEIGHTS_NAME
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    merge_lora = merge_lora and stitch_lora_args(model)['stitch_lora_rank'] > 0
+    state = merged_lora_state(model) if merge_lora else model.state_dict()
+    state = {k: v.detach().contiguous() for k, v in state.items()}
     safetensors.torch.save_file(state, str(weights), metadata={'format': 'pt'})
     # the compat flag changes what the weights compute and the route space which routes the ids name, so both are
     # always recorded; the active route too, so that the reloaded model runs the route saved (config.json's
-    # num_features is that route's)
+    # num_features is that route's); the stitching layers' rank (and scale) because the weights' keys depend on it
     model_args.setdefault('final_norm_on_stitched_routes', model.final_norm_on_stitched_routes)
     model_args.setdefault('route_space', model.route_space)
     model_args.setdefault('stitch_id', model.stitch_id)
+    model_args.update({'stitch_lora_rank': 0} if merge_lora else stitch_lora_args(model))
     save_config_for_hf(model, str(folder / CONFIG_NAME), model_args=model_args)
     if card is None:
         card = _card_for(model, weights)
     else:
         card.check_model(model)
+    if merge_lora and card.measured_with and card.measured_with.get('weights_fingerprint') == weights_key(model):
+        # the merged weights compute what the model does: its accuracies hold for them
+        card.measured_with = {**card.measured_with, 'weights_fingerprint': state_key(state)}
     card.save(folder / CARD_NAME)
     license = (getattr(model, 'pretrained_cfg', None) or {}).get('license') or 'apache-2.0'
     (folder / README_NAME).write_text(render_readme(card, plot_name=None, repo_id=repo_id, license=license),
@@ -189,7 +204,18 @@ def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: S
                 for what, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
                 if items]
     raise ValueError(f'the pretrained checkpoint does not match {arch} with these arguments: {"; ".join(problems)}. '
-                     'It is a checkpoint of another architecture or configuration.')
+                     f'It is a checkpoint of another architecture or configuration{_lora_hint(state_dict, expected)}.')
+
+
+def _lora_hint(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """What to build when the checkpoint's stitching layers have another low-rank update rank than the model's."""
+    def ranks(state: Mapping[str, torch.Tensor]) -> set[int]:
+        return {v.shape[0] for k, v in state.items() if k.startswith('stitch_layers.') and k.endswith('.lora_A')}
+
+    saved = ranks(state_dict)
+    if saved == ranks(expected):
+        return ''
+    return f' (its stitching layers were saved with stitch_lora_rank={min(saved) if saved else 0}: build with that)'
 
 
 def _classifiers(model: nn.Module) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ at the dispatch level they become device-specific kernels (and pooling to 1x1 be
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
@@ -196,7 +197,10 @@ def count_anchor_macs(
                 h = activations[anchor][anchors[anchor].block_units[ref.stage][front]]
                 key = (ref, tuple(h.shape))
                 if key not in by_shape:
-                    by_shape[key] = count_macs(model.stitch_layer(ref), h)[0]
+                    # a low-rank layer costs what the plain linear layer it merges into does, as deployed (and as
+                    # fvcore counts SN-Netv2's, which merge in eval mode)
+                    layer = model.stitch_layer(ref)
+                    by_shape[key] = count_macs(copy.deepcopy(layer).merge_lora_() if layer.lora_rank else layer, h)[0]
                 stitches[(ref, front)] = by_shape[key]
     return anchors, stitches
 

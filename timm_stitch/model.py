@@ -20,7 +20,7 @@ from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
 from .input_size import anchor_first_convs, set_anchors_input_size
 from .route_spaces import RouteSpace, plan_routes
 from .routes import LayerMapping, Route, StitchRef
-from .stitching import StitchingLayer
+from .stitching import StitchingLayer, deployed_parameters
 
 if TYPE_CHECKING:
     from .cards import RouteCard
@@ -62,6 +62,8 @@ class StitchedNet(nn.Module):
         final_norm_on_stitched_routes: Apply the last anchor's final norm on stitched routes (the official DeiT
             code skips it; set False to reproduce its checkpoint).
         pretrained_anchors: Load each anchor's own timm pretrained weights.
+        stitch_lora_rank: Rank of a trainable low-rank update on every stitching layer, whose base weight is then
+            frozen (0: plain layers); ``stitch_lora_alpha`` scales it by ``alpha / rank`` (SN-Netv2: 64 and 1).
         stitch_id: The route made active (as ``set_stitch``; default: the largest anchor's), so that
             ``timm.create_model(..., stitch_id=k)`` and stock timm scripts' ``--model-kwargs stitch_id=k`` pick a route.
         **anchor_kwargs: Passed to ``timm.create_model`` for every anchor given by name (``drop_path_rate``...).
@@ -83,6 +85,8 @@ class StitchedNet(nn.Module):
             final_norm_on_stitched_routes: bool = True,
             pretrained_anchors: bool = False,
             stitch_id: Optional[int] = None,
+            stitch_lora_rank: int = 0,
+            stitch_lora_alpha: float = 1.0,
             **anchor_kwargs: Any,
     ):
         super().__init__()
@@ -90,11 +94,8 @@ class StitchedNet(nn.Module):
             raise ValueError('a stitched network needs at least one anchor')
         if img_size is not None:
             anchor_kwargs['img_size'] = img_size
-        models = [
-            build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors,
-                         **anchor_kwargs)
-            for a in anchors
-        ]
+        models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors,
+                               **anchor_kwargs) for a in anchors]
         self.anchors = nn.ModuleList(models)
         self.adapters: list[AnchorAdapter] = [adapter_for(m) for m in models]
         self.anchor_names = [anchor_name(a, m) for a, m in zip(anchors, models)]
@@ -117,7 +118,7 @@ class StitchedNet(nn.Module):
             assert len(stage) == group.pair, 'stitch groups are planned stage by stage, pair by pair'
             stage.append(nn.ModuleList(
                 StitchingLayer(front.stage_dims()[group.stage], end.stage_dims()[group.stage], front.layout,
-                               end.layout)
+                               end.layout, stitch_lora_rank, stitch_lora_alpha)
                 for _ in range(group.num_layers)
             ))
         #: per-route BatchNorm statistics (registered buffers, last in the state_dict; see :mod:`timm_stitch.bn`)
@@ -221,7 +222,7 @@ class StitchedNet(nn.Module):
         params = {id(p): p for p in self.adapters[route.anchors[0]].embed_parameters()}
         for segment in self._segments[route.id]:
             modules = segment.units + ((segment.stitch,) if segment.stitch is not None else ())
-            params.update((id(p), p) for m in modules for p in m.parameters())
+            params.update((id(p), p) for p in deployed_parameters(modules))
         last = self.adapters[route.anchors[-1]]
         params.update((id(p), p) for p in last.head_parameters(self.final_norm_on_stitched_routes))
         return sum(p.numel() for p in params.values())

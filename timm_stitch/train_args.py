@@ -39,13 +39,14 @@ _DEPENDENT: tuple[tuple[str, str, Callable[[argparse.Namespace], bool]], ...] = 
     *((name, '--mixup, --cutmix or --cutmix-minmax', mixup_active)
       for name in ('mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'mixup_off_epoch')),
     ('stitch_init_mode', '--stitch-init-samples', lambda a: a.stitch_init_samples > 0),
+    ('stitch_lora_alpha', '--stitch-lora-rank', lambda a: a.stitch_lora_rank > 0),
     ('validation_batch_size', "--val-routes other than 'none'", lambda a: a.val_routes != 'none'),
 )
 _UNSET_DEFAULTS: dict[str, Any] = dict(
     model_ema_decay=0.9998, model_ema_warmup=False, model_ema_force_cpu=False, clip_mode='norm', route_group_gap=1.0,
     kd_checkpoint='', kd_pretrained=True, kd_type='hard', kd_alpha=0.5, kd_tau=1.0, no_resume_opt=False, lr_base=0.1,
     lr_base_size=256, lr_base_scale='', mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode='batch', mixup_off_epoch=0,
-    stitch_init_mode='joint')
+    stitch_init_mode='joint', stitch_lora_alpha=1.0)
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -150,6 +151,11 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--stitch-init-mode', default=None, choices=('joint', 'average'),
                    help="LS init: one solve per shared layer ('joint', the default) or averaged per-position solves "
                    '(official)')
+    g.add_argument('--stitch-lora-rank', type=int, default=0,
+                   help='train a rank-R low-rank update of each stitching layer on its frozen (LS-initialised) '
+                   'weight, as SN-Netv2 does with 64 (0: train the whole layers)')
+    g.add_argument('--stitch-lora-alpha', type=float, default=None,
+                   help='scale of the low-rank update: alpha / rank (default: 1, as SN-Netv2)')
     g.add_argument('--stitch-lr-scale', type=float, default=1.0, help='lr multiplier of the stitching layers')
     g.add_argument('--anchor-lr-scale', type=float, default=1.0, help='lr multiplier of the anchors')
     g.add_argument('--freeze-anchors', action='store_true', help='train the stitching layers only')
@@ -207,6 +213,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError('--freeze-anchors and --anchor-lr-scale contradict: frozen anchors have no lr')
     if args.stitch_init_samples < 0:
         raise ValueError(f'--stitch-init-samples must be >= 0, got {args.stitch_init_samples}')
+    if args.stitch_lora_rank < 0:
+        raise ValueError(f'--stitch-lora-rank must be >= 0, got {args.stitch_lora_rank}')
     if args.anchor_route_weight <= 0:
         raise ValueError(f'--anchor-route-weight must be > 0, got {args.anchor_route_weight}')
     if args.epochs < 1 or args.batch_size < 1:

@@ -150,6 +150,8 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
         extra['drop_rate'] = args.drop
     if args.pretrained_anchors:
         extra['pretrained_anchors'] = True
+    if args.stitch_lora_rank:
+        extra.update(stitch_lora_rank=args.stitch_lora_rank, stitch_lora_alpha=args.stitch_lora_alpha)
     model = create_stitched_model(args, **extra)
     if args.initial_checkpoint:
         load_weights(model, args.initial_checkpoint)
