@@ -154,6 +154,16 @@ def test_missing_and_unexpected_keys_are_named(hub):
     assert not list(hub.cache_dir.rglob('*.safetensors'))  # no conversion cached
 
 
+def test_truncated_download_names_the_file_and_the_hub_repo(hub):
+    repo, filename = OFFICIAL_FORMATS['snnet_deit3_sl'].hf_hub
+    data = _file_bytes(_tiny_state('snnet_deit3_sl'), 'model')
+    hub.put(repo, {filename: data[:len(data) // 2]})
+    with pytest.raises(ValueError, match=r'cannot load .*/snnetv2_deit3_s_l\.pth as the pretrained weights of '
+                                         r'snnet_deit3_sl: .*also Hub ziplab/snnetv2_deit3_s_l_imagenet_1k '
+                                         r'snnetv2_deit3_s_l\.pth.*truncated or corrupt.*delete it'):
+        timm.create_model('snnet_deit3_sl', pretrained=True, **TINY)
+
+
 def test_another_lora_rank_is_named_as_mis_shaped(hub):
     _serve(hub, 'snnet_deit3_sb', _tiny_state('snnet_deit3_sb', lora_rank=8))
     with pytest.raises(ValueError, match=r'mis-shaped: stitch_layers\.0\.0\.0\.transform\.lora_A \(8, 16\) '

@@ -102,7 +102,8 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
     arch = model.pretrained_cfg.get('architecture')
     fmt = OFFICIAL_FORMATS[arch]
     path = Path(checkpoint_path)
-    expected = f'the {fmt.release} release file ({fmt.url}) or a converted {arch} safetensors file'
+    hub = f', also Hub {fmt.hf_hub[0]} {fmt.hf_hub[1]}' if fmt.hf_hub else ''
+    expected = f'the {fmt.release} release file ({fmt.url}{hub}) or a converted {arch} safetensors file'
     if _is_safetensors(path):
         try:
             state = safetensors.torch.load_file(str(path))
