@@ -48,13 +48,20 @@ def _tiny_state(arch: str, **kwargs) -> dict:
     return official_snnetv2_state(depths=DEPTHS[arch], **{**TINY_FILE, **kwargs})
 
 
-#: official ids -> (anchors, cuts, stitching layers (pair, layer)) of the S/L release
-SL_ROUTES = {
-    2: ((0, 1), ((0, 2),), ((0, 0),)),
-    14: ((1, 0), ((1, 1),), ((1, 0),)),
-    25: ((1, 0, 1), ((1, 1), (1, 4)), ((1, 0), (0, 1))),
-    80: ((0, 1, 0), ((0, 2), (3, 2)), ((0, 0), (1, 1))),
-    134: ((0, 1, 0), ((9, 20), (21, 11)), ((0, 9), (1, 10))),
+#: official ids -> (anchors, cuts, stitching layers (pair, layer)) of the S/L (12/24 blocks) and S/B (12/12) releases
+OFFICIAL_ROUTES = {
+    (12, 24): {
+        2: ((0, 1), ((0, 2),), ((0, 0),)),
+        14: ((1, 0), ((1, 1),), ((1, 0),)),
+        25: ((1, 0, 1), ((1, 1), (1, 4)), ((1, 0), (0, 1))),
+        80: ((0, 1, 0), ((0, 2), (3, 2)), ((0, 0), (1, 1))),
+        134: ((0, 1, 0), ((9, 20), (21, 11)), ((0, 9), (1, 10))),
+    },
+    (12, 12): {
+        2: ((0, 1), ((0, 1),), ((0, 0),)),
+        14: ((1, 0), ((0, 1),), ((1, 0),)),
+        25: ((1, 0, 1), ((0, 1), (1, 2)), ((1, 0), (0, 1))),
+    },
 }
 
 
@@ -73,10 +80,9 @@ def test_release_loads_bit_exact_from_the_authors_hub_repo(hub, arch, wrapper):
     routes = model.routes()
     assert len(routes) == 135 and [len(r.anchors) for r in routes] == [1] * 2 + [2] * 23 + [3] * 110
     assert {r.anchors for r in routes[2:14]} == {(0, 1)} and {r.anchors for r in routes[14:25]} == {(1, 0)}
-    if arch == 'snnet_deit3_sl':
-        for k, (anchors, cuts, layers) in SL_ROUTES.items():
-            assert (routes[k].anchors, routes[k].cuts) == (anchors, cuts), k
-            assert routes[k].stitches == tuple(StitchRef(0, p, layer) for p, layer in layers), k
+    for k, (anchors, cuts, layers) in OFFICIAL_ROUTES[DEPTHS[arch]].items():
+        assert (routes[k].anchors, routes[k].cuts) == (anchors, cuts), k
+        assert routes[k].stitches == tuple(StitchRef(0, p, layer) for p, layer in layers), k
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = {k: model(x, stitch_id=k) for k in (0, 1, 2, 14, 25, 80, 134)}
