@@ -156,9 +156,8 @@ def test_export_merges_every_stitch_and_matches_the_route(family, family_net):
     model = _lora_twin(family_net.model)
     _randomize_lora(model)
     x = family_net.images
-    for route in model.routes():
-        if route.is_anchor:
-            continue
+    stitched = [r for r in model.routes() if not r.is_anchor]
+    for route in [[r for r in stitched if r.stage == s][i] for s in {r.stage for r in stitched} for i in (0, -1)]:
         exported = model.export_stitch(route.id)
         assert not any('lora' in k for k in exported.state_dict()), route.id
         assert not any(isinstance(m, LoRALinear) for m in exported.modules())
@@ -167,6 +166,15 @@ def test_export_merges_every_stitch_and_matches_the_route(family, family_net):
         torch.testing.assert_close(exported(x), model(x, stitch_id=route.id), rtol=1e-5, atol=1e-5)
     # the model itself keeps its low-rank layers
     assert any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_merged_export_goes_through_torch_export():
+    model = tiny_snnet(stitch_lora_rank=RANK)
+    _randomize_lora(model)
+    x = tiny_images(2)
+    program = torch.export.export(model.export_stitch(5), (x,))
+    assert not any('lora' in name for name in program.state_dict)
+    torch.testing.assert_close(program.module()(x), model(x, stitch_id=5), rtol=1e-5, atol=1e-5)
 
 
 def test_optimizer_groups_hold_the_update_and_bias_but_not_the_frozen_weight():
@@ -236,11 +244,13 @@ def test_save_merged_reloads_as_plain_layers_computing_the_same(hub, lora_model,
 
 # ---- training ---------------------------------------------------------------------------------------------------
 
-def test_training_updates_the_low_rank_parts_only(tmp_path):
+def test_training_updates_the_low_rank_parts_only(tmp_path, caplog):
     data = make_image_folder(tmp_path / 'images', per_class=(8, 2))
     cfg = write_config(tmp_path / 'run.yaml', epochs=1)
     assert train_main(['-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path), '--experiment', 'run',
                        '--stitch-lora-rank', str(RANK), '--freeze-anchors', '--val-routes', 'none']) == 0
+    # without LS init the frozen base weights stay random: said, since it is rarely meant
+    assert 'neither --stitch-init-samples nor loaded weights set them' in caplog.text
     torch.manual_seed(42)  # the trainer's seed: the same start weights
     start = timm.create_model('snnet', anchors=ANCHORS, num_classes=4, stitch_lora_rank=RANK).state_dict()
     trained = safetensors.torch.load_file(tmp_path / 'run' / 'last.safetensors')

@@ -71,7 +71,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The arguments every subcommand uses to build a model: name, weights, card."""
     parser.add_argument('model', type=stitched_model_name,
                         help='a registered snnet_* architecture, e.g. snnet_deit_tsb')
-    add_shared_args(parser, ('pretrained', 'checkpoint'))
+    add_shared_args(parser, ('pretrained', 'checkpoint', 'route_space'))
     parser.add_argument('--card', type=existing_file, default=None,
                         help='a routes.json card (or official JSON-lines results) with accuracy and latency')
     parser.add_argument('--official-final-norm', action='store_true',
@@ -83,6 +83,8 @@ def build_model(args: argparse.Namespace) -> StitchedNet:
     import timm
 
     kwargs = {'final_norm_on_stitched_routes': False} if args.official_final_norm else {}
+    if args.route_space is not None:
+        kwargs['route_space'] = args.route_space
     model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     if not isinstance(model, StitchedNet):
         raise ValueError(f'{args.model} is not a stitched network (expected an snnet_* architecture)')

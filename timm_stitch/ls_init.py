@@ -57,7 +57,9 @@ def init_stitches(
     anchor's input of block ``k``. Runs in eval mode (no dropout, drop-path or BatchNorm updates) on the images
     as given (pass un-augmented ones), accumulating float64 normal equations over all batches. With
     ``mode='joint'`` (default) each shared layer gets one least-squares solve over all of its positions; with
-    ``'average'`` each position is solved alone and the solutions averaged, as the official code does.
+    ``'average'`` each position is solved alone and the solutions averaged, as the official code does. A low-rank
+    stitching layer's frozen base weight takes the fit and its update is reset to zero, so that the layer computes
+    the fit.
 
     Args:
         model: The stitched network (also inside ``torch.compile``, DDP or DataParallel).

@@ -39,7 +39,10 @@ def two_way_positions(small_depth: int, large_depth: int) -> tuple[list[StitchPo
     it, on layer ``i // r``. Each layer serves one position.
     """
     _check_positive(small_depth=small_depth, large_depth=large_depth)
-    if large_depth < small_depth or large_depth % small_depth:
+    if large_depth < small_depth:
+        raise ValueError(f'two-way routes need the smaller (shallower) anchor first, got depths {small_depth} then '
+                         f'{large_depth}')
+    if large_depth % small_depth:
         raise ValueError(f'two-way routes need the larger anchor\'s depth to be a multiple of the smaller\'s, got '
                          f'depths {small_depth} and {large_depth}')
     r = large_depth // small_depth
@@ -55,9 +58,9 @@ def plan_two_way_routes(depths: Sequence[int]) -> StitchPlan:
     Ids: 0 and 1 the anchors (small, large); then every SL route (one per small block), every LS route, every LSL
     route (outer loop over LS, inner over SL but the last, kept when the SL stitch is at or after the LS resume
     block) and every SLS route (outer loop over SL, inner over LS, kept likewise). Stitching layers: pair 0 holds
-    the small->large layers (the official ``stitch_layers.0.i``), pair 1 the large->small ones
-    (``stitch_layers.1.i``). Two 12-block anchors or a 12- and a 24-block anchor give 135 routes (2 + 12 + 11 + 55
-    + 55).
+    the small->large layers (``StitchRef(0, 0, i)``, the model's ``stitch_layers.0.0.i``, the official
+    ``stitch_layers.0.i``), pair 1 the large->small ones (``stitch_layers.0.1.i``, officially ``stitch_layers.1.i``).
+    Two 12-block anchors or a 12- and a 24-block anchor give 135 routes (2 + 12 + 11 + 55 + 55).
 
     The last SL route (the official id 13 for 12-block small anchors: every small block, then the large anchor's
     final norm and head with none of its blocks) keeps its id so that ids match the official ones, but the

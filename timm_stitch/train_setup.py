@@ -159,6 +159,10 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
         model.set_grad_checkpointing(True)
     if args.freeze_anchors:
         model.anchors.requires_grad_(False)
+    if args.stitch_lora_rank and not (args.stitch_init_samples or args.initial_checkpoint or args.pretrained
+                                      or args.resume):
+        _logger.warning('--stitch-lora-rank freezes the base weights of the stitching layers, and neither '
+                        '--stitch-init-samples nor loaded weights set them: they stay at their random init')
     return model.to(device)
 
 
