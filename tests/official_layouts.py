@@ -21,22 +21,30 @@ def official_deit_state(depth: int, img_size: int, num_classes: int, seed: int =
     tokens = (img_size // PATCH) ** 2 + 1
     sd = {}
     for i, d in enumerate(DIMS):
-        p = f'anchors.{i}.'
-        sd.update({p + 'cls_token': rnd(1, 1, d), p + 'pos_embed': rnd(1, tokens, d),
-                   p + 'patch_embed.proj.weight': rnd(d, 3, PATCH, PATCH), p + 'patch_embed.proj.bias': rnd(d)})
-        for b in range(depth):
-            q = f'{p}blocks.{b}.'
-            for norm in ('norm1', 'norm2'):
-                sd[q + norm + '.weight'], sd[q + norm + '.bias'] = rnd(d, offset=1.0), rnd(d)
-            for name, out_dim, in_dim in (('attn.qkv', 3 * d, d), ('attn.proj', d, d), ('mlp.fc1', 4 * d, d),
-                                          ('mlp.fc2', d, 4 * d)):
-                sd[q + name + '.weight'], sd[q + name + '.bias'] = rnd(out_dim, in_dim), rnd(out_dim)
-        sd[p + 'norm.weight'], sd[p + 'norm.bias'] = rnd(d, offset=1.0), rnd(d)
-        sd[p + 'head.weight'], sd[p + 'head.bias'] = rnd(num_classes, d), rnd(num_classes)
+        sd.update(_official_vit(rnd, f'anchors.{i}.', d, depth, tokens, PATCH, num_classes))
     for c, (d_in, d_out) in enumerate(zip(DIMS, DIMS[1:])):
         for layer in range(depth - 1):  # window 2, stride 1: one layer per window that adds positions
             sd[f'stitch_layers.{c}.{layer}.transform.weight'] = rnd(d_out, d_in)
             sd[f'stitch_layers.{c}.{layer}.transform.bias'] = rnd(d_out)
+    return sd
+
+
+def _official_vit(rnd, p: str, d: int, depth: int, tokens: int, patch: int, num_classes: int,
+                  layer_scale: bool = False) -> dict[str, torch.Tensor]:
+    """One FB DeiT / DeiT-3 anchor's keys under prefix ``p`` (``layer_scale``: DeiT-3's ``gamma_1``/``gamma_2``)."""
+    sd = {p + 'cls_token': rnd(1, 1, d), p + 'pos_embed': rnd(1, tokens, d),
+          p + 'patch_embed.proj.weight': rnd(d, 3, patch, patch), p + 'patch_embed.proj.bias': rnd(d)}
+    for b in range(depth):
+        q = f'{p}blocks.{b}.'
+        for norm in ('norm1', 'norm2'):
+            sd[q + norm + '.weight'], sd[q + norm + '.bias'] = rnd(d, offset=1.0), rnd(d)
+        for name, out_dim, in_dim in (('attn.qkv', 3 * d, d), ('attn.proj', d, d), ('mlp.fc1', 4 * d, d),
+                                      ('mlp.fc2', d, 4 * d)):
+            sd[q + name + '.weight'], sd[q + name + '.bias'] = rnd(out_dim, in_dim), rnd(out_dim)
+        if layer_scale:
+            sd[q + 'gamma_1'], sd[q + 'gamma_2'] = rnd(d, offset=0.1), rnd(d, offset=0.1)
+    sd[p + 'norm.weight'], sd[p + 'norm.bias'] = rnd(d, offset=1.0), rnd(d)
+    sd[p + 'head.weight'], sd[p + 'head.bias'] = rnd(num_classes, d), rnd(num_classes)
     return sd
 
 
@@ -109,6 +117,43 @@ def official_levit_state(seed: int = 0, num_classes: int = 1000, img_size: int =
             sd[f'stitch_layers.{s}.0.{layer}.transform.bias'] = torch.randn(LEVIT[1][0][s], generator=g) * 0.05
     return sd
 
+
+
+def official_snnetv2_state(dims: tuple[int, int], depths: tuple[int, int], num_classes: int = 1000, img_size: int = 224,
+                           patch: int = 16, lora_rank: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the keys of the SN-Netv2 releases (``snnetv2_deit3_*.pth``), built from the
+    architecture description: ``anchors.{0,1}.*`` (small, large) in the DeiT-3 ``vit_models`` layout (LayerScale
+    ``gamma_1``/``gamma_2`` per block, ``pos_embed`` without a class-token slot, qkv bias) and
+    ``stitch_layers.{0,1}.{layer}.transform.{weight,bias,lora_A,lora_B}``: one small->large layer per small block,
+    one large->small layer per large->small position (every large block but the last with equal depths, every odd
+    one but the last with twice the depth). The Identity ending each list has no tensors."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.05, offset=0.0):
+        return torch.randn(*shape, generator=g) * scale + offset
+
+    sd = {}
+    for i, (d, depth) in enumerate(zip(dims, depths)):
+        sd.update(_official_vit(rnd, f'anchors.{i}.', d, depth, (img_size // patch) ** 2, patch, num_classes,
+                                layer_scale=True))
+    small, large = depths
+    num_ls = sum(1 for i in range(large - 1) if large == small or i % 2 == 1)
+    for c, (d_in, d_out, n) in enumerate(((dims[0], dims[1], small), (dims[1], dims[0], num_ls))):
+        for layer in range(n):
+            t = f'stitch_layers.{c}.{layer}.transform.'
+            sd.update({t + 'weight': rnd(d_out, d_in), t + 'bias': rnd(d_out), t + 'lora_A': rnd(lora_rank, d_in),
+                       t + 'lora_B': rnd(d_out, lora_rank)})
+    return sd
+
+
+def snnetv2_to_timm_stitch(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SN-Netv2 release keys as timm-stitch names them: LayerScale ``gamma_N`` -> ``lsN.gamma``, official
+    stitching list ``c`` -> pair ``c`` of token stage 0."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r'\.gamma_(\d)$', r'.ls\1.gamma', key)
+        out[re.sub(r'^stitch_layers\.(\d+)\.', r'stitch_layers.0.\1.', key)] = value
+    return out
 
 
 

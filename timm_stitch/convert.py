@@ -1,4 +1,5 @@
-"""Converters from the official SN-Net release checkpoints (ziplab/SN-Net v1.0-v1.2) to timm-stitch models.
+"""Converters from the official SN-Net release checkpoints (ziplab/SN-Net v1.0-v1.2, and the SN-Netv2 DeiT-3 pairs
+of ziplab/SN-Netv2 1.0, also on the Hugging Face Hub) to timm-stitch models.
 
 The checkpoints (zip or legacy ``torch.save`` files) are read without running pickled code:
 ``torch.load(weights_only=True)``, or, when the pickle also holds training arguments or configs (argparse/yacs
@@ -17,6 +18,7 @@ import pickle
 import re
 import types
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
@@ -24,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import timm
 import torch
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
 from torch import nn
 
 from ._io import file_sha256
@@ -45,15 +48,17 @@ class OfficialFormat:
 
     ``url`` is the release file (relative to ``RELEASE_URL``); ``model_kwargs`` are the compat settings its weights
     need; ``stitch_key`` maps the indices after ``stitch_layers.`` (official order) to ours; ``anchor_filters``
-    convert an anchor's official keys (prefix stripped) to timm's. The authors' per-route results ship in
-    ``timm_stitch/data/reported/{architecture}.jsonl`` and the route card built from them in
-    ``{architecture}.routes.json``.
+    convert an anchor's official keys (prefix stripped) to timm's; ``hf_hub`` is the (repo id, file name) the
+    authors publish the same file under on the Hugging Face Hub, if they do. The authors' per-route results ship
+    in ``timm_stitch/data/reported/{architecture}.jsonl`` and the route card built from them in
+    ``{architecture}.routes.json``, where they published them.
     """
     release: str
     url: str
     model_kwargs: dict[str, Any]
     stitch_key: Callable[[tuple[int, ...]], Optional[tuple[int, int, int]]]
     anchor_filters: dict[int, Callable[[StateDict, nn.Module], StateDict]] = field(default_factory=dict)
+    hf_hub: Optional[tuple[str, str]] = None
 
 
 def _deit_stitch(idx: tuple[int, ...]) -> Optional[tuple[int, int, int]]:
@@ -111,6 +116,19 @@ def levit_filter(state: StateDict, model: nn.Module) -> StateDict:
 
 #: where the official SN-Net releases are published
 RELEASE_URL = 'https://github.com/ziplab/SN-Net/releases/download/'
+RELEASE_URL_V2 = 'https://github.com/ziplab/SN-Netv2/releases/download/'
+
+#: DeiT-3 (FB ``vit_models``) keys to timm's: ``blocks.N.gamma_{1,2}`` become ``blocks.N.ls{1,2}.gamma``
+deit3_filter = partial(vit_filter, adapt_layer_scale=True)
+
+
+def _snnetv2_deit3(pair: str) -> OfficialFormat:
+    """The SN-Netv2 DeiT-3 release of ``pair`` (``s_l``...): two anchors, ``stitch_layers.{0,1}.{layer}`` for the
+    small->large and large->small layers (our pairs 0 and 1 of the one token stage)."""
+    name = f'snnetv2_deit3_{pair}'
+    return OfficialFormat(f'ziplab/SN-Netv2 1.0 {name}.pth', f'{RELEASE_URL_V2}1.0/{name}.pth', {}, _deit_stitch,
+                          {i: deit3_filter for i in range(2)}, hf_hub=(f'ziplab/{name}_imagenet_1k', f'{name}.pth'))
+
 
 OFFICIAL_FORMATS: dict[str, OfficialFormat] = {
     'snnet_deit_tsb': OfficialFormat(
@@ -128,6 +146,9 @@ OFFICIAL_FORMATS: dict[str, OfficialFormat] = {
     'snnet_levit_192_256': OfficialFormat(
         'ziplab/SN-Net v1.2 levit_192_256_release.pth', RELEASE_URL + 'v1.2/levit_192_256_release.pth', {},
         _staged_stitch(0), {i: levit_filter for i in range(2)}),
+    'snnet_deit3_sb': _snnetv2_deit3('s_b'),
+    'snnet_deit3_sl': _snnetv2_deit3('s_l'),
+    'snnet_deit3_bl': _snnetv2_deit3('b_l'),
 }
 
 
@@ -284,14 +305,26 @@ def official_format(arch: str) -> OfficialFormat:
     return OFFICIAL_FORMATS[arch]
 
 
+def _reported_card(arch: str) -> Any:
+    return resources.files('timm_stitch') / 'data' / 'reported' / f'{arch}.routes.json'
+
+
+def has_reported_card(arch: str) -> bool:
+    """Whether the authors' per-route results of ``arch``'s release ship as a route card (not every release has
+    published results: of the SN-Netv2 DeiT-3 pairs, only S-L)."""
+    return _reported_card(arch).is_file()
+
+
 def official_card(model: StitchedNet, checkpoint: Optional[PathLike] = None) -> Optional[RouteCard]:
     """The route card shipped for ``model``'s official release (MACs counted by timm-stitch, the authors' reported
     accuracy, keyed to the weights ``model`` holds: the release's, just loaded), or None when the model does not
-    have the release's routes (e.g. built smaller). ``checkpoint``, when given, is the file whose sha256 the card's
-    provenance records."""
+    have the release's routes (e.g. built smaller) or the authors published no per-route results for it.
+    ``checkpoint``, when given, is the file whose sha256 the card's provenance records."""
     arch = model.pretrained_cfg.get('architecture')
     official_format(arch)
-    with resources.as_file(resources.files('timm_stitch') / 'data' / 'reported' / f'{arch}.routes.json') as path:
+    if not has_reported_card(arch):
+        return None
+    with resources.as_file(_reported_card(arch)) as path:
         card = RouteCard.load(path)
     try:
         card.check_model(model)

@@ -5,6 +5,7 @@ from typing import Any, Callable, Sequence
 
 from timm.models import build_model_with_cfg
 
+from .._timm_compat import resolve_pretrained_source
 from ..convert import OFFICIAL_FORMATS
 from ..features import StitchedFeatures
 from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_errors
@@ -41,10 +42,24 @@ def _naming_anchor_errors(builder: Callable[..., StitchedNet], variant: str) -> 
 
 
 def release_cfg(arch: str, num_anchors: int, **kwargs: Any) -> dict[str, Any]:
-    """The pretrained cfg of ``arch``'s official SN-Net release: its URL, loaded by the model (``custom_load``)."""
+    """The pretrained cfg of ``arch``'s official SN-Net release: its URL, loaded by the model (``custom_load``); for
+    a release the authors publish on the Hugging Face Hub, that repo and file first (``custom_load='hf'``), the URL
+    being the fallback timm uses when ``huggingface_hub`` is missing or the cfg overlay clears ``hf_hub_id``."""
     fmt = OFFICIAL_FORMATS[arch]
-    return snnet_cfg(num_anchors, url=fmt.url, custom_load=True, origin_url='https://github.com/ziplab/SN-Net',
-                     paper_ids='arXiv:2302.06586', paper_name='Stitchable Neural Networks', **kwargs)
+    source = dict(custom_load=True) if fmt.hf_hub is None else dict(
+        custom_load='hf', hf_hub_id=fmt.hf_hub[0], hf_hub_filename=fmt.hf_hub[1])
+    paper = dict(origin_url='https://github.com/ziplab/SN-Net', paper_ids='arXiv:2302.06586',
+                 paper_name='Stitchable Neural Networks')
+    return snnet_cfg(num_anchors, url=fmt.url, **{**paper, **source, **kwargs})
+
+
+def _from_official_hub(variant: str, cfg: dict[str, Any]) -> bool:
+    """Whether ``cfg`` loads ``variant``'s official release from the authors' Hub repo (no route card beside it)."""
+    fmt = OFFICIAL_FORMATS.get(variant)
+    if fmt is None or fmt.hf_hub is None:
+        return False
+    load_from, location = resolve_pretrained_source(cfg)
+    return load_from == 'hf-hub' and isinstance(location, (tuple, list)) and tuple(location) == fmt.hf_hub
 
 
 def create_snnet(
@@ -66,6 +81,8 @@ def create_snnet(
         with release_download_errors(variant, release):
             model = build_model_with_cfg(_naming_anchor_errors(builder, variant), variant, pretrained,
                                          anchors=list(anchors), **kwargs)
-        if pretrained and model.card is None and release is None:  # a release URL has no routes.json beside it
+        # a release URL or Hub repo has no routes.json beside it: load_release attached the reported card, if any
+        if pretrained and model.card is None and release is None and not _from_official_hub(variant,
+                                                                                             model.pretrained_cfg):
             load_pretrained_card(model, cache_dir=kwargs.get('cache_dir'))
     return StitchedFeatures(model, **features_args) if features_only else model

@@ -1,7 +1,8 @@
-"""Loading the official SN-Net releases through timm's ``url`` + ``custom_load`` path.
+"""Loading the official SN-Net releases through timm's ``url`` + ``custom_load`` path, or its Hugging Face Hub path.
 
-timm downloads a release file into its cache (``torch.hub`` ``checkpoints/``) and calls the model's
-``load_pretrained(file)``, which lands here. The file's format decides what happens: an official release pickle is
+timm downloads a release file into its cache (``torch.hub`` ``checkpoints/``; for the SN-Netv2 releases, from the
+authors' Hub repos with ``custom_load='hf'``, into the Hub cache) and calls the model's ``load_pretrained(file)``,
+which lands here. The file's format decides what happens: an official release pickle is
 read without executing pickled code, converted with the release's converter and cached as safetensors beside the
 download (so the next load reads that and converts nothing); a safetensors file (or a ``torch.save`` state dict)
 with this model's own keys loads as it is. The shipped route card of the release (MACs counted by timm-stitch, the
@@ -26,7 +27,15 @@ from timm.models import resolve_pretrained_cfg
 
 from .._io import atomic_path
 from .._timm_compat import get_cache_dir, resolve_pretrained_source
-from ..convert import OFFICIAL_FORMATS, OfficialFormat, StateDict, map_official_keys, official_card, read_checkpoint
+from ..convert import (
+    OFFICIAL_FORMATS,
+    OfficialFormat,
+    StateDict,
+    has_reported_card,
+    map_official_keys,
+    official_card,
+    read_checkpoint,
+)
 from ..hub import check_pretrained_state_dict
 from ..input_size import adapt_first_convs
 from ..model import StitchedNet
@@ -93,7 +102,8 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
     arch = model.pretrained_cfg.get('architecture')
     fmt = OFFICIAL_FORMATS[arch]
     path = Path(checkpoint_path)
-    expected = f'the {fmt.release} release file ({fmt.url}) or a converted {arch} safetensors file'
+    hub = f', also Hub {fmt.hf_hub[0]} {fmt.hf_hub[1]}' if fmt.hf_hub else ''
+    expected = f'the {fmt.release} release file ({fmt.url}{hub}) or a converted {arch} safetensors file'
     if _is_safetensors(path):
         try:
             state = safetensors.torch.load_file(str(path))
@@ -126,11 +136,13 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
             _write_cached(state, cached, path, fmt)
     model.load_state_dict(state, strict=True)
     card = None if reset else official_card(model)
-    if card is None:
+    if card is not None:
+        model.load_card(card)
+    elif has_reported_card(arch):
         _logger.info(f'{arch} is built with other routes or classes than the {fmt.release} release: its reported '
                      'route card is not attached')
     else:
-        model.load_card(card)
+        _logger.info(f'the authors published no per-route results for {fmt.release}: routes() has no accuracy')
 
 
 def _load_native(model: StitchedNet, state: StateDict) -> None:
