@@ -171,13 +171,14 @@ def test_cascade_answers_per_family(family, family_net):
 
 def test_shipped_fmnist_card_selects_a_cascade():
     model = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True).eval()
-    cascade = Cascade.select(model, max_macs=25e6)
-    assert (cascade.routes, cascade.thresholds, cascade.confidence) == ([0, 2], [0.75], 'max_softmax')
+    cascade = Cascade.select(model, max_macs=26e6)  # the card's curve: Ti then B, margin 0.67 at 25.4 mean MMACs
+    assert (cascade.routes, cascade.thresholds, cascade.confidence) == ([0, 2], [0.67], 'margin')
+    assert Cascade.select(model, max_macs=25e6).thresholds == [0.66]  # the budget picks the point
     with pytest.raises(ValueError, match='no route card'):
         Cascade.select(tiny_snnet(), 1e9)
     other_heads = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True, num_classes=5).eval()
     with pytest.raises(ValueError, match='route card is stale .*num_classes=10'):
-        Cascade.select(other_heads, max_macs=25e6)
+        Cascade.select(other_heads, max_macs=26e6)
 
 
 def test_route_logits_are_each_routes_outputs(model):

@@ -102,6 +102,7 @@ def test_merge_lora_gives_a_plain_linear_computing_the_same():
     (dict(layout='nchw', out_layout='tokens'), "lora_rank=4.*not 'nchw'"),
     (dict(lora_rank=-1), 'lora_rank must be an int >= 0.*-1'),
     (dict(lora_rank=2.5), 'lora_rank must be an int >= 0.*2.5'),
+    (dict(lora_rank=9), r'stitch_lora_rank 9 is above .* 8 -> 12 .* valid ranks are 0\.\.8'),
 ])
 def test_bad_layer_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -223,6 +224,17 @@ def test_save_unmerged_round_trips_exactly(hub, lora_model, tmp_path):
         timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL,
                           pretrained_cfg_overlay=dict(file=str(folder / WEIGHTS_NAME)))
 
+
+
+def test_loading_a_low_rank_checkpoint_into_a_plain_model_names_the_keys_and_the_rank_option(lora_model, tmp_path):
+    """The trainer's and validator's weights loader: the unexpected low-rank keys and what to build, not torch's
+    bare 'Error(s) in loading state_dict for StitchedNet:'."""
+    from timm_stitch.evaluation import load_weights
+    path = tmp_path / 'lora.safetensors'
+    safetensors.torch.save_file({k: v.contiguous() for k, v in lora_model.state_dict().items()}, path)
+    with pytest.raises(ValueError, match=r'unexpected key\(s\) in state_dict: stitch_layers\.0\.0\.0\.transform\.lora_A'
+                                         r'.*\(\+\d+ more\).*--model-kwargs stitch_lora_rank='):
+        load_weights(timm.create_model('snnet_deit_tsb', **SMALL), str(path))
 
 def test_save_merged_reloads_as_plain_layers_computing_the_same(hub, lora_model, tmp_path):
     folder = save_pretrained(lora_model, tmp_path / 'merged', merge_lora=True)

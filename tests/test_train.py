@@ -159,6 +159,11 @@ def test_param_groups_split_stitches_and_anchors_and_skip_decay():
      "--validation-batch-size applies with --val-routes other than 'none' only"),
     (['--model', 'snnet_vit_fmnist_tsb', '--data-dir', '.', '--input-img-mode', 'RGB'], ValueError,
      'the model takes 1'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--drop-path', '1.5'], ValueError,
+     r'--drop-path rates must be in \[0, 1\), got 1.5'),
+    (['--model', 'snnet_deit_tsb', '--data-dir', '.', '--drop-path', '0.1', '-0.1'], ValueError, r'in \[0, 1\)'),
+    (['--model', 'snnet_deit_ts', '--data-dir', '.', '--anchors', 'vit_fmnist_tiny,vit_fmnist_small'], ValueError,
+     'anchors apply to the generic --model snnet only: snnet_deit_ts has its own anchors'),
 ])
 def test_bad_arguments_raise_clear_errors(argv, error, match):
     with pytest.raises(error, match=match):

@@ -171,6 +171,8 @@ def create_stitched_model(args: argparse.Namespace, **kwargs: Any) -> nn.Module:
         raise ValueError(f'unknown model {args.model!r}: expected a registered snnet_* architecture '
                          f"(see timm.list_models('snnet*')) or 'snnet' with --anchors")
     model_kwargs = dict(args.model_kwargs or {})
+    if (args.anchors or 'anchors' in model_kwargs) and args.model != 'snnet':
+        raise ValueError(f'anchors apply to the generic --model snnet only: {args.model} has its own anchors')
     if args.anchors:
         if 'anchors' in model_kwargs:
             raise ValueError('give the anchors either with --anchors or in --model-kwargs, not both')
@@ -229,7 +231,24 @@ def _reading_weights(path: str) -> Iterator[None]:
         yield
     except Exception as e:  # torch.load and safetensors raise a dozen types for damaged or foreign files
         raise ValueError(f'cannot load the weights file {path}: expected {_WEIGHTS_FORMATS} that fits the model; '
-                         f'{type(e).__name__}: {_first_sentence(e)}') from e
+                         f'{type(e).__name__}: {_state_dict_mismatch(e) or _first_sentence(e)}') from e
+
+
+def _state_dict_mismatch(error: BaseException) -> str:
+    """torch's ``load_state_dict`` error in one line: the first keys of each kind, and what to build for low-rank
+    stitching layers ('' for any other error)."""
+    if not str(error).startswith('Error(s) in loading state_dict'):
+        return ''
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    parts = []
+    for line in lines:
+        what, _, keys = line.partition(':')
+        names = [k.strip(' ."') for k in keys.split(', ')]
+        parts.append(f'{what.strip().lower()}: {", ".join(names[:3])}' + (f' (+{len(names) - 3} more)'
+                                                                        if len(names) > 3 else ''))
+    hint = ("; the low-rank update of its stitching layers differs from the model's: build the model with the "
+            "checkpoint's stitch_lora_rank (e.g. --model-kwargs stitch_lora_rank=64)") if 'lora_' in str(error) else ''
+    return '; '.join(parts) + hint
 
 
 def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:

@@ -96,11 +96,14 @@ class StitchingLayer(nn.Module):
             valid = ', '.join(f'{a}->{b}' for a, b in _LAYOUT_CHANGES)
             raise ValueError(f'cannot stitch {layout!r} activations into {out_layout!r} ones: valid are {valid}')
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
-            raise ValueError(f'lora_rank must be an int >= 0 (0: a plain linear layer), got {lora_rank!r}')
+            raise ValueError(f'stitch_lora_rank must be an int >= 0 (0: a plain linear layer), got {lora_rank!r}')
+        if lora_rank > min(in_dim, out_dim):
+            raise ValueError(f'stitch_lora_rank {lora_rank} is above what a {in_dim} -> {out_dim} stitching layer can '
+                             f'use: valid ranks are 0..{min(in_dim, out_dim)}')
         if lora_rank and layout == 'nchw':
-            raise ValueError(f'low-rank stitching layers (lora_rank={lora_rank}) take token or channels-last '
-                             "('tokens', 'nhwc') activations, not 'nchw' feature maps: use lora_rank=0 for anchors "
-                             'with NCHW stages (ResNet, LeViT...)')
+            raise ValueError(f'low-rank stitching layers (stitch_lora_rank={lora_rank}) take token or channels-last '
+                             "('tokens', 'nhwc') activations, not 'nchw' feature maps: use stitch_lora_rank=0 for "
+                             'anchors with NCHW stages (ResNet, LeViT...)')
         self.in_dim, self.out_dim, self.layout, self.out_layout = in_dim, out_dim, layout, out_layout
         if layout == 'nchw':
             self.transform = nn.Conv2d(in_dim, out_dim, kernel_size=1)

@@ -214,6 +214,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError('--resume and --initial-checkpoint contradict: resume restores the weights')
     if args.freeze_anchors and args.anchor_lr_scale != 1.0:
         raise ValueError('--freeze-anchors and --anchor-lr-scale contradict: frozen anchors have no lr')
+    if args.drop_path is not None and not all(0 <= r < 1 for r in args.drop_path):
+        raise ValueError(f'--drop-path rates must be in [0, 1), got {" ".join(map(str, args.drop_path))}')
     if args.stitch_init_samples < 0:
         raise ValueError(f'--stitch-init-samples must be >= 0, got {args.stitch_init_samples}')
     if args.stitch_lora_rank < 0:
