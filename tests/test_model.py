@@ -248,3 +248,12 @@ def test_drop_path_rate_per_anchor():
     assert [a.blocks[-1].drop_path1.drop_prob for a in shared.anchors] == [pytest.approx(0.3)] * 2
     with pytest.raises(ValueError, match=r'drop_path_rate has 3 values .* one per anchor \(2\)'):
         StitchedNet(specs, drop_path_rate=(0.0, 0.1, 0.2))
+
+
+def test_timm_device_and_dtype_arguments_place_every_module():
+    """timm's factory ``device``/``dtype`` reach the stitching layers too, not only the anchors built by name."""
+    specs = [tiny_vit_args(d, h) for d, h in TINY_WIDTHS[:2]]
+    on_meta = timm.create_model('snnet', anchors=specs, device='meta')
+    assert {p.device.type for p in on_meta.parameters()} == {'meta'}
+    assert [r.macs for r in on_meta.routes()] == [r.macs for r in timm.create_model('snnet', anchors=specs).routes()]
+    assert {p.dtype for p in StitchedNet(specs, dtype=torch.float64).parameters()} == {torch.float64}

@@ -79,6 +79,7 @@ def stitch(
     if not anchors:
         raise ValueError('stitch() needs at least one anchor')
     net_kwargs = {k: kwargs.pop(k) for k in _NET_ARGS if k in kwargs}
+    net_kwargs.update((k, kwargs[k]) for k in ('device', 'dtype') if kwargs.get(k) is not None)  # anchors' too
     if kwargs.get('img_size') is None:
         kwargs.pop('img_size', None)
     models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kw)

@@ -62,6 +62,7 @@ class StitchedNet(nn.Module):
             frozen (0: plain layers); ``stitch_lora_alpha`` scales it by ``alpha / rank`` (SN-Netv2: 64 and 1).
         stitch_id: The route made active (as ``set_stitch``; default: the largest anchor's), so that
             ``timm.create_model(..., stitch_id=k)`` and stock timm scripts' ``--model-kwargs stitch_id=k`` pick a route.
+        device, dtype: timm's factory arguments: anchors built by name and the stitching layers are made there.
         **anchor_kwargs: Passed to ``timm.create_model`` for every anchor given by name (``drop_path_rate``...);
             ``drop_path_rate`` may be a sequence with one rate per anchor (SN-Netv2 gives each anchor its own).
     """
@@ -84,6 +85,8 @@ class StitchedNet(nn.Module):
             stitch_id: Optional[int] = None,
             stitch_lora_rank: int = 0,
             stitch_lora_alpha: float = 1.0,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
             **anchor_kwargs: Any,
     ):
         super().__init__()
@@ -91,6 +94,7 @@ class StitchedNet(nn.Module):
             raise ValueError('a stitched network needs at least one anchor')
         if img_size is not None:
             anchor_kwargs['img_size'] = img_size
+        anchor_kwargs.update((k, v) for k, v in (('device', device), ('dtype', dtype)) if v is not None)
         models = [build_anchor(a, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained_anchors, **kwargs)
                   for a, kwargs in zip(anchors, per_anchor_kwargs(anchor_kwargs, len(anchors)))]
         self.anchors = nn.ModuleList(models)
@@ -120,6 +124,9 @@ class StitchedNet(nn.Module):
             ))
         #: per-route BatchNorm statistics (registered buffers, last in the state_dict; see :mod:`timm_stitch.bn`)
         self.route_bn = RouteBatchNormStats(self.anchors)
+        if device is not None or dtype is not None:  # timm's factory kwargs: the new modules follow the anchors
+            self.stitch_layers.to(device=device, dtype=dtype)
+            self.route_bn.to(device=device, dtype=dtype)
         self._segments = [self._route_segments(r) for r in self.plan.routes]
         self._stitch_id = len(self.anchors) - 1  # the largest anchor, as a plain timm model would behave
         self._route_cache: Optional[list[Route]] = None
