@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import timm
-from fmnist_pipeline import COMMON, TRAIN, run  # benchmarks/ is the script's folder
+from fmnist_pipeline import COMMON, TRAIN, distill_from_base, run, shipped_fp32  # benchmarks/ is the script's folder
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
@@ -31,14 +31,6 @@ from timm_stitch.models.snnet_vit_fmnist import SHIPPED_DIR
 
 INIT_SAMPLES = 2000
 SEGMENTS = {'Ti-S': (0, 1), 'S-B': (1, 2)}
-
-
-def shipped_fp32(out: Path) -> Path:
-    """The shipped fp16 weights as an fp32 checkpoint (the trainer's ``--initial-checkpoint``)."""
-    if not out.exists():
-        save_file({k: (v.float() if v.is_floating_point() else v).contiguous()
-                   for k, v in load_file(SHIPPED_DIR / 'model.safetensors').items()}, out)
-    return out
 
 
 def ls_init_only(start: Path, source: Path | None, out: Path) -> None:
@@ -85,14 +77,7 @@ def main(argv=None) -> None:
     data = prepare_fashion_mnist(work / 'data', args.source)
     data_args = ['--data-dir', str(data), *COMMON]
     start = shipped_fp32(work / 'shipped_fp32.safetensors')
-    distill, tag = [], ''
-    if args.kd:
-        teacher = work / 'teacher_B.safetensors'
-        model = timm.create_model('snnet_vit_fmnist_tsb')
-        model.load_state_dict(load_file(start))
-        save_file({k: v.contiguous() for k, v in model.anchors[2].state_dict().items()}, teacher)
-        distill, tag = ['--kd-model', 'vit_fmnist_base', '--kd-checkpoint', str(teacher), '--kd-type', 'soft',
-                        '--kd-alpha', '0.5'], '_kd'
+    distill, tag = (distill_from_base(start, work / 'teacher_B.safetensors', 0.5), '_kd') if args.kd else ([], '')
 
     rows = []
     for epochs in args.epochs:

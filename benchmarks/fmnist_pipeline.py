@@ -140,16 +140,12 @@ def main(argv=None) -> None:
     else:
         stitched, anchor_top1 = train_stitched(args, model, work, data_args, runs)
     if args.refine_epochs:  # the Ti->S routes alone, distilled from anchor B; anchor routes are not drawn
-        teacher = work / 'teacher_refine.safetensors'
-        if not teacher.exists():
-            model.load_state_dict(load_file(stitched))
-            save_file({k: v.contiguous() for k, v in model.anchors[-1].state_dict().items()}, teacher)
+        distill = distill_from_base(stitched, work / 'teacher_refine.safetensors', args.refine_kd_alpha)
         run('refine', 'timm_stitch.train', [
             *data_args, *TRAIN, '--model', 'snnet_vit_fmnist_tsb', '--initial-checkpoint', str(stitched),
             '--train-routes', TI_S_ROUTES, '--epochs', str(args.refine_epochs), '--lr', '1e-4',
-            '--stitch-lr-scale', '10', '--anchor-lr-scale', '0.3', '--warmup-epochs', '0',
-            '--kd-model', FMNIST_ANCHORS[-1][0], '--kd-checkpoint', str(teacher), '--kd-type', 'soft',
-            '--kd-alpha', str(args.refine_kd_alpha), '--val-routes', 'none',
+            '--stitch-lr-scale', '10', '--anchor-lr-scale', '0.3', '--warmup-epochs', '0', *distill,
+            '--val-routes', 'none',
             '--output', str(runs), '--experiment', 'refined',
         ], work, runs / 'refined' / 'last.safetensors')
         stitched = runs / 'refined' / 'last.safetensors'
@@ -211,12 +207,8 @@ def train_stitched(args: argparse.Namespace, model, work: Path, data_args: list[
         model.anchors[i].load_state_dict({k.removeprefix('anchors.0.'): v for k, v in weights.items()})
     init = work / 'stitched_init.safetensors'
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
-    distill = []
-    if args.kd_alpha > 0:  # soft distillation from the largest anchor, trained alone
-        teacher = work / 'teacher.safetensors'
-        save_file({k: v.contiguous() for k, v in model.anchors[-1].state_dict().items()}, teacher)
-        distill = ['--kd-model', FMNIST_ANCHORS[-1][0], '--kd-checkpoint', str(teacher), '--kd-type', 'soft',
-                   '--kd-alpha', str(args.kd_alpha)]
+    # soft distillation from the largest anchor, trained alone
+    distill = distill_from_base(init, work / 'teacher.safetensors', args.kd_alpha) if args.kd_alpha > 0 else []
 
     # LS init, then the whole network trained, one sampled route per step
     run('stitching', 'timm_stitch.train', [
@@ -233,13 +225,28 @@ def train_stitched(args: argparse.Namespace, model, work: Path, data_args: list[
 
 def shipped_start(work: Path) -> tuple[Path, dict[str, float]]:
     """The shipped weights (fp32) as stage 3's output, and its card's anchor top-1 trained alone."""
-    start = work / 'shipped_start.safetensors'
-    if not start.exists():
-        save_file({k: (v.float() if v.is_floating_point() else v).contiguous()
-                   for k, v in load_file(SHIPPED_DIR / 'model.safetensors').items()}, start)
     card = RouteCard.load(SHIPPED_DIR / 'routes.json')
     alone = next(p['values'] for p in card.provenance if p.get('what') == ANCHOR_TOP1_ALONE)
-    return start, alone
+    return shipped_fp32(work / 'shipped_start.safetensors'), alone
+
+
+def shipped_fp32(out: Path) -> Path:
+    """The shipped fp16 weights as an fp32 checkpoint (the trainer's ``--initial-checkpoint``), written once."""
+    if not out.exists():
+        save_file({k: (v.float() if v.is_floating_point() else v).contiguous()
+                   for k, v in load_file(SHIPPED_DIR / 'model.safetensors').items()}, out)
+    return out
+
+
+def distill_from_base(weights: Path, teacher: Path, alpha: float) -> list[str]:
+    """Trainer arguments for soft distillation (weight ``alpha``) from anchor B of the stitched ``weights``, whose
+    B is saved once to ``teacher``."""
+    if not teacher.exists():
+        model = timm.create_model('snnet_vit_fmnist_tsb')
+        model.load_state_dict(load_file(weights))
+        save_file({k: v.contiguous() for k, v in model.anchors[-1].state_dict().items()}, teacher)
+    return ['--kd-model', FMNIST_ANCHORS[-1][0], '--kd-checkpoint', str(teacher), '--kd-type', 'soft',
+            '--kd-alpha', str(alpha)]
 
 def write_fp16(checkpoint: Path, out: Path) -> None:
     """``checkpoint`` with its floating-point tensors in fp16 (3.3 MB instead of 6.6 MB)."""
