@@ -8,6 +8,7 @@ place, so ``routes()`` carries the card's accuracy without evaluating anything.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -26,7 +27,7 @@ from torch import nn
 from ._io import atomic_dir
 from ._timm_compat import download_from_hf, resolve_pretrained_source, save_config_for_hf
 from .bn import is_route_bn_key
-from .card_readme import render_readme
+from .card_readme import is_rendered_readme, render_readme
 from .cards import RouteCard
 from .catalogue import staleness, state_key, weights_key
 from .input_size import anchor_first_convs, filter_anchor_checkpoints, is_input_conv_mismatch
@@ -60,9 +61,11 @@ def save_pretrained(
     ``model`` is a stitched model built by a registered ``snnet_*`` architecture (its card defaults to the model's
     counted MACs and params plus the accuracy and latency of its loaded card), or a plain timm model such as an
     exported anchor route (weights and ``config.json`` only, as timm writes them); a model inside
-    ``torch.compile``, DDP or DataParallel is saved as the model itself. The folder is built next to
-    ``save_directory`` and renamed into place, so a failure leaves nothing half-written; an existing folder is
-    replaced.
+    ``torch.compile``, DDP or DataParallel is saved as the model itself. A new folder is built next to
+    ``save_directory`` and renamed into place, so a failure leaves nothing half-written. An existing folder must be
+    empty or hold a saved model: its files are replaced one by one (a ``README.md`` only when timm-stitch rendered
+    it), other files stay; a folder with other files (or a file) raises ``ForeignFilesError`` (a
+    ``FileExistsError``) and nothing is written.
 
     Low-rank stitching layers (``stitch_lora_rank > 0``) are saved as they are (``weight``, ``lora_A``, ``lora_B``:
     training can go on from them) unless ``merge_lora``: then each is saved merged into a plain linear layer and
@@ -71,7 +74,8 @@ def save_pretrained(
     """
     model = unwrap(model)
     target = Path(save_directory)
-    with atomic_dir(target) as tmp:
+    owned = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME] + ([README_NAME] if is_rendered_readme(target / README_NAME) else [])
+    with atomic_dir(target, owned, is_ours=_holds_saved_model, what='save_pretrained') as tmp:
         if isinstance(model, StitchedNet):
             _write_stitched(model, tmp, card, dict(model_args or {}), repo_id or target.name, merge_lora)
         elif not is_model((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''):
@@ -138,6 +142,16 @@ def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard],
     license = (getattr(model, 'pretrained_cfg', None) or {}).get('license') or 'apache-2.0'
     (folder / README_NAME).write_text(render_readme(card, plot_name=None, repo_id=repo_id, license=license),
                                       encoding='utf-8')
+
+
+def _holds_saved_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved timm model: a ``config.json`` naming its ``architecture``."""
+    try:
+        with open(folder / CONFIG_NAME, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get('architecture'), str)
 
 
 def _card_for(model: StitchedNet, weights: Path) -> RouteCard:
