@@ -35,6 +35,7 @@ from ._io import (
     listing,
     plain_permissions,
 )
+from ._mismatch import WeightsMismatchError, state_dict_mismatch
 
 __all__ = ['save_checkpoint', 'load_state', 'publish', 'output_lock', 'keep_history', 'plain_args', 'trim_summary']
 
@@ -198,5 +199,10 @@ def load_state(path: str, model: nn.Module, model_ema: Optional[nn.Module] = Non
             raise ValueError(f'{file} is not the weights {real} was saved with (sha256 {state[key][:16]}...): the '
                              'checkpoint is incomplete or was modified')
         if target is not None and os.path.isfile(file):
-            target.load_state_dict(load_file(file))
+            weights = load_file(file)
+            mismatch = state_dict_mismatch(weights, target.state_dict())
+            if mismatch:
+                raise WeightsMismatchError(f'{file} holds the weights of another architecture (or of other model '
+                                           f"arguments) than this run's {state.get('arch') or 'model'}: {mismatch}")
+            target.load_state_dict(weights)
     return state

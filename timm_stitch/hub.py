@@ -25,6 +25,7 @@ from timm.models import get_pretrained_cfg, is_model, save_for_hf
 from torch import nn
 
 from ._io import atomic_dir
+from ._mismatch import WeightsMismatchError, mismatch_summary
 from ._timm_compat import download_from_hf, resolve_pretrained_source, save_config_for_hf
 from .bn import is_route_bn_key
 from .card_readme import is_rendered_readme, render_readme
@@ -205,7 +206,8 @@ def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: S
     first_convs = anchor_first_convs(model.anchors)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected and not is_route_bn_key(k)]  # checked by the load
-    misshaped = [f'{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})' for k, v in expected.items()
+    misshaped = [f'{k} {tuple(state_dict[k].shape)} in the file, {tuple(v.shape)} in the model'
+                 for k, v in expected.items()
                  if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(heads)
                  and not is_input_conv_mismatch(k, state_dict[k], v, first_convs)]
     if not (missing or unexpected or misshaped):
@@ -214,11 +216,9 @@ def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: S
     if any(_is_official_stitch_key(k) for k in unexpected):
         raise ValueError(f'this is an official SN-Net release checkpoint, not a {arch} checkpoint: convert it first '
                          f'with `timm-stitch convert CHECKPOINT --arch {arch} --out DIR`')
-    problems = [f'{len(items)} {what} (e.g. {", ".join(items[:3])})'
-                for what, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
-                if items]
-    raise ValueError(f'the pretrained checkpoint does not match {arch} with these arguments: {"; ".join(problems)}. '
-                     f'It is a checkpoint of another architecture or configuration{_lora_hint(state_dict, expected)}.')
+    mismatch = mismatch_summary(missing, unexpected, misshaped)
+    raise WeightsMismatchError(f'the pretrained checkpoint holds the weights of another architecture (or of other '
+                               f'model arguments) than {arch}: {mismatch}{_lora_hint(state_dict, expected)}')
 
 
 def _lora_hint(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
