@@ -3,6 +3,7 @@ a part of either: everything is built under a unique hidden temp name in the tar
 flushed to disk, then renamed into place; the temp is removed when the writing fails."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -14,7 +15,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 __all__ = [
     'atomic_path', 'atomic_write', 'atomic_dir', 'fsync_path', 'file_sha256', 'temp_name', 'plain_permissions',
-    'ForeignFilesError', 'is_temp_name', 'clean_stale_temps', 'listing',
+    'ForeignFilesError', 'is_temp_name', 'clean_stale_temps', 'listing', 'DiskFullError', 'disk_full',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -70,9 +71,12 @@ def atomic_path(path: PathLike, temp_dir: Optional[PathLike] = None, fsync: bool
             if fsync:
                 fsync_path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+        full = disk_full(e, target)
+        if full is not None:
+            raise full from e
         raise
     if fsync:
         fsync_path(os.path.dirname(target))
@@ -93,6 +97,37 @@ def listing(names: Sequence[str], shown: int = 5) -> str:
     """The first ``shown`` of ``names`` (sorted), and how many more."""
     names = sorted(names)
     return ', '.join(names[:shown]) + (f' and {len(names) - shown} more' if len(names) > shown else '')
+
+
+class DiskFullError(OSError):
+    """A write failed for want of space (``ENOSPC``, a quota, or a file size limit): the message names the path,
+    the folder's free space, and that the old version of the file is kept."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(error: BaseException, path: PathLike) -> Optional[DiskFullError]:
+    """``error`` (raised while writing ``path``) as a :class:`DiskFullError` when it comes from a full disk, else
+    None. torch's zip writer (``unexpected pos``) and safetensors (``os error 28``) hide the ``OSError``."""
+    text = str(error)
+    code = error.errno if isinstance(error, OSError) else None
+    found = re.search(r'os error (\d+)', text)
+    if code is None and found:
+        code = int(found.group(1))
+    if code not in _FULL and 'unexpected pos' not in text:
+        return None
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        free = f'{shutil.disk_usage(folder).free / 2**20:.1f} MiB free'
+    except OSError:
+        free = 'its free space unknown'
+    return DiskFullError(errno.ENOSPC, f'cannot write {path}: no space left on the disk holding {folder} ({free}; '
+                         f'or a disk quota or file size limit, `ulimit -f`, was reached). Nothing was written there '
+                         f'and the previous version is kept: free some space, or write elsewhere')
 
 
 def is_temp_name(name: str, of: Optional[str] = None) -> bool:
@@ -186,8 +221,11 @@ def atomic_dir(path: PathLike, owned: Sequence[str] = (), is_ours: Optional[Call
                 os.unlink(target / name)
         os.rmdir(tmp)
         fsync_path(target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e, target)
+        if full is not None:
+            raise full from e
         raise
 
 

@@ -29,6 +29,7 @@ from ._io import (
     ForeignFilesError,
     atomic_path,
     atomic_write,
+    disk_full,
     file_sha256,
     fsync_path,
     is_temp_name,
@@ -140,8 +141,11 @@ def save_checkpoint(path_stem: str, model: nn.Module, state: dict[str, Any], mod
             fsync_path(os.path.join(tmp, file))
         done = tmp.removesuffix('.tmp')
         os.rename(tmp, done)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e, path_stem + '.state.pth')
+        if full is not None:
+            raise full from e
         raise
     fsync_path(store)
     _replace_with_link(os.path.join(STORE, os.path.basename(done)), os.path.join(folder, name))  # the commit

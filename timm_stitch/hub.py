@@ -18,12 +18,13 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
-from timm.models import get_pretrained_cfg, is_model, save_for_hf
+from timm.models import get_pretrained_cfg, is_model, resolve_pretrained_cfg, save_for_hf
 from torch import nn
 
+from ._download import DownloadError
 from ._io import atomic_dir
 from ._mismatch import WeightsMismatchError, mismatch_summary
 from ._timm_compat import download_from_hf, resolve_pretrained_source, save_config_for_hf
@@ -38,6 +39,7 @@ from .unwrap import unwrap
 
 __all__ = [
     'save_pretrained', 'push_to_hub', 'load_pretrained_card', 'check_pretrained_state_dict', 'pretrained_errors',
+    'refetch_damaged',
     'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'README_NAME',
 ]
 
@@ -270,6 +272,77 @@ def pretrained_errors(variant: str, anchors: Sequence[Any] = ()) -> Iterator[Non
     except SafetensorError as e:
         raise ValueError(f'the pretrained weights of {variant} are corrupt or truncated ({e}); delete the file (or '
                          'its Hub cache entry) and download it again') from e
+    except Exception as e:
+        lost = None if isinstance(e, DownloadError) else _network_cause(e)
+        if lost is None:
+            raise
+        url = _request_url(e) or constants.ENDPOINT
+        why = (f'the server sent nothing for {constants.HF_HUB_DOWNLOAD_TIMEOUT} s (HF_HUB_DOWNLOAD_TIMEOUT, in '
+               'seconds)') if isinstance(lost, TimeoutError) or 'Timeout' in type(lost).__name__ else \
+            f'the connection was lost ({type(lost).__name__}: {lost})'
+        raise DownloadError(f'cannot download the pretrained weights of {variant} from {url} into the Hub cache '
+                            f'{constants.HF_HUB_CACHE}: {why}. The part received is kept there as an .incomplete file '
+                            'that the next try resumes: try again, or set HF_HUB_OFFLINE=1 to use what is cached'
+                            ) from e
+
+
+def _network_cause(error: BaseException) -> Optional[BaseException]:
+    """The network failure (a lost or timed-out connection: Python's, or the Hub client's HTTP library's) that
+    ``error`` is or was raised from, else None."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.split('.')[0].startswith(
+                ('httpx', 'httpcore')) and type(error).__name__.endswith(('Error', 'Timeout')):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _request_url(error: BaseException) -> Optional[str]:
+    try:
+        return str(error.request.url)  # httpx errors; the property raises when unset
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def refetch_damaged(variant: str, kwargs: Mapping[str, Any], error: BaseException) -> bool:
+    """After a ``SafetensorError`` loading ``variant``'s pretrained weights (built with ``kwargs``): when the file
+    read is a damaged Hub cache entry and the Hub can be reached, download it again (``force_download``) and return
+    True, so that the caller builds again; a damaged file that cannot be fetched again raises a ``ValueError`` naming
+    its path. False when the damaged file is not found (the caller re-raises ``error``)."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    load_from, location = resolve_pretrained_source(cfg.to_dict())
+    if load_from == 'file':
+        path, repo, name = Path(location), None, None
+    elif load_from == 'hf-hub':
+        repo, name = location if isinstance(location, (tuple, list)) else (location, None)
+        names = [n for n in (name, WEIGHTS_NAME, (name or '').replace('pytorch_model.bin', WEIGHTS_NAME)) if n]
+        found = [(n, try_to_load_from_cache(repo, n, cache_dir=kwargs.get('cache_dir'))) for n in names]
+        name, path = next(((n, Path(p)) for n, p in found if isinstance(p, str) and _damaged(Path(p))), (None, None))
+    else:
+        return False
+    if path is None or not _damaged(path):
+        return False
+    if repo is not None and not constants.HF_HUB_OFFLINE:
+        _logger.warning(f'the Hub cache file {path} of {repo}/{name} is truncated or corrupt ({error}): '
+                        'downloading it again')
+        hf_hub_download(repo, name, cache_dir=kwargs.get('cache_dir'), force_download=True)
+        return True
+    fix = (f'delete it and load again with the Hub reachable (HF_HUB_OFFLINE=1 is set), or download {repo}/{name} '
+           'again with force_download=True') if repo is not None else 'copy or download it again'
+    raise ValueError(f'the pretrained weights of {variant} at {path} are truncated or corrupt ({error}): {fix}'
+                     ) from error
+
+
+def _damaged(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file that cannot be read whole."""
+    if path.suffix != '.safetensors' or not path.is_file():
+        return False
+    try:
+        safetensors.torch.load_file(str(path))
+    except SafetensorError:
+        return True
+    return False
 
 
 def _anchor_source(spec: Any) -> str:
