@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 __all__ = [
     'atomic_path', 'atomic_write', 'atomic_dir', 'fsync_path', 'file_sha256', 'temp_name', 'plain_permissions',
     'ForeignFilesError', 'is_temp_name', 'clean_stale_temps', 'listing', 'DiskFullError', 'disk_full',
+    'full_disk_named',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -56,6 +57,18 @@ def plain_permissions(path: PathLike) -> None:
 
 
 @contextmanager
+def full_disk_named(path: PathLike) -> Iterator[None]:
+    """Raise what fails in the body for want of space while writing ``path`` as a :class:`DiskFullError`."""
+    try:
+        yield
+    except BaseException as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from e
+
+
+@contextmanager
 def atomic_path(path: PathLike, temp_dir: Optional[PathLike] = None, fsync: bool = True) -> Iterator[str]:
     """Yield a fresh temp path (not yet created) for the body to write ``path``'s new content to (a file, or a
     link); then flush it (with ``fsync``) and rename it over ``path`` in one step. When the body fails the temp is
@@ -65,18 +78,16 @@ def atomic_path(path: PathLike, temp_dir: Optional[PathLike] = None, fsync: bool
     clean_stale_temps(temp_dir or os.path.dirname(target), os.path.basename(target))
     tmp = temp_name(target, temp_dir)
     try:
-        yield tmp
+        with full_disk_named(target):
+            yield tmp
         if os.path.isfile(tmp) and not os.path.islink(tmp):
             plain_permissions(tmp)
             if fsync:
                 fsync_path(tmp)
         os.replace(tmp, target)
-    except BaseException as e:
+    except BaseException:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-        full = disk_full(e, target)
-        if full is not None:
-            raise full from e
         raise
     if fsync:
         fsync_path(os.path.dirname(target))
@@ -203,7 +214,8 @@ def atomic_dir(path: PathLike, owned: Sequence[str] = (), is_ours: Optional[Call
     tmp = Path(temp_name(target, home))
     os.mkdir(tmp)
     try:
-        yield tmp
+        with full_disk_named(target):
+            yield tmp
         plain_permissions(tmp)
         if not exists:
             os.rename(tmp, target)
@@ -221,11 +233,8 @@ def atomic_dir(path: PathLike, owned: Sequence[str] = (), is_ours: Optional[Call
                 os.unlink(target / name)
         os.rmdir(tmp)
         fsync_path(target)
-    except BaseException as e:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full(e, target)
-        if full is not None:
-            raise full from e
         raise
 
 

@@ -29,9 +29,9 @@ from ._io import (
     ForeignFilesError,
     atomic_path,
     atomic_write,
-    disk_full,
     file_sha256,
     fsync_path,
+    full_disk_named,
     is_temp_name,
     listing,
     plain_permissions,
@@ -131,21 +131,19 @@ def save_checkpoint(path_stem: str, model: nn.Module, state: dict[str, Any], mod
     epoch = state.get('epoch')
     tmp = tempfile.mkdtemp(dir=store, prefix=f'{name}-e{epoch}-', suffix='.tmp')
     try:
-        meta = {'format': 'pt', 'epoch': str(epoch)}
-        state = dict(state, weights_sha256=_save_weights(model, os.path.join(tmp, f'{name}.safetensors'), meta))
-        if model_ema is not None:
-            state['ema_sha256'] = _save_weights(model_ema, os.path.join(tmp, f'{name}_ema.safetensors'), meta)
-        torch.save(state, os.path.join(tmp, f'{name}.state.pth'))
-        plain_permissions(tmp)
-        for file in os.listdir(tmp):
-            fsync_path(os.path.join(tmp, file))
+        with full_disk_named(path_stem + '.state.pth'):
+            meta = {'format': 'pt', 'epoch': str(epoch)}
+            state = dict(state, weights_sha256=_save_weights(model, os.path.join(tmp, f'{name}.safetensors'), meta))
+            if model_ema is not None:
+                state['ema_sha256'] = _save_weights(model_ema, os.path.join(tmp, f'{name}_ema.safetensors'), meta)
+            torch.save(state, os.path.join(tmp, f'{name}.state.pth'))
+            plain_permissions(tmp)
+            for file in os.listdir(tmp):
+                fsync_path(os.path.join(tmp, file))
         done = tmp.removesuffix('.tmp')
         os.rename(tmp, done)
-    except BaseException as e:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full(e, path_stem + '.state.pth')
-        if full is not None:
-            raise full from e
         raise
     fsync_path(store)
     _replace_with_link(os.path.join(STORE, os.path.basename(done)), os.path.join(folder, name))  # the commit
