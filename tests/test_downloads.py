@@ -161,3 +161,23 @@ sys.exit(main(['train', '-c', args['cfg'], '--data-dir', args['data'], '--output
     run = tmp_path / 'out' / 'run'
     assert done.returncode == 1 and f'timm-stitch: error: cannot write {run}/last.state.pth: no space left on the ' \
         f'disk holding {run} (' in done.stderr, done.stderr
+
+
+def test_a_killed_cache_write_leaves_a_temp_the_next_write_removes(release, tmp_path):
+    (tmp_path / NAME).write_bytes(release)
+    killed = _run(f'''
+import os
+replace = os.replace
+os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL) if str(dst).endswith('.safetensors') else \\
+    replace(src, dst)
+timm.create_model({ARCH!r}, pretrained=True, pretrained_cfg_overlay=dict(file=args['file']), **{KWARGS!r})
+''', file=str(tmp_path / NAME), limit=2**30)
+    assert killed.returncode == -9
+    left = [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
+    assert len(left) == 1 and left[0].stat().st_size > 10_000  # the full-size temp of the conversion
+    old = left[0].stat().st_mtime - 120  # a minute after its writer died
+    os.utime(left[0], (old, old))
+    model = timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / NAME)), **KWARGS)
+    assert model.card is not None
+    rest = [n for n in os.listdir(tmp_path) if n != NAME]  # the conversion, and no temp
+    assert len(rest) == 1 and rest[0].startswith(f'{Path(NAME).stem}.{ARCH}.') and rest[0].endswith('.safetensors')
