@@ -97,6 +97,11 @@ def test_a_truncated_hub_cache_file_is_fetched_again_or_named(hub, tmp_path, cap
     timm.create_model('hf-hub:someone/repo', pretrained=True)  # online: fetched again
     assert blob.stat().st_size == (folder / WEIGHTS_NAME).stat().st_size
     assert 'is truncated or corrupt' in caplog.text and 'downloading it again' in caplog.text
+    local = tmp_path / 'local.safetensors'
+    local.write_bytes(blob.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf'the pretrained weights of snnet_vit_fmnist_tsb at {local} are truncated '
+                                         r'or corrupt \(.*\): copy or download it again'):  # (a release names it too)
+        timm.create_model('snnet_vit_fmnist_tsb', pretrained=True, pretrained_cfg_overlay=dict(file=str(local)))
     blob.write_bytes(blob.read_bytes()[:1000])
     hub.offline()
     with pytest.raises(ValueError, match=r'the pretrained weights of .* at .*/snapshots/\w+/model.safetensors are '
