@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import safetensors.torch
 import torch
 from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from safetensors import SafetensorError
 from timm.models import get_pretrained_cfg, is_model, resolve_pretrained_cfg, save_for_hf
 from torch import nn
@@ -291,6 +291,8 @@ def _network_cause(error: BaseException) -> Optional[BaseException]:
     ``error`` is or was raised from, else None."""
     seen = 0
     while error is not None and seen < 8:
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):  # offline: said as such
+            return None
         if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.split('.')[0].startswith(
                 ('httpx', 'httpcore')) and type(error).__name__.endswith(('Error', 'Timeout')):
             return error
