@@ -125,45 +125,56 @@ def _run(code: str, **args) -> subprocess.CompletedProcess:
                           text=True, cwd=REPO_ROOT, env=env, timeout=300)
 
 
-def test_an_unwritable_conversion_cache_loads_from_memory_and_warns_once(release, tmp_path):
-    """A full (or read-only) cache folder: safetensors raises SafetensorError (not an OSError); the load works."""
-    (tmp_path / NAME).write_bytes(release)
+@pytest.fixture(scope='module')
+def full_disk(release, tmp_path_factory):
+    """One child process on a "full disk": it loads a release whose conversion cannot be cached (twice), saves a
+    checkpoint over a committed one, and trains into a new folder."""
+    root = tmp_path_factory.mktemp('full')
+    (root / 'rel').mkdir()
+    (root / 'rel' / NAME).write_bytes(release)
+    data = make_image_folder(root / 'images', per_class=(4, 1))
+    cfg = write_config(root / 'c.yaml', epochs=1, batch_size=4)
     done = _run(f'''
-for _ in range(2):
-    m = timm.create_model({ARCH!r}, pretrained=True, pretrained_cfg_overlay=dict(file=args['file']), **{KWARGS!r})
-    assert m.card is not None
-print('loaded twice')
-''', file=str(tmp_path / NAME), limit=1000)  # the file is read, its conversion cannot be written
-    assert done.returncode == 0 and 'loaded twice' in done.stdout, done.stderr
-    warnings = [line for line in done.stderr.splitlines() if 'cannot cache the converted weights' in line]
-    assert len(warnings) == 1 and str(tmp_path) in warnings[0] and 'loaded from memory' in warnings[0], done.stderr
-    assert 'corrupt' not in done.stderr and os.listdir(tmp_path) == [NAME]
-
-
-def test_a_full_disk_names_the_disk_and_keeps_the_old_checkpoint(tmp_path):
-    """torch's zip writer says only ``[enforce fail at inline_container.cc:672] . unexpected pos``."""
-    data = make_image_folder(tmp_path / 'images', per_class=(4, 1))
-    cfg = write_config(tmp_path / 'c.yaml', epochs=1, batch_size=4)
-    done = _run('''
 from timm_stitch.checkpoint import save_checkpoint
 from timm_stitch.cli import main
 from tiny_models import tiny_snnet
 model = tiny_snnet()
-save_checkpoint(args['stem'], model, {'epoch': 0})
+save_checkpoint(args['stem'], model, {{'epoch': 0}})
 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+for _ in range(2):  # the release file is read, its conversion cannot be written
+    m = timm.create_model({ARCH!r}, pretrained=True, pretrained_cfg_overlay=dict(file=args['file']), **{KWARGS!r})
+    assert m.card is not None
+print('loaded twice')
 try:
-    save_checkpoint(args['stem'], model, {'epoch': 1})
+    save_checkpoint(args['stem'], model, {{'epoch': 1}})
 except timm_stitch.DiskFullError as e:
     print(e)
 resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
 sys.exit(main(['train', '-c', args['cfg'], '--data-dir', args['data'], '--output', args['out'], '--experiment', 'run']))
-''', stem=str(tmp_path / 'last'), limit=2**30, cfg=str(cfg), data=str(data), out=str(tmp_path / 'out'))
-    assert done.stdout.startswith(f'cannot write {tmp_path}/last.state.pth: no space left on the disk holding '
-                                  f'{tmp_path} ('), done.stdout
+''', file=str(root / 'rel' / NAME), stem=str(root / 'ckpt' / 'last'), limit=2**30, cfg=str(cfg), data=str(data),
+                out=str(root / 'out'))
+    return done, root
+
+
+def test_an_unwritable_conversion_cache_loads_from_memory_and_warns_once(full_disk):
+    """A full (or read-only) cache folder: safetensors raises SafetensorError (not an OSError); the load works."""
+    done, root = full_disk
+    assert 'loaded twice' in done.stdout, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if 'cannot cache the converted weights' in line]
+    assert len(warnings) == 1 and f'{root}/rel/' in warnings[0] and 'loaded from memory' in warnings[0], done.stderr
+    assert 'corrupt' not in done.stderr and os.listdir(root / 'rel') == [NAME]
+
+
+def test_a_full_disk_names_the_disk_and_keeps_the_old_checkpoint(full_disk):
+    """torch's zip writer says only ``[enforce fail at inline_container.cc:672] . unexpected pos``."""
+    done, root = full_disk
+    folder = root / 'ckpt'
+    assert done.stdout.splitlines()[1].startswith(f'cannot write {folder}/last.state.pth: no space left on the disk '
+                                                  f'holding {folder} ('), done.stdout
     assert 'previous version is kept' in done.stdout
-    assert torch.load(tmp_path / 'last.state.pth', weights_only=True)['epoch'] == 0
-    assert not [e for e in os.listdir(tmp_path / '.checkpoints') if e.endswith('.tmp')]
-    run = tmp_path / 'out' / 'run'
+    assert torch.load(folder / 'last.state.pth', weights_only=True)['epoch'] == 0
+    assert not [e for e in os.listdir(folder / '.checkpoints') if e.endswith('.tmp')]
+    run = root / 'out' / 'run'
     assert done.returncode == 1 and f'timm-stitch: error: cannot write {run}/last.state.pth: no space left on the ' \
         f'disk holding {run} (' in done.stderr, done.stderr
 
