@@ -6,6 +6,11 @@ byte ranges), ``api/models/{repo}[/revision/{rev}]``, ``api/models/{repo}/tree/{
 ``preupload``, ``commit``; every file is committed inline as a regular file). Errors carry ``X-Error-Code`` as
 the Hub sends them.
 Every request is recorded in ``requests`` so that tests can check what the client asked for (or that it asked nothing).
+
+It also serves plain files (``/files/{name}``, added with ``put_file``), such as a release URL's, and injects the
+faults of a bad network into the next downloads of a file (``fault``): after the headers (the full
+``Content-Length``) and half the body, the server drops the connection (``'drop'``), holds it open sending nothing
+(``'stall'``, until the server closes) or resets it (``'reset'``, a TCP RST).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import base64
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +56,9 @@ class HubServer:
     def __init__(self):
         self.repos: dict[str, _Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.static: dict[str, bytes] = {}
+        self.faults: dict[str, list[str]] = {}
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(('127.0.0.1', 0), _handler(self))
         self._httpd.daemon_threads = True
@@ -57,6 +67,7 @@ class HubServer:
         self._thread.start()
 
     def close(self) -> None:
+        self._closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
@@ -74,6 +85,17 @@ class HubServer:
         with self._lock:
             repo = self.repos.setdefault(repo_id, _Repo())
             return repo.commit({**(repo.files('main') or {}), **files})
+
+    def put_file(self, name: str, data: bytes) -> str:
+        """Serve ``data`` at ``/files/{name}``; returns its URL."""
+        self.static[name] = data
+        return f'{self.endpoint}/files/{name}'
+
+    def fault(self, name: str, *modes: str) -> None:
+        """The next downloads (GET) of the file ``name`` (a plain file, or a repo file's name) fail with ``modes``,
+        one each: ``'drop'``, ``'stall'`` or ``'reset'``."""
+        assert set(modes) <= {'drop', 'stall', 'reset'}, modes
+        self.faults.setdefault(name, []).extend(modes)
 
     def files(self, repo_id: str, revision: str = 'main') -> dict[str, bytes]:
         return dict(self.repos[repo_id].files(revision) or {})
@@ -102,10 +124,14 @@ def _handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             server.requests.append((method, path))
             length = int(self.headers.get('Content-Length') or 0)
             body = self.rfile.read(length) if length else b''
+            self._fault = None
             for verb, pattern, fn in self.routes:
                 m = re.fullmatch(pattern, path)
                 if m and (verb == method or (verb == 'GET' and method == 'HEAD')):
                     with server._lock:
+                        pending = server.faults.get(path.rsplit('/', 1)[-1])
+                        if method == 'GET' and pending:
+                            self._fault = pending.pop(0)
                         return fn(self, method, body, **m.groupdict())
             self._error(404, 'NotFound', f'no route for {method} {path}')
 
@@ -116,8 +142,25 @@ def _handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             self.send_header('Content-Length', str(len(body)) if 'Content-Length' not in (headers or {}) else
                              headers['Content-Length'])
             self.end_headers()
-            if method != 'HEAD':
+            if method == 'HEAD':
+                return
+            if self._fault is None or status >= 300:
                 self.wfile.write(body)
+                return
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            if self._fault == 'stall':
+                server._lock.release()  # other requests go on while this one hangs
+                try:
+                    server._closing.wait(60)
+                finally:
+                    server._lock.acquire()
+            elif self._fault == 'reset':  # closing with a zero linger time sends an RST
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+                self.connection.close()
+            else:
+                self.connection.shutdown(socket.SHUT_RDWR)
 
         def _json(self, data, status: int = 200, method: str = 'GET') -> None:
             self._send(status, json.dumps(data).encode(), {'Content-Type': 'application/json'}, method)
@@ -164,6 +207,11 @@ def _handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 headers['Content-Range'] = f'bytes {offset}-{len(data) - 1}/{len(data)}'
                 return self._send(206, data[offset:], headers, method)
             self._send(200, data, headers, method)
+
+        def static(self, method: str, body: bytes, name: str) -> None:
+            if name not in server.static:
+                return self._error(404, 'NotFound', f'no file {name}')
+            self._send(200, server.static[name], {'Content-Type': 'application/octet-stream'}, method)
 
         def model_info(self, method: str, body: bytes, repo: str, revision: str = 'main') -> None:
             found, files = self._revision(repo, revision)
@@ -220,6 +268,7 @@ def _handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
 
         routes = [
             ('GET', rf'/{_REPO}/resolve/(?P<revision>[^/]+)/(?P<filename>.+)', resolve),
+            ('GET', r'/files/(?P<name>[^/]+)', static),
             ('GET', rf'/api/models/{_REPO}', model_info),
             ('GET', rf'/api/models/{_REPO}/revision/(?P<revision>[^/]+)', model_info),
             ('GET', rf'/api/models/{_REPO}/tree/(?P<revision>[^/]+)(?:/.*)?', tree),

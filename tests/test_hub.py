@@ -17,6 +17,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import timm_stitch
+from timm_stitch._mismatch import WeightsMismatchError
 from timm_stitch.cards import RouteCard
 from timm_stitch.hub import CARD_NAME, CONFIG_NAME, README_NAME, WEIGHTS_NAME, push_to_hub, save_pretrained
 
@@ -165,7 +166,8 @@ def test_checkpoint_of_another_architecture(hub, published, tmp_path):
     other = timm.create_model('snnet_deit_sb', final_norm_on_stitched_routes=False, **SMALL)
     safetensors.torch.save_file(other.state_dict(), str(tmp_path / WEIGHTS_NAME))
     hub.put(REPO, {**_files(folder), WEIGHTS_NAME: (tmp_path / WEIGHTS_NAME).read_bytes()})
-    with pytest.raises(ValueError, match='does not match snnet_deit_tsb.*mis-shaped.*another architecture'):
+    with pytest.raises(WeightsMismatchError, match=r'weights of another architecture \(or of other model arguments\) '
+                                                   r'than snnet_deit_tsb: \d+ mis-shaped'):
         timm.create_model('snnet_deit_tsb', pretrained=True, **SMALL, **FROM_HUB)
 
 

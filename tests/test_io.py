@@ -32,15 +32,15 @@ def test_temp_names_are_unique_hidden_and_beside_the_target(tmp_path):
     assert os.path.dirname(temp_name(tmp_path / 'f.txt', tmp_path / 'store')) == str(tmp_path / 'store')
 
 
-def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+def test_a_folder_is_written_whole_or_not_at_all(tmp_path):
     target = tmp_path / 'out'
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, ['a', 'b']) as tmp:
         (tmp / 'a').write_text('1')
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(target, ['a', 'b']) as tmp:
         (tmp / 'b').write_text('2')
         raise RuntimeError('failed half-way')
     assert os.listdir(target) == ['a'] and os.listdir(tmp_path) == ['out']
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, ['a', 'b']) as tmp:  # its own files: 'b' written, 'a' (not written again) removed
         (tmp / 'b').write_text('2')
     assert os.listdir(target) == ['b'] and os.listdir(tmp_path) == ['out']
 

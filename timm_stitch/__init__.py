@@ -3,6 +3,9 @@
 Importing the package registers the ``snnet_*`` architectures in timm's model registry.
 """
 from . import models  # noqa: F401  (registers the architectures)
+from ._download import DownloadError
+from ._io import DiskFullError, ForeignFilesError
+from ._mismatch import WeightsMismatchError
 from .bn import recalibrate_bn
 from .builder import StitchOptions, stitch
 from .cards import RouteCard
@@ -30,4 +33,5 @@ __all__ = [
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
     'RouteSampler', 'Cascade', 'StitchedFeatures',
+    'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError',
 ]

@@ -3,20 +3,26 @@ a part of either: everything is built under a unique hidden temp name in the tar
 flushed to disk, then renamed into place; the temp is removed when the writing fails."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import shutil
-import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 __all__ = [
-    'atomic_path', 'atomic_write', 'atomic_dir', 'replace_dir', 'fsync_path', 'file_sha256', 'temp_name',
-    'plain_permissions',
+    'atomic_path', 'atomic_write', 'atomic_dir', 'fsync_path', 'file_sha256', 'temp_name', 'plain_permissions',
+    'ForeignFilesError', 'is_temp_name', 'clean_stale_temps', 'listing', 'DiskFullError', 'disk_full',
+    'full_disk_named',
 ]
 
 PathLike = Union[str, os.PathLike]
+
+STALE_AFTER_S = 60  # a temp untouched this long, whose process is gone, is a killed writer's leftover
+_TEMP_RE = re.compile(r'\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp')
 
 
 def temp_name(path: PathLike, folder: Optional[PathLike] = None) -> str:
@@ -51,15 +57,29 @@ def plain_permissions(path: PathLike) -> None:
 
 
 @contextmanager
+def full_disk_named(path: PathLike) -> Iterator[None]:
+    """Raise what fails in the body for want of space while writing ``path`` as a :class:`DiskFullError`."""
+    try:
+        yield
+    except BaseException as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from e
+
+
+@contextmanager
 def atomic_path(path: PathLike, temp_dir: Optional[PathLike] = None, fsync: bool = True) -> Iterator[str]:
     """Yield a fresh temp path (not yet created) for the body to write ``path``'s new content to (a file, or a
     link); then flush it (with ``fsync``) and rename it over ``path`` in one step. When the body fails the temp is
     removed and ``path`` is left as it was."""
     target = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(target), exist_ok=True)
+    clean_stale_temps(temp_dir or os.path.dirname(target), os.path.basename(target))
     tmp = temp_name(target, temp_dir)
     try:
-        yield tmp
+        with full_disk_named(target):
+            yield tmp
         if os.path.isfile(tmp) and not os.path.islink(tmp):
             plain_permissions(tmp)
             if fsync:
@@ -79,35 +99,140 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
-def replace_dir(src: PathLike, dst: PathLike) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst`` only once ``src`` is complete
-    (a failed swap puts the old ``dst`` back)."""
-    src, dst = Path(src), Path(dst)
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'.{dst.name}.old-'))
-    os.replace(dst, old / dst.name)
+class ForeignFilesError(FileExistsError):
+    """The folder (or file) a writer was given holds files timm-stitch did not write: nothing was written, nothing
+    removed."""
+
+
+def listing(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names`` (sorted), and how many more."""
+    names = sorted(names)
+    return ', '.join(names[:shown]) + (f' and {len(names) - shown} more' if len(names) > shown else '')
+
+
+class DiskFullError(OSError):
+    """A write failed for want of space (``ENOSPC``, a quota, or a file size limit): the message names the path,
+    the folder's free space, and that the old version of the file is kept."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(error: BaseException, path: PathLike) -> Optional[DiskFullError]:
+    """``error`` (raised while writing ``path``) as a :class:`DiskFullError` when it comes from a full disk, else
+    None. torch's zip writer (``unexpected pos``) and safetensors (``os error 28``) hide the ``OSError``."""
+    text = str(error)
+    code = error.errno if isinstance(error, OSError) else None
+    found = re.search(r'os error (\d+)', text)
+    if code is None and found:
+        code = int(found.group(1))
+    if code not in _FULL and 'unexpected pos' not in text:
+        return None
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old / dst.name, dst)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+        free = f'{shutil.disk_usage(folder).free / 2**20:.1f} MiB free'
+    except OSError:
+        free = 'its free space unknown'
+    return DiskFullError(errno.ENOSPC, f'cannot write {path}: no space left on the disk holding {folder} ({free}; '
+                         f'or a disk quota or file size limit, `ulimit -f`, was reached). Nothing was written there '
+                         f'and the previous version is kept: free some space, or write elsewhere')
+
+
+def is_temp_name(name: str, of: Optional[str] = None) -> bool:
+    """Whether ``name`` is one of :func:`temp_name`'s names (of a temp copy of ``of``, when given)."""
+    match = _TEMP_RE.fullmatch(name)
+    return match is not None and (of is None or match.group('name') == of)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_temps(folder: PathLike, of: Optional[str] = None) -> list[str]:
+    """Remove the temp files and folders (of ``of``, when given) that a killed writer left in ``folder``: only names
+    :func:`temp_name` makes, and only those no writer is using: untouched for a minute with their process gone,
+    or untouched for a day (a writer on another host). Returns the paths removed."""
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not is_temp_name(entry, of):
+            continue
+        path = os.path.join(folder, entry)
+        try:
+            age = now - os.lstat(path).st_mtime
+        except OSError:
+            continue
+        if age < STALE_AFTER_S or (_pid_running(int(_TEMP_RE.fullmatch(entry).group('pid'))) and age < 86400):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+        removed.append(path)
+    return removed
 
 
 @contextmanager
-def atomic_dir(path: PathLike) -> Iterator[Path]:
-    """Yield a fresh temp folder beside ``path`` for the body to fill; then it replaces ``path`` (see
-    :func:`replace_dir`). When the body fails the temp folder is removed and ``path`` is left as it was."""
-    target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.', suffix='.tmp'))
+def atomic_dir(path: PathLike, owned: Sequence[str] = (), is_ours: Optional[Callable[[Path], bool]] = None,
+               what: str = 'timm-stitch') -> Iterator[Path]:
+    """Yield a fresh temp folder for the body to fill with files; then they take their place in ``path``.
+
+    A new ``path`` is the temp folder renamed into place (all or nothing). An existing folder is never swapped out
+    or removed: when it is empty, or ``is_ours`` (default: it holds one of the ``owned`` file names), each file is
+    renamed over its old version (only ``owned`` names are replaced), and the ``owned`` names the body did not write
+    are removed; other files stay.
+    Any other folder, or a file, raises :class:`ForeignFilesError` before anything is written. When the body fails
+    the temp folder is removed and ``path`` is left as it was."""
+    target = Path(os.path.abspath(os.fspath(path)))
+    if os.path.lexists(target) and not target.is_dir():
+        raise ForeignFilesError(f'{what} writes a folder, and {target} is a file: nothing was written. Choose a '
+                                'new or empty folder (it is created when missing)')
+    exists = target.is_dir()
+    if exists:
+        theirs = [e for e in os.listdir(target) if not is_temp_name(e)]
+        if theirs and not (is_ours or (lambda p: any((p / n).exists() for n in owned)))(target):
+            raise ForeignFilesError(
+                f'{what} writes only into a new or empty folder or over what it wrote there, and {target} holds '
+                f'other files ({listing(theirs)}): nothing was written or removed. Choose a new or empty folder (it '
+                'is created when missing)')
+    home = target if exists else target.parent
+    home.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(home, target.name)
+    tmp = Path(temp_name(target, home))
+    os.mkdir(tmp)
     try:
-        yield tmp
+        with full_disk_named(target):
+            yield tmp
         plain_permissions(tmp)
-        replace_dir(tmp, target)
+        if not exists:
+            os.rename(tmp, target)
+            return
+        names = sorted(os.listdir(tmp))
+        for name in names:
+            if os.path.lexists(target / name) and name not in owned:
+                raise ForeignFilesError(f'{target / name} is not a file {what} wrote: nothing was written. Move it '
+                                        'away, or choose a new or empty folder')
+            fsync_path(tmp / name)
+        for name in names:
+            os.replace(tmp / name, target / name)
+        for name in set(owned) - set(names):
+            if (target / name).is_file():
+                os.unlink(target / name)
+        os.rmdir(tmp)
+        fsync_path(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

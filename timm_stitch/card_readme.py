@@ -5,16 +5,17 @@ The one README renderer of timm-stitch: ``timm-stitch card`` and ``save_pretrain
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ._io import atomic_write
+from ._io import ForeignFilesError, atomic_write
 from .cards import PathLike, RouteCard
 from .catalogue import card_routes
 from .routes import macs_unit
 
-__all__ = ['render_readme', 'plot_card', 'write_card_dir', 'PLOT_NAME']
+__all__ = ['render_readme', 'plot_card', 'write_card_dir', 'is_rendered_readme', 'PLOT_NAME']
 
 PLOT_NAME = 'macs_top1.png'
 
@@ -182,10 +183,26 @@ def plot_card(card: RouteCard, path: PathLike) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def is_rendered_readme(path: PathLike) -> bool:
+    """Whether ``path`` is a ``README.md`` model card timm-stitch rendered (its card data carries the
+    ``timm-stitch`` tag), which a writer may replace."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    front = head.split('\n---', 1)[0] if head.startswith('---') else ''
+    return re.search(r'^\s*-\s*timm-stitch\s*$', front, re.MULTILINE) is not None
+
+
 def write_card_dir(card: RouteCard, out_dir: PathLike, plot: bool = True) -> list[str]:
     """Write ``routes.json``, ``README.md`` and (when ``plot``) the PNG plot into ``out_dir``; returns the paths.
-    Each file is written atomically."""
+    Each file is written atomically. A ``README.md`` already there is replaced only when timm-stitch rendered it
+    (else ``ForeignFilesError`` and nothing is written)."""
     paths = [os.path.join(out_dir, 'routes.json'), os.path.join(out_dir, 'README.md')]
+    if os.path.lexists(paths[1]) and not is_rendered_readme(paths[1]):
+        raise ForeignFilesError(f'{paths[1]} is not a model card timm-stitch wrote: nothing was written. Write the '
+                                'card into another folder (or move that README.md away)')
     if plot:
         paths.append(os.path.join(out_dir, PLOT_NAME))
         plot_card(card, paths[2])

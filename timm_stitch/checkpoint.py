@@ -25,7 +25,18 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ._io import atomic_path, atomic_write, file_sha256, fsync_path, plain_permissions
+from ._io import (
+    ForeignFilesError,
+    atomic_path,
+    atomic_write,
+    file_sha256,
+    fsync_path,
+    full_disk_named,
+    is_temp_name,
+    listing,
+    plain_permissions,
+)
+from ._mismatch import WeightsMismatchError, state_dict_mismatch
 
 __all__ = ['save_checkpoint', 'load_state', 'publish', 'output_lock', 'keep_history', 'plain_args', 'trim_summary']
 
@@ -36,8 +47,16 @@ LOCK_NAME = '.lock'
 @contextmanager
 def output_lock(output_dir: str) -> Iterator[None]:
     """Hold an exclusive lock on ``output_dir`` (created if missing) for the body; raises ``RuntimeError`` naming
-    the folder when another process holds it. Temp files a killed run left there (hidden ``*.tmp``) are removed."""
+    the folder when another process holds it, and ``ForeignFilesError`` when it holds files but is not a run's
+    folder (a run never writes among a user's files). Temp files a killed run left there are removed."""
     import fcntl  # POSIX
+    if os.path.isdir(output_dir):
+        theirs = [e for e in os.listdir(output_dir) if not is_temp_name(e)]
+        if theirs and not {LOCK_NAME, STORE} & set(theirs):
+            raise ForeignFilesError(
+                f"the output folder {output_dir} holds files that are not a training run's ({listing(theirs)}): "
+                'nothing was written. Give the run a new or empty folder '
+                '(another --output or --experiment)')
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -48,8 +67,8 @@ def output_lock(output_dir: str) -> Iterator[None]:
             raise RuntimeError(
                 f'the output folder {output_dir} is in use by another training run (it holds {path}); wait for it '
                 'to finish, or give this run another --output/--experiment') from None
-        for entry in os.listdir(output_dir):
-            if entry.startswith('.') and entry.endswith('.tmp') and os.path.isfile(os.path.join(output_dir, entry)):
+        for entry in os.listdir(output_dir):  # the lock is ours: no writer uses the temps a killed run left
+            if is_temp_name(entry) and os.path.isfile(os.path.join(output_dir, entry)):
                 os.unlink(os.path.join(output_dir, entry))
         yield
     finally:
@@ -112,14 +131,15 @@ def save_checkpoint(path_stem: str, model: nn.Module, state: dict[str, Any], mod
     epoch = state.get('epoch')
     tmp = tempfile.mkdtemp(dir=store, prefix=f'{name}-e{epoch}-', suffix='.tmp')
     try:
-        meta = {'format': 'pt', 'epoch': str(epoch)}
-        state = dict(state, weights_sha256=_save_weights(model, os.path.join(tmp, f'{name}.safetensors'), meta))
-        if model_ema is not None:
-            state['ema_sha256'] = _save_weights(model_ema, os.path.join(tmp, f'{name}_ema.safetensors'), meta)
-        torch.save(state, os.path.join(tmp, f'{name}.state.pth'))
-        plain_permissions(tmp)
-        for file in os.listdir(tmp):
-            fsync_path(os.path.join(tmp, file))
+        with full_disk_named(path_stem + '.state.pth'):
+            meta = {'format': 'pt', 'epoch': str(epoch)}
+            state = dict(state, weights_sha256=_save_weights(model, os.path.join(tmp, f'{name}.safetensors'), meta))
+            if model_ema is not None:
+                state['ema_sha256'] = _save_weights(model_ema, os.path.join(tmp, f'{name}_ema.safetensors'), meta)
+            torch.save(state, os.path.join(tmp, f'{name}.state.pth'))
+            plain_permissions(tmp)
+            for file in os.listdir(tmp):
+                fsync_path(os.path.join(tmp, file))
         done = tmp.removesuffix('.tmp')
         os.rename(tmp, done)
     except BaseException:
@@ -181,5 +201,10 @@ def load_state(path: str, model: nn.Module, model_ema: Optional[nn.Module] = Non
             raise ValueError(f'{file} is not the weights {real} was saved with (sha256 {state[key][:16]}...): the '
                              'checkpoint is incomplete or was modified')
         if target is not None and os.path.isfile(file):
-            target.load_state_dict(load_file(file))
+            weights = load_file(file)
+            mismatch = state_dict_mismatch(weights, target.state_dict())
+            if mismatch:
+                raise WeightsMismatchError(f'{file} holds the weights of another architecture (or of other model '
+                                           f"arguments) than this run's {state.get('arch') or 'model'}: {mismatch}")
+            target.load_state_dict(weights)
     return state

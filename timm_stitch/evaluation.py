@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ._mismatch import WeightsMismatchError, torch_mismatch
+
 __all__ = ['load_weights', 'parse_ids', 'eval_loader', 'image_mode', 'create_image_dataset', 'evaluate_routes',
            'create_stitched_model', 'check_data_dir', 'resolve_amp_dtype', 'resolve_device']
 
@@ -224,31 +226,22 @@ def _first_sentence(error: BaseException) -> str:
 
 
 @contextmanager
-def _reading_weights(path: str) -> Iterator[None]:
-    """Turn the many errors of a weights file that cannot be read, or does not fit the model, into one
-    ``ValueError`` naming the file and the formats taken."""
+def _reading_weights(path: str, model: nn.Module) -> Iterator[None]:
+    """Turn the many errors of a weights file that cannot be read into one ``ValueError`` naming the file and the
+    formats taken, and weights that do not fit the model into a ``WeightsMismatchError`` that counts what differs."""
     try:
         yield
     except Exception as e:  # torch.load and safetensors raise a dozen types for damaged or foreign files
-        raise ValueError(f'cannot load the weights file {path}: expected {_WEIGHTS_FORMATS} that fits the model; '
-                         f'{type(e).__name__}: {_state_dict_mismatch(e) or _first_sentence(e)}') from e
-
-
-def _state_dict_mismatch(error: BaseException) -> str:
-    """torch's ``load_state_dict`` error in one line: the first keys of each kind, and what to build for low-rank
-    stitching layers ('' for any other error)."""
-    if not str(error).startswith('Error(s) in loading state_dict'):
-        return ''
-    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-    parts = []
-    for line in lines:
-        what, _, keys = line.partition(':')
-        names = [k.strip(' ."') for k in keys.split(', ')]
-        parts.append(f'{what.strip().lower()}: {", ".join(names[:3])}' + (f' (+{len(names) - 3} more)'
-                                                                        if len(names) > 3 else ''))
-    hint = ("; the low-rank update of its stitching layers differs from the model's: build the model with the "
-            "checkpoint's stitch_lora_rank (e.g. --model-kwargs stitch_lora_rank=64)") if 'lora_' in str(error) else ''
-    return '; '.join(parts) + hint
+        mismatch = torch_mismatch(e)
+        if mismatch:
+            arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+            lora = ("; the low-rank update of its stitching layers differs from the model's: build the model with "
+                    "the checkpoint's stitch_lora_rank (e.g. --model-kwargs stitch_lora_rank=64)"
+                    ) if 'lora_' in str(e) else ''
+            raise WeightsMismatchError(f'{path} holds the weights of another architecture (or of other model '
+                                       f'arguments) than {arch}: {mismatch}{lora}') from e
+        raise ValueError(f'cannot load the weights file {path}: expected {_WEIGHTS_FORMATS}; '
+                         f'{type(e).__name__}: {_first_sentence(e)}') from e
 
 
 def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:
@@ -260,7 +253,7 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} does not exist')
     if not use_ema or path.endswith('_ema.safetensors'):
-        with _reading_weights(path):
+        with _reading_weights(path, model):
             timm.models.load_checkpoint(model, path, use_ema=False)
         return path
     if path.endswith('.safetensors'):
@@ -268,15 +261,15 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> str:
         if not os.path.isfile(ema):
             raise FileNotFoundError(f'--use-ema: {path} has no EMA weights beside it (expected {ema}, which the '
                                     'trainer writes with --model-ema)')
-        with _reading_weights(ema):
+        with _reading_weights(ema, model):
             timm.models.load_checkpoint(model, ema, use_ema=False)
         return ema
-    with _reading_weights(path):
+    with _reading_weights(path, model):
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint, dict)
                 and checkpoint.get(k) is not None), None)
     if key is None:
         raise ValueError(f'--use-ema: {path} holds no EMA weights (no state_dict_ema or model_ema entry)')
-    with _reading_weights(path):
+    with _reading_weights(path, model):
         model.load_state_dict(timm.models.clean_state_dict(checkpoint[key]))
     return path

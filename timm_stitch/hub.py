@@ -8,6 +8,7 @@ place, so ``routes()`` carries the card's accuracy without evaluating anything.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -17,16 +18,18 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
-from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from safetensors import SafetensorError
-from timm.models import get_pretrained_cfg, is_model, save_for_hf
+from timm.models import get_pretrained_cfg, is_model, resolve_pretrained_cfg, save_for_hf
 from torch import nn
 
+from ._download import DownloadError
 from ._io import atomic_dir
+from ._mismatch import WeightsMismatchError, mismatch_summary
 from ._timm_compat import download_from_hf, resolve_pretrained_source, save_config_for_hf
 from .bn import is_route_bn_key
-from .card_readme import render_readme
+from .card_readme import is_rendered_readme, render_readme
 from .cards import RouteCard
 from .catalogue import staleness, state_key, weights_key
 from .input_size import anchor_first_convs, filter_anchor_checkpoints, is_input_conv_mismatch
@@ -36,6 +39,7 @@ from .unwrap import unwrap
 
 __all__ = [
     'save_pretrained', 'push_to_hub', 'load_pretrained_card', 'check_pretrained_state_dict', 'pretrained_errors',
+    'refetch_damaged',
     'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME', 'README_NAME',
 ]
 
@@ -60,9 +64,11 @@ def save_pretrained(
     ``model`` is a stitched model built by a registered ``snnet_*`` architecture (its card defaults to the model's
     counted MACs and params plus the accuracy and latency of its loaded card), or a plain timm model such as an
     exported anchor route (weights and ``config.json`` only, as timm writes them); a model inside
-    ``torch.compile``, DDP or DataParallel is saved as the model itself. The folder is built next to
-    ``save_directory`` and renamed into place, so a failure leaves nothing half-written; an existing folder is
-    replaced.
+    ``torch.compile``, DDP or DataParallel is saved as the model itself. A new folder is built next to
+    ``save_directory`` and renamed into place, so a failure leaves nothing half-written. An existing folder must be
+    empty or hold a saved model: its files are replaced one by one (a ``README.md`` only when timm-stitch rendered
+    it), other files stay; a folder with other files (or a file) raises ``ForeignFilesError`` (a
+    ``FileExistsError``) and nothing is written.
 
     Low-rank stitching layers (``stitch_lora_rank > 0``) are saved as they are (``weight``, ``lora_A``, ``lora_B``:
     training can go on from them) unless ``merge_lora``: then each is saved merged into a plain linear layer and
@@ -71,7 +77,8 @@ def save_pretrained(
     """
     model = unwrap(model)
     target = Path(save_directory)
-    with atomic_dir(target) as tmp:
+    owned = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME] + ([README_NAME] if is_rendered_readme(target / README_NAME) else [])
+    with atomic_dir(target, owned, is_ours=_holds_saved_model, what='save_pretrained') as tmp:
         if isinstance(model, StitchedNet):
             _write_stitched(model, tmp, card, dict(model_args or {}), repo_id or target.name, merge_lora)
         elif not is_model((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''):
@@ -140,6 +147,16 @@ def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard],
                                       encoding='utf-8')
 
 
+def _holds_saved_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved timm model: a ``config.json`` naming its ``architecture``."""
+    try:
+        with open(folder / CONFIG_NAME, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get('architecture'), str)
+
+
 def _card_for(model: StitchedNet, weights: Path) -> RouteCard:
     """The model's counted card, keeping the latency and provenance of the card loaded on it, and its accuracy
     unless that is stale (measured on other weights or model arguments: not published beside these weights)."""
@@ -191,7 +208,8 @@ def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: S
     first_convs = anchor_first_convs(model.anchors)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected and not is_route_bn_key(k)]  # checked by the load
-    misshaped = [f'{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})' for k, v in expected.items()
+    misshaped = [f'{k} {tuple(state_dict[k].shape)} in the file, {tuple(v.shape)} in the model'
+                 for k, v in expected.items()
                  if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(heads)
                  and not is_input_conv_mismatch(k, state_dict[k], v, first_convs)]
     if not (missing or unexpected or misshaped):
@@ -200,11 +218,9 @@ def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: S
     if any(_is_official_stitch_key(k) for k in unexpected):
         raise ValueError(f'this is an official SN-Net release checkpoint, not a {arch} checkpoint: convert it first '
                          f'with `timm-stitch convert CHECKPOINT --arch {arch} --out DIR`')
-    problems = [f'{len(items)} {what} (e.g. {", ".join(items[:3])})'
-                for what, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
-                if items]
-    raise ValueError(f'the pretrained checkpoint does not match {arch} with these arguments: {"; ".join(problems)}. '
-                     f'It is a checkpoint of another architecture or configuration{_lora_hint(state_dict, expected)}.')
+    mismatch = mismatch_summary(missing, unexpected, misshaped)
+    raise WeightsMismatchError(f'the pretrained checkpoint holds the weights of another architecture (or of other '
+                               f'model arguments) than {arch}: {mismatch}{_lora_hint(state_dict, expected)}')
 
 
 def _lora_hint(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
@@ -256,6 +272,79 @@ def pretrained_errors(variant: str, anchors: Sequence[Any] = ()) -> Iterator[Non
     except SafetensorError as e:
         raise ValueError(f'the pretrained weights of {variant} are corrupt or truncated ({e}); delete the file (or '
                          'its Hub cache entry) and download it again') from e
+    except Exception as e:
+        lost = None if isinstance(e, DownloadError) else _network_cause(e)
+        if lost is None:
+            raise
+        url = _request_url(e) or constants.ENDPOINT
+        why = (f'the server sent nothing for {constants.HF_HUB_DOWNLOAD_TIMEOUT} s (HF_HUB_DOWNLOAD_TIMEOUT, in '
+               'seconds)') if isinstance(lost, TimeoutError) or 'Timeout' in type(lost).__name__ else \
+            f'the connection was lost ({type(lost).__name__}: {lost})'
+        raise DownloadError(f'cannot download the pretrained weights of {variant} from {url} into the Hub cache '
+                            f'{constants.HF_HUB_CACHE}: {why}. The part received is kept there as an .incomplete file '
+                            'that the next try resumes: try again, or set HF_HUB_OFFLINE=1 to use what is cached'
+                            ) from e
+
+
+def _network_cause(error: BaseException) -> Optional[BaseException]:
+    """The network failure (a lost or timed-out connection: Python's, or the Hub client's HTTP library's) that
+    ``error`` is or was raised from, else None."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):  # offline: said as such
+            return None
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.split('.')[0].startswith(
+                ('httpx', 'httpcore')) and type(error).__name__.endswith(('Error', 'Timeout')):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _request_url(error: BaseException) -> Optional[str]:
+    try:
+        return str(error.request.url)  # httpx errors; the property raises when unset
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def refetch_damaged(variant: str, kwargs: Mapping[str, Any], error: BaseException) -> bool:
+    """After a ``SafetensorError`` loading ``variant``'s pretrained weights (built with ``kwargs``): when the file
+    read is a damaged Hub cache entry and the Hub can be reached, download it again (``force_download``) and return
+    True, so that the caller builds again; a damaged file that cannot be fetched again raises a ``ValueError`` naming
+    its path. False when the damaged file is not found (the caller re-raises ``error``)."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    load_from, location = resolve_pretrained_source(cfg.to_dict())
+    if load_from == 'file':
+        path, repo, name = Path(location), None, None
+    elif load_from == 'hf-hub':
+        repo, name = location if isinstance(location, (tuple, list)) else (location, None)
+        names = [n for n in (name, WEIGHTS_NAME, (name or '').replace('pytorch_model.bin', WEIGHTS_NAME)) if n]
+        found = [(n, try_to_load_from_cache(repo, n, cache_dir=kwargs.get('cache_dir'))) for n in names]
+        name, path = next(((n, Path(p)) for n, p in found if isinstance(p, str) and _damaged(Path(p))), (None, None))
+    else:
+        return False
+    if path is None or not _damaged(path):
+        return False
+    if repo is not None and not constants.HF_HUB_OFFLINE:
+        _logger.warning(f'the Hub cache file {path} of {repo}/{name} is truncated or corrupt ({error}): '
+                        'downloading it again')
+        hf_hub_download(repo, name, cache_dir=kwargs.get('cache_dir'), force_download=True)
+        return True
+    fix = (f'delete it and load again with the Hub reachable (HF_HUB_OFFLINE=1 is set), or download {repo}/{name} '
+           'again with force_download=True') if repo is not None else 'copy or download it again'
+    raise ValueError(f'the pretrained weights of {variant} at {path} are truncated or corrupt ({error}): {fix}'
+                     ) from error
+
+
+def _damaged(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file that cannot be read whole."""
+    if path.suffix != '.safetensors' or not path.is_file():
+        return False
+    try:
+        safetensors.torch.load_file(str(path))
+    except SafetensorError:
+        return True
+    return False
 
 
 def _anchor_source(spec: Any) -> str:

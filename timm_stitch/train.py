@@ -29,7 +29,7 @@ import yaml
 from timm.utils import distribute_bn, random_seed, setup_default_logging, update_summary
 from torch import nn
 
-from ._io import atomic_write
+from ._io import atomic_write, full_disk_named
 from .checkpoint import keep_history, load_state, plain_args, save_checkpoint, trim_summary
 from .evaluation import evaluate_routes
 from .fingerprint import weights_fingerprint
@@ -187,7 +187,8 @@ def train_loop(run: TrainRun) -> str:
         run.lr_scheduler.step(epoch + 1, metric)
         if primary:
             lrs = [g['lr'] for g in run.optimizer.param_groups]
-            update_summary(epoch, train_metrics, eval_metrics, summary, lr=sum(lrs) / len(lrs))
+            with full_disk_named(summary):
+                update_summary(epoch, train_metrics, eval_metrics, summary, lr=sum(lrs) / len(lrs))
             _save_epoch(run, epoch, metric)
     return check_ranks_agree(model)
 

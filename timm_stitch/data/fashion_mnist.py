@@ -119,7 +119,8 @@ class GreyImageDataset(torch.utils.data.Dataset):
 def prepare_fashion_mnist(root: PathLike, source: Optional[PathLike] = None) -> Path:
     """Lay the IDX files out under ``root/FashionMNIST/raw`` (torchvision's layout) and return ``root``.
 
-    Idempotent; written to a temporary folder and renamed, so an interrupted run leaves nothing half-written.
+    Idempotent; written to a temporary folder and renamed, so an interrupted run leaves nothing half-written. A
+    ``raw`` folder holding other files than these is left alone (``ForeignFilesError``).
     """
     root = Path(root)
     raw = root / 'FashionMNIST' / 'raw'
@@ -127,7 +128,7 @@ def prepare_fashion_mnist(root: PathLike, source: Optional[PathLike] = None) -> 
     if all((raw / name).is_file() for name in names):
         return root
     folder = find_source(source)
-    with atomic_dir(raw) as tmp:
+    with atomic_dir(raw, names, what='prepare_fashion_mnist') as tmp:
         for name in names:
             read_idx(_locate(folder, name))  # validate before publishing
             with _open(_locate(folder, name)) as src, open(tmp / name, 'wb') as dst:

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from safetensors import SafetensorError
 from timm.models import build_model_with_cfg
 
 from .._timm_compat import resolve_pretrained_source
 from ..convert import OFFICIAL_FORMATS
 from ..features import StitchedFeatures
-from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_errors
+from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_errors, refetch_damaged
 from ..model import AnchorSpec, StitchedNet
-from ._release import prepare_release_load, release_download_errors
+from ._release import prepare_release_load
 
 __all__ = ['create_snnet', 'snnet_cfg', 'release_cfg']
 
@@ -78,9 +79,13 @@ def create_snnet(
     kwargs.setdefault('pretrained_filter_fn', check_pretrained_state_dict)
     with pretrained_errors(variant):
         release = prepare_release_load(variant, kwargs) if pretrained and variant in OFFICIAL_FORMATS else None
-        with release_download_errors(variant, release):
-            model = build_model_with_cfg(_naming_anchor_errors(builder, variant), variant, pretrained,
-                                         anchors=list(anchors), **kwargs)
+        build = _naming_anchor_errors(builder, variant)
+        try:
+            model = build_model_with_cfg(build, variant, pretrained, anchors=list(anchors), **kwargs)
+        except SafetensorError as e:  # a damaged Hub cache entry is fetched again, once
+            if not (pretrained and refetch_damaged(variant, kwargs, e)):
+                raise
+            model = build_model_with_cfg(build, variant, pretrained, anchors=list(anchors), **kwargs)
         # a release URL or Hub repo has no routes.json beside it: load_release attached the reported card, if any
         if pretrained and model.card is None and release is None and not _from_official_hub(variant,
                                                                                              model.pretrained_cfg):

@@ -14,10 +14,8 @@ import hashlib
 import logging
 import os
 import time
-import urllib.error
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import safetensors.torch
@@ -25,6 +23,7 @@ from huggingface_hub import constants
 from safetensors import SafetensorError, safe_open
 from timm.models import resolve_pretrained_cfg
 
+from .._download import download_url
 from .._io import atomic_path
 from .._timm_compat import get_cache_dir, resolve_pretrained_source
 from ..convert import (
@@ -40,7 +39,7 @@ from ..hub import check_pretrained_state_dict
 from ..input_size import adapt_first_convs
 from ..model import StitchedNet
 
-__all__ = ['load_release', 'prepare_release_load', 'release_download_errors', 'converted_path']
+__all__ = ['load_release', 'prepare_release_load', 'converted_path']
 
 _logger = logging.getLogger(__name__)
 
@@ -86,14 +85,21 @@ def _read_cached(cached: Path, source: Path) -> Optional[StateDict]:
         return None
 
 
+_UNWRITABLE: set[Path] = set()  # cache folders already warned about
+
+
 def _write_cached(state: StateDict, cached: Path, source: Path, fmt: OfficialFormat) -> None:
-    """Write the conversion atomically (temp file renamed into place); a cache that cannot be written only warns."""
+    """Write the conversion atomically (temp file renamed into place); a cache that cannot be written (read-only,
+    full) warns once per folder."""
     metadata = {'format': 'pt', 'release': fmt.release, **_source_stamp(source)}
     try:
         with atomic_path(cached) as tmp:
             safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-    except OSError as e:
-        _logger.warning(f'could not cache the converted weights at {cached} ({e}); the next load converts again')
+    except (OSError, SafetensorError) as e:  # a read-only or full cache: the weights load from memory
+        if cached.parent not in _UNWRITABLE:
+            _UNWRITABLE.add(cached.parent)
+            _logger.warning(f'cannot cache the converted weights at {cached} ({e}); they are loaded from memory, '
+                            'and each load converts again until that folder can be written')
 
 
 def load_release(model: StitchedNet, checkpoint_path: str) -> None:
@@ -172,8 +178,8 @@ def prepare_release_load(variant: str, kwargs: dict[str, Any]) -> Optional[tuple
     """Before ``build_model_with_cfg`` loads ``variant``'s pretrained weights: keep ``custom_load`` when an overlay
     names another ``url``/``file`` (timm resets it, and its plain url path cannot read the releases' pickles), apply
     the release's compat settings unless an ``hf-hub:``/``local-dir:`` name brings its own config, and fail at once
-    when offline and the download is not cached. Returns the URL and the cache file timm will download it to, or
-    None when the weights come from elsewhere."""
+    when offline and the download is not cached, else download it (see :mod:`timm_stitch._download`). Returns the
+    URL and the cache file timm will read, or None when the weights come from elsewhere."""
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     if any(overlay.get(k) for k in ('url', 'file')):
         overlay.setdefault('custom_load', True)
@@ -192,18 +198,6 @@ def prepare_release_load(variant: str, kwargs: dict[str, Any]) -> Optional[tuple
         raise OSError(f'cannot load the pretrained weights of {variant}: HF_HUB_OFFLINE=1 is set and {url} is not '
                       f'in the cache (looked for {cached}). Download it once while online, or put the file there, '
                       "or load a local copy with pretrained_cfg_overlay=dict(file='path/to/file')")
+    if not cached.exists():  # downloaded here, checked, so that timm finds a whole file
+        download_url(url, cached, f'the pretrained weights of {variant}')
     return url, cached
-
-
-@contextmanager
-def release_download_errors(variant: str, source: Optional[tuple[str, Path]]) -> Iterator[None]:
-    """Turn a failed download of a release into an error naming the URL and the cache file."""
-    try:
-        yield
-    except urllib.error.URLError as e:
-        if source is None:
-            raise
-        url, cached = source
-        raise OSError(f'cannot download the pretrained weights of {variant} from {url} into {cached}: '
-                      f'{getattr(e, "reason", e)}. Check the network (or the mirror URL), or put the file there '
-                      'yourself') from e
