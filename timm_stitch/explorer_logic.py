@@ -15,10 +15,14 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 
 from ._modes import eval_mode
+from .arguments import parse_count
 from .card_readme import describe_route
 from .catalogue import RouteCatalogue
+from .data import FASHION_MNIST_CLASSES, load_fashion_mnist_sample
+from .evaluation import image_mode
 from .profile import latency_stats
 from .routes import Route, macs_unit
 from .selection import pareto_front
@@ -58,7 +62,6 @@ class Prediction:
 def label_names(model: StitchedNet) -> list[str]:
     """Class names of ``model``: its pretrained config's ``label_names``, ImageNet's descriptions for an ImageNet
     classifier, else ``'class i'``."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
     names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
     if names and len(names) == model.num_classes:
         return list(names)
@@ -161,7 +164,6 @@ def _blank(text: Union[str, float, None]) -> bool:
 
 def parse_macs(text: Union[str, float, None]) -> Optional[float]:
     """A MACs budget as typed: blank for none, else a number with an optional k/M/G/T suffix (``'12M'``)."""
-    from .arguments import parse_count
     if _blank(text):
         return None
     try:
@@ -207,7 +209,6 @@ def budget_handler(model: StitchedNet, max_macs: Union[str, float, None], max_la
 
 def shipped_image(index: int) -> tuple[Image.Image, int]:
     """Test image ``index`` of the 1,000 Fashion-MNIST test images shipped with the package, and its label."""
-    from .data import load_fashion_mnist_sample
     images, labels = load_fashion_mnist_sample()
     if isinstance(index, bool) or not isinstance(index, (int, float)) or not float(index).is_integer() or not (
             0 <= index < len(images)):
@@ -233,9 +234,6 @@ def classify(model: StitchedNet, image: Image.Image, stitch_id: int, repeats: in
              top_k: int = 5) -> Prediction:
     """Classify ``image`` (any size and mode: converted and transformed as the model's data config says) with
     route ``stitch_id``; the latency is the median of ``repeats`` more batch-1 calls timed now."""
-    from timm.data import create_transform, resolve_data_config
-
-    from .evaluation import image_mode
     stitch_id = model.check_stitch_id(stitch_id)
     transform = create_transform(**resolve_data_config(model=model), is_training=False)
     param = next(model.parameters())
@@ -279,7 +277,6 @@ def classify_handler(model: StitchedNet, index: Optional[float], upload: Optiona
         if upload:
             image, truth = load_image(upload), None
         else:
-            from .data import FASHION_MNIST_CLASSES
             image, label = shipped_image(0 if index is None else index)
             truth = FASHION_MNIST_CLASSES[label]
         out['image'] = image
