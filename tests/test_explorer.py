@@ -157,9 +157,14 @@ def test_images(tmp_path):
     assert load_image(png).size == (64, 64)
 
 
+#: a shipped test image on which routes 0, 17 and 33 answer three different classes
+DISAGREEING = 66
+
+
 def test_classify_is_the_routes_own_output(model, tmp_path):
     assert label_names(model)[3] == 'Dress'
-    image, _ = shipped_image(7)
+    image, _ = shipped_image(DISAGREEING)
+    assert len({_own_top1(model, image, i) for i in (0, 17, 33)}) == 3
     for stitch_id in (0, 17, 33):
         prediction = classify(model, image, stitch_id, repeats=2)
         assert prediction.route.id == stitch_id and prediction.top1 == _own_top1(model, image, stitch_id)
@@ -178,10 +183,11 @@ def test_classify_is_the_routes_own_output(model, tmp_path):
 
 
 def test_classify_handler(model, tmp_path):
-    out = classify_handler(model, 7, None, [17, 33], repeats=1)
+    out = classify_handler(model, DISAGREEING, None, [17, 33], repeats=1)
     assert [p.route.id for p, _ in out['results']] == [17, 33] and out['error'] is None
+    image, label = shipped_image(DISAGREEING)
+    assert [p.top1 for p, _ in out['results']] == [_own_top1(model, image, 17), _own_top1(model, image, 33)]
     assert out['image'].size == (28, 28)
-    _, label = shipped_image(7)
     assert f'true label: {label_names(model)[label]}' in out['results'][0][1]
     bogus = tmp_path / 'notes.txt'
     bogus.write_text('hello')

@@ -14,6 +14,7 @@ from timm_stitch.explorer_logic import shipped_image
 pytestmark = pytest.mark.integration
 
 MODEL = 'snnet_vit_fmnist_tsb'
+DISAGREEING = 66  # a shipped test image on which routes 17 and 33 answer different classes
 
 
 @pytest.fixture(scope='module')
@@ -87,14 +88,14 @@ def test_classify_shipped_image_and_compare(page, model, tmp_path):
     page.select_budget(max_macs='12M')
     page.wait_for(lambda: page.highlighted_route() == expected, f'route {expected} to be highlighted')
     page.choose_compare(33)
-    page.set_image_index(7)
+    page.set_image_index(DISAGREEING)
     first, second = page.classify()
     route, top1 = answered(first)
     assert route == expected
-    assert top1 == _route_output(model, 7, expected)
+    assert top1 == _route_output(model, DISAGREEING, expected) != _route_output(model, DISAGREEING, 33)
     assert 'latency now:' in first and 'true label:' in first
     route, top1 = answered(second)
-    assert (route, top1) == (33, _route_output(model, 7, 33))
+    assert (route, top1) == (33, _route_output(model, DISAGREEING, 33))
     wait_idle()
     shot = tmp_path / 'explorer.png'
     page.screenshot(str(shot))
