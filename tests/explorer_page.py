@@ -67,6 +67,18 @@ class ExplorerPage:
     def text(self, elem_id: str) -> str:
         return self.driver.find_element(By.ID, elem_id).text
 
+    def settled_text(self, elem_id: str) -> Optional[str]:
+        """The text of Markdown ``elem_id``, or None while Gradio updates it (its status tracker shown), read in one
+        step so that an update cannot land between the two readings."""
+        return self.js("""const root = document.getElementById(arguments[0]);
+            const tracker = root.querySelector('[data-testid=status-tracker]');
+            if ((tracker && !tracker.classList.contains('hide')) || root.querySelector('.pending')) return null;
+            return (root.querySelector('[data-testid=markdown]') || root).innerText.trim();""", elem_id)
+
+    def new_text(self, elem_id: str, before: Optional[str], what: str) -> str:
+        """The text of Markdown ``elem_id`` once Gradio is done updating it and it differs from ``before``."""
+        return self.wait_for(lambda: (t := self.settled_text(elem_id)) not in (None, '', before) and t, what)
+
     def first_contentful_paint_ms(self) -> float:
         """When the page first painted content, from the browser's performance timeline."""
         return self.js("return performance.getEntriesByName('first-contentful-paint')[0].startTime")
@@ -98,12 +110,12 @@ class ExplorerPage:
 
     def select_budget(self, max_macs: str = '', max_latency: str = '', min_top1: str = '') -> str:
         """Fill the budget boxes, press the button and return the message it leaves."""
-        before = self.text('budget-message')
+        before = self.settled_text('budget-message')
         self.type_into('max-macs', max_macs)
         self.type_into('max-latency', max_latency)
         self.type_into('min-top1', min_top1)
         self.click('select-budget')
-        return self.wait_for(lambda: (t := self.text('budget-message')) != before and t, 'the budget message')
+        return self.new_text('budget-message', before, 'the budget message')
 
     def click_route(self, route_id: int) -> None:
         """Click the marker of route ``route_id`` in the scatter, where Plotly drew it."""
@@ -144,10 +156,9 @@ class ExplorerPage:
 
     def classify(self) -> tuple[str, str]:
         """Press Classify; the two result panes once the first has changed."""
-        before = self.text('result-a')
+        before = self.settled_text('result-a')
         self.click('classify')
-        self.wait_for(lambda: (t := self.text('result-a')) != before and t, 'the classification')
-        return self.text('result-a'), self.text('result-b')
+        return self.new_text('result-a', before, 'the classification'), self.settled_text('result-b')
 
     def screenshot(self, path: str) -> None:
         self.driver.save_screenshot(path)

@@ -7,6 +7,7 @@ import timm
 import torch
 from explorer_page import ExplorerPage, answered, find_browser, wait_idle
 from PIL import Image
+from selenium.webdriver.common.by import By
 
 from timm_stitch.explorer import build_app, launch
 from timm_stitch.explorer_logic import shipped_image
@@ -111,3 +112,16 @@ def test_non_image_upload_is_a_message(page, tmp_path):
     first, _ = page.classify()
     assert 'Not classified' in first and "'notes.txt' is not an image" in first
     assert 'Traceback' not in page.driver.page_source
+
+
+def test_measure_latency_then_latency_axis(page, model):
+    page.click('measure-latency')
+    page.wait_for(lambda: 'latency not measured' not in page.text('notes'), 'the latency to be measured')
+    assert 'not measured' not in page.text('routes')
+    page.driver.find_element(By.XPATH, "//*[@id='x-axis']//label[contains(., 'measured latency')]").click()
+    title = "return document.querySelector('#route-plot .js-plotly-plot')._fullLayout.xaxis.title.text"
+    page.wait_for(lambda: page.js(title).startswith('latency (ms'), 'the latency axis')
+    drawn = page.js("return document.querySelector('#route-plot .js-plotly-plot').data"
+                    ".filter(t => ['stitched routes', 'anchors'].includes(t.name))"
+                    ".reduce((n, t) => n + t.x.length, 0)")
+    assert drawn == model.num_routes

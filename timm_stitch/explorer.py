@@ -11,6 +11,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, Optional
 
+from PIL import Image
+
 from .card_readme import describe_route
 from .catalogue import RouteCatalogue
 from .explorer_logic import (
@@ -115,6 +117,14 @@ def plotly_figure(data: dict[str, Any]) -> plotly.graph_objects.Figure:
     return fig
 
 
+def _shown(image: Optional[Image.Image], size: int = 140) -> Optional[Image.Image]:
+    """A small image (Fashion-MNIST's 28 px) scaled up for the page, its pixels kept sharp."""
+    if image is None or max(image.size) >= size:
+        return image
+    scale = size // max(image.size)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
 def _int_or_none(value: Optional[float]) -> Optional[int]:
     return None if value is None or not float(value).is_integer() else int(value)
 
@@ -164,7 +174,7 @@ def build_app(model: StitchedNet, title: Optional[str] = None, latency_repeats: 
         if out['error']:
             results[0] = (None, out['error'])
         labels = [{c[1]: c[2] for c in p.classes} if p is not None else None for p, _ in results]
-        return out['image'], results[0][1], labels[0], results[1][1], labels[1]
+        return _shown(out['image']), results[0][1], labels[0], results[1][1], labels[1]
 
     with gr.Blocks(title=f'{name} route explorer', analytics_enabled=False) as app:
         gr.Markdown(f'## {name}: {model.num_routes} routes of {", ".join(names)}\n'
