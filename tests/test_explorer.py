@@ -12,6 +12,7 @@ import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from tiny_models import tiny_snnet
 
 import timm_stitch
 from timm_stitch import explorer as explorer_module
@@ -26,6 +27,7 @@ from timm_stitch.explorer_logic import (
     catalogue_notes,
     classify,
     classify_handler,
+    data_config,
     figure_data,
     label_names,
     load_image,
@@ -226,3 +228,27 @@ def test_space_app(monkeypatch):
     app = runpy.run_path(str(SPACE_APP), run_name='space')  # as imported: builds, does not serve
     demo = app['create_demo']()
     assert isinstance(demo, gr.Blocks) and MODEL in demo.title
+
+
+def test_model_without_card():
+    """A network with no card: words instead of accuracies, MACs budgets pick the cheapest route, grey test
+    images classified by an RGB model (converted), class names as 'class i'."""
+    net = tiny_snnet()
+    catalogue = RouteCatalogue.of(net)
+    assert catalogue_notes(catalogue) == [
+        'no route card: accuracies unknown (pass `--card`, or `--pretrained` for a model that ships one)']
+    rows = route_table(catalogue, net.anchor_names)
+    assert {row[4] for row in rows} == {'unknown'} and {row[5] for row in rows} == {NOT_MEASURED}
+    data = figure_data(catalogue, net.anchor_names, 'macs', selected=0)
+    assert data['points'] == [] and data['selected'] is None and data['empty'].startswith('no route card')
+    route_id, _ = budget_handler(net, '1G', '', '')
+    assert route_id == net.select_stitch(max_macs=1e9).id
+    assert label_names(net) == [f'class {i}' for i in range(10)]
+    out = classify_handler(net, 5, None, [route_id], repeats=1)
+    image, _ = shipped_image(5)
+    config = data_config(net)
+    assert config['input_size'] == (3, 32, 32) and config['mean'] == net.anchors[0].pretrained_cfg['mean']
+    x = create_transform(**config)(image.convert('RGB')).unsqueeze(0)
+    with torch.no_grad():
+        assert out['results'][0][0].top1 == int(net(x, stitch_id=route_id).argmax())
+    assert isinstance(build_app(net), gr.Blocks)

@@ -23,6 +23,7 @@ from .explorer_logic import (
     figure_data,
     route_summary,
     route_table,
+    shipped_image_count,
 )
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def build_app(model: StitchedNet, title: Optional[str] = None, latency_repeats: 
     from .profile import profile
     lock = threading.Lock()  # one model: classification and profiling take turns
     names = model.anchor_names
-    name = title or getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    name = title or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
 
     def notes_md() -> str:
         notes = catalogue_notes(RouteCatalogue.of(model))
@@ -202,7 +203,8 @@ def build_app(model: StitchedNet, title: Optional[str] = None, latency_repeats: 
                 measure_button = gr.Button('Measure latency on this machine', elem_id='measure-latency')
         with gr.Row():
             with gr.Column():
-                index = gr.Slider(0, 999, value=0, step=1, label='shipped test image (Fashion-MNIST test split)',
+                index = gr.Slider(0, shipped_image_count() - 1, value=0, step=1,
+                                  label='shipped test image (Fashion-MNIST test split)',
                                   elem_id='image-index')
                 upload = gr.File(label='or upload an image (takes precedence; clear it to use the slider)',
                                  type='filepath', elem_id='upload')

@@ -8,6 +8,7 @@ that it is tested without a browser. Budgets select through :meth:`RouteCatalogu
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .card_readme import describe_route
 from .catalogue import RouteCatalogue
 from .data import FASHION_MNIST_CLASSES, load_fashion_mnist_sample
 from .evaluation import image_mode
+from .macs import model_input_size
 from .profile import latency_stats
 from .routes import Route, macs_unit
 from .selection import pareto_front
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ['ExplorerInputError', 'Prediction', 'label_names', 'catalogue_notes', 'route_table', 'TABLE_HEADERS',
            'figure_data', 'route_summary', 'parse_macs', 'select_for_budget', 'budget_handler', 'shipped_image',
-           'load_image', 'classify', 'classify_handler', 'format_prediction', 'NOT_MEASURED', 'STALE']
+           'shipped_image_count', 'load_image', 'data_config', 'classify', 'classify_handler', 'format_prediction',
+           'NOT_MEASURED', 'STALE']
 
 #: what the page shows in place of a latency the card does not hold for this machine, and of stale accuracies
 NOT_MEASURED = 'not measured'
@@ -207,9 +210,19 @@ def budget_handler(model: StitchedNet, max_macs: Union[str, float, None], max_la
     return route.id, f'Within the budget, `select_stitch` picks route {route.id}.'
 
 
+@functools.cache
+def _shipped() -> tuple:
+    return load_fashion_mnist_sample()
+
+
+def shipped_image_count() -> int:
+    """How many test images ship with the package (Fashion-MNIST's first 1,000)."""
+    return len(_shipped()[1])
+
+
 def shipped_image(index: int) -> tuple[Image.Image, int]:
-    """Test image ``index`` of the 1,000 Fashion-MNIST test images shipped with the package, and its label."""
-    images, labels = load_fashion_mnist_sample()
+    """Test image ``index`` of the Fashion-MNIST test images shipped with the package, and its label."""
+    images, labels = _shipped()
     if isinstance(index, bool) or not isinstance(index, (int, float)) or not float(index).is_integer() or not (
             0 <= index < len(images)):
         raise ExplorerInputError(f'shipped test image index must be an integer in [0, {len(images) - 1}], '
@@ -230,12 +243,19 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
                                  'WebP image') from None
 
 
+def data_config(model: StitchedNet) -> dict[str, Any]:
+    """timm's eval data config of ``model`` (of its first anchor when it has no pretrained config, as a network
+    stitched by hand), at the input size the network runs at."""
+    config = resolve_data_config(model=model if getattr(model, 'pretrained_cfg', None) else model.anchors[0])
+    return {**config, 'input_size': model_input_size(model)}
+
+
 def classify(model: StitchedNet, image: Image.Image, stitch_id: int, repeats: int = 5,
              top_k: int = 5) -> Prediction:
     """Classify ``image`` (any size and mode: converted and transformed as the model's data config says) with
     route ``stitch_id``; the latency is the median of ``repeats`` more batch-1 calls timed now."""
     stitch_id = model.check_stitch_id(stitch_id)
-    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    transform = create_transform(**data_config(model), is_training=False)
     param = next(model.parameters())
     x = transform(image.convert(image_mode(model.in_chans))).unsqueeze(0).to(param.device, param.dtype)
     times = []
