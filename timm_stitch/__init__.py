@@ -13,6 +13,7 @@ from .cascade import Cascade
 from .catalogue import RouteCatalogue
 from .compile import CompiledStitchedNet, compile
 from .convert import convert_official
+from .explorer import explore
 from .export import StitchedRoute, export_stitch
 from .features import StitchedFeatures
 from .hub import push_to_hub, save_pretrained
@@ -32,6 +33,6 @@ __all__ = [
     'RouteCard', 'RouteCatalogue', 'count_route_macs', 'profile', 'device_profile',
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
-    'RouteSampler', 'Cascade', 'StitchedFeatures',
+    'RouteSampler', 'Cascade', 'StitchedFeatures', 'explore',
     'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError',
 ]

@@ -13,9 +13,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from ._io import ForeignFilesError, atomic_write
 from .cards import PathLike, RouteCard
 from .catalogue import card_routes
-from .routes import macs_unit
+from .routes import Route, macs_unit
 
-__all__ = ['render_readme', 'plot_card', 'write_card_dir', 'is_rendered_readme', 'PLOT_NAME']
+__all__ = ['render_readme', 'plot_card', 'write_card_dir', 'is_rendered_readme', 'describe_route', 'PLOT_NAME']
 
 PLOT_NAME = 'macs_top1.png'
 
@@ -34,7 +34,8 @@ def _short_names(card: RouteCard) -> list[str]:
     return [str(i) for i in range(1 + max((a for r in card.routes for a in (r.anchors or ())), default=0))]
 
 
-def _describe(route, names: list[str]) -> str:
+def describe_route(route: Route, names: list[str]) -> str:
+    """A route in words, as cards and the explorer show it: ``'Ti → S (5,4)'``, ``'B (anchor)'``."""
     if not route.anchors:
         return '-'
     if route.is_anchor:
@@ -116,7 +117,7 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME, repo_id
               '|---:|---|---:|---:|---:|---:|' + ('---:|' if profile else '')]
     for r in routes:
         mark = '*' if r.dominated is False else ''
-        row = (f'| {r.id}{mark} | {_describe(r, names)} | {_fmt(r.params, 1e6)} | {_fmt(r.macs, scale, 3)} | '
+        row = (f'| {r.id}{mark} | {describe_route(r, names)} | {_fmt(r.params, 1e6)} | {_fmt(r.macs, scale, 3)} | '
                f'{_fmt(r.top1)} | {_fmt(r.top5)} |')
         lines.append(row + (f' {_fmt(r.latency_ms)} |' if profile else ''))
     lines += ['', '## Provenance', '']

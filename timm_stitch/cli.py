@@ -37,6 +37,7 @@ SUBCOMMANDS = [
     'timm_stitch.convert',
     'timm_stitch.train',
     'timm_stitch.validate',
+    'timm_stitch.cli_explore',
 ]
 
 # errors the library raises when a value it was given is wrong: reported as usage errors (exit status 2)
@@ -67,10 +68,15 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- shared by the subcommands ----
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The arguments every subcommand uses to build a model: name, weights, card."""
-    parser.add_argument('model', type=stitched_model_name,
-                        help='a registered snnet_* architecture, e.g. snnet_deit_tsb')
+def add_model_args(parser: argparse.ArgumentParser, model_option: bool = False) -> None:
+    """The arguments every subcommand uses to build a model: name, weights, card. With ``model_option`` the name
+    may also come as ``--model`` (``-m``), as ``timm-stitch validate`` takes it."""
+    help = 'a registered snnet_* architecture, e.g. snnet_deit_tsb'
+    parser.add_argument('model', type=stitched_model_name, help=help,
+                        **({'nargs': '?', 'metavar': 'MODEL'} if model_option else {}))
+    if model_option:
+        parser.add_argument('--model', '-m', dest='model_option', type=stitched_model_name, default=None,
+                            metavar='MODEL', help='the architecture, as the positional MODEL')
     add_shared_args(parser, ('pretrained', 'checkpoint', 'route_space'))
     parser.add_argument('--card', type=existing_file, default=None,
                         help='a routes.json card (or official JSON-lines results) with accuracy and latency')
@@ -82,6 +88,12 @@ def build_model(args: argparse.Namespace) -> StitchedNet:
     """Build ``args.model`` through timm (untrained unless ``--pretrained``/``--checkpoint``) and load its card."""
     import timm
 
+    option = getattr(args, 'model_option', None)
+    if option is not None and args.model is not None and option != args.model:
+        raise ValueError(f'two models given: {args.model} and --model {option}')
+    args.model = args.model or option
+    if args.model is None:
+        raise ValueError('no model given: pass MODEL or --model MODEL, e.g. snnet_vit_fmnist_tsb')
     kwargs = {'final_norm_on_stitched_routes': False} if args.official_final_norm else {}
     if args.route_space is not None:
         kwargs['route_space'] = args.route_space

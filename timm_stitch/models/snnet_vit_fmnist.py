@@ -13,6 +13,7 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ..data.fashion_mnist import FASHION_MNIST_CLASSES
 from ..model import StitchedNet
 from ._factory import create_snnet, snnet_cfg
 
@@ -29,7 +30,8 @@ def _shipped_source() -> dict[str, str]:
 
 
 _DATA_CFG = dict(num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, interpolation='bilinear',
-                 mean=FMNIST_MEAN, std=FMNIST_STD, fixed_input_size=True, license='apache-2.0')
+                 mean=FMNIST_MEAN, std=FMNIST_STD, fixed_input_size=True, license='apache-2.0',
+                 label_names=FASHION_MNIST_CLASSES)
 
 default_cfgs = generate_default_cfgs({
     **{name: dict(url='', pool_size=None, first_conv='patch_embed.proj', classifier='head', **_DATA_CFG)
