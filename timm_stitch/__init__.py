@@ -5,7 +5,7 @@ Importing the package registers the ``snnet_*`` architectures in timm's model re
 from . import models  # noqa: F401  (registers the architectures)
 from .bn import recalibrate_bn
 from .builder import StitchOptions, stitch
-from .cards import RouteCard
+from .cards import CardError, RouteCard
 from .cascade import Cascade
 from .catalogue import RouteCatalogue
 from .compile import CompiledStitchedNet, compile
@@ -26,7 +26,7 @@ __version__ = '0.1.0'
 __all__ = [
     'StitchedNet', 'CompiledStitchedNet', 'compile', 'Route', 'StitchPlan', 'init_stitches', 'format_route_table',
     'plan_token_routes', 'plan_staged_routes', 'plan_two_way_routes', 'plan_routes', '__version__',
-    'RouteCard', 'RouteCatalogue', 'count_route_macs', 'profile', 'device_profile',
+    'RouteCard', 'CardError', 'RouteCatalogue', 'count_route_macs', 'profile', 'device_profile',
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
     'RouteSampler', 'Cascade', 'StitchedFeatures',

@@ -414,9 +414,10 @@ class StitchedNet(nn.Module):
             max_latency_ms: Optional[float] = None,
             min_top1: Optional[float] = None,
     ) -> Route:
-        """Make the best route meeting every bound active and return it (highest top1, else lowest cost; see
-        :meth:`timm_stitch.catalogue.RouteCatalogue.select`); raises ``ValueError`` when no route fits, or when a
-        bound needs stale accuracies or a latency profile the card lacks."""
+        """Make the route the bounds ask for active and return it: the most accurate within the budgets (``max_*``),
+        or with ``min_top1`` (percent) alone the cheapest reaching it (see :mod:`timm_stitch.selection`); raises
+        ``ValueError`` when no route fits, for a fractional ``min_top1``, or when a bound needs stale accuracies or
+        a latency profile the card lacks."""
         from .catalogue import RouteCatalogue
         route = RouteCatalogue.of(self).select(max_macs, max_params, max_latency_ms, min_top1)
         self.set_stitch(route.id)

@@ -6,7 +6,9 @@ embedding and the units they all run before their stitches once, for the union o
 activations are sliced per route afterwards. In train mode every group runs alone: BatchNorm batch statistics and
 dropout draws depend on the batch a layer sees, and a route's definition is its own group's batch.
 
-Nothing here keeps state between calls, so concurrent calls on one model are as safe as per-call route ids.
+Nothing here keeps state between calls. On a model with BatchNorm layers a whole mixed batch runs under the model's
+BatchNorm lock (:func:`timm_stitch.bn.bn_lock`): a shared prefix runs layers whose statistics another thread's route
+may have swapped in, so concurrent calls are serialised and each sees its own routes' statistics.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .bn import route_bn_stats
+from .bn import bn_lock, route_bn_stats
 
 if TYPE_CHECKING:
     from .macs import AnchorMacs
@@ -99,6 +101,11 @@ def mixed_forward(model: StitchedNet, x: torch.Tensor, ids: RouteIds, share_pref
     ids = check_route_ids(model, ids, x.shape[0])
     if x.shape[0] == 0:
         return model(x, stitch_id=model.stitch_id)  # no sample, no route to group by: the empty logits
+    with bn_lock(model):
+        return _grouped_forward(model, x, ids, share_prefix)
+
+
+def _grouped_forward(model: StitchedNet, x: torch.Tensor, ids: torch.Tensor, share_prefix: bool) -> torch.Tensor:
     groups = group_by_route(ids.to(x.device) if x.device.type != 'cpu' else ids)
     share = share_prefix and not model.training
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
