@@ -5,6 +5,7 @@ import pytest
 from tiny_models import tiny_snnet
 
 from timm_stitch.cards import RouteCard
+from timm_stitch.catalogue import MissingMeasurementError
 from timm_stitch.routes import Route
 from timm_stitch.selection import mark_dominated, pareto_front, select_route
 
@@ -120,3 +121,20 @@ def test_model_select_stitch_with_a_floor_takes_the_cheapest_route():
     with pytest.raises(ValueError, match='looks like a fraction'):
         model.select_stitch(min_top1=0.8)
     assert model.stitch_id == chosen.id
+
+
+def test_pareto_without_the_values_it_needs_names_what_to_measure():
+    model = tiny_snnet()
+    with pytest.raises(MissingMeasurementError, match='no latency_ms/top1 Pareto front: the model has no route card, '
+                                                      r'so no route latency; measure them with timm_stitch.profile'):
+        model.pareto(x='latency_ms')
+    with pytest.raises(MissingMeasurementError, match='no route has a top1 .*load a route card with accuracies'):
+        model.pareto()
+    accuracy = {r.id: (50.0 + r.id, None) for r in model.routes()}
+    model.load_card(RouteCard.from_model(model).with_accuracy(accuracy, 'tiny', 'measured'))
+    assert model.pareto()
+    with pytest.raises(MissingMeasurementError, match=f"no latency profile '{model.latency_profile}' "
+                                                      r'\(it holds: none\)'):
+        model.pareto(x='latency_ms')
+    with pytest.raises(ValueError, match="x must be one of 'macs', 'params', 'latency_ms', got 'flops'"):
+        model.pareto(x='flops')

@@ -425,7 +425,8 @@ class StitchedNet(nn.Module):
 
     def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
         """The routes no other route beats on both ``x`` (``'macs'``, ``'params'``, ``'latency_ms'``; lower is
-        better) and ``y`` (``'top1'``, ``'top5'``), sorted by ``x``."""
+        better) and ``y`` (``'top1'``, ``'top5'``), sorted by ``x``; ``MissingMeasurementError`` (a ``ValueError``)
+        naming the profile or card needed when no route has an ``x`` or ``y`` value."""
         from .catalogue import RouteCatalogue
         return RouteCatalogue.of(self).pareto(x, y)
 
