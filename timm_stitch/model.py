@@ -268,9 +268,11 @@ class StitchedNet(nn.Module):
         return self.adapters[route.anchors[-1]].finish(x, self.final_norm_on_stitched_routes)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, stitch_id: Optional[int] = None) -> torch.Tensor:
-        """Head of the last anchor of route ``stitch_id`` on features from ``forward_features``."""
-        route = self.plan.routes[self.resolve_stitch_id(stitch_id)]
-        return self.adapters[route.anchors[-1]].head(x, pre_logits=pre_logits)
+        """Head of the last anchor of route ``stitch_id`` on features from ``forward_features`` (with the route's
+        BatchNorm statistics: LeViT's heads hold BatchNorm layers)."""
+        stitch_id = self.resolve_stitch_id(stitch_id)
+        with route_bn_stats(self, stitch_id):
+            return self.adapters[self.plan.routes[stitch_id].anchors[-1]].head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor, stitch_id: Optional[Union[int, RouteIds]] = None) -> torch.Tensor:
         """Logits of route ``stitch_id`` (default: the active route), or with one route id per sample (a 1-D integer
