@@ -189,3 +189,11 @@ def test_recalibrate_bn_of_a_wrapped_model_calibrates_the_model_inside(calibrate
                                        progress=False)
     assert count == len(stitched_bn_layers(fresh, ROUTE))
     assert torch.equal(_route_output(fresh, images), expected)
+
+
+def test_forward_head_alone_uses_the_routes_statistics(calibrated):
+    """LeViT's heads hold BatchNorm layers: forward_features then forward_head equals the route's forward."""
+    model, images, expected = calibrated
+    with torch.no_grad():
+        features = model.forward_features(images, stitch_id=ROUTE)
+        assert torch.equal(model.forward_head(features, stitch_id=ROUTE), expected)

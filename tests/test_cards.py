@@ -1,6 +1,7 @@
 """Route cards: schema round trips, the official JSON-lines reader, model checks, profiling and rendering."""
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from timm_stitch.profile import device_profile
 @pytest.fixture(scope='module')
 def profiled():
     model = tiny_snnet()  # on the suite's one thread (conftest), so that the latency keys agree
-    return model, timm_stitch.profile(model, warmup=1, repeats=2, progress=False)
+    return model, timm_stitch.profile(model, warmup=1, repeats=2, progress=False, max_spread=None)
 
 
 def test_card_from_model_round_trips(tmp_path):
@@ -142,7 +143,7 @@ def test_deit_profile_times_the_routes_asked_for():
     """Full size: the three anchors get a latency, the other routes none (their order is a benchmark's business:
     measured latencies on a busy machine do not follow MACs)."""
     model = timm.create_model('snnet_deit_tsb')
-    card = timm_stitch.profile(model, routes=[0, 1, 2], warmup=1, repeats=3, progress=False)
+    card = timm_stitch.profile(model, routes=[0, 1, 2], warmup=1, repeats=3, progress=False, max_spread=None)
     latencies = [r.latency_ms for r in model.routes()]
     assert all(ms is not None and ms > 0 for ms in latencies[:3]) and set(latencies[3:]) == {None}
     assert card.latency_profiles == [model.latency_profile]
@@ -170,3 +171,19 @@ def test_readme_names_timm_reader_datasets_and_small_macs_units(profiled):
     assert ModelCard(readme).data.datasets == ['fashion_mnist']
     assert max(r.macs for r in model.routes()) < 1e9  # tiny anchors: costs read in MMACs
     assert '| params (M) | MMACs |' in readme and ' M per image' in readme
+
+
+def test_model_cards_recipe_writes_the_reported_by_text_of_the_shipped_cards():
+    """The model_cards/README.md loop over the SN-Net releases, run by bash with ``timm-stitch`` stubbed to print
+    its ``--reported-by`` text: the text each shipped card records (it used to come out garbled)."""
+    root = Path(__file__).resolve().parents[1]
+    recipe = (root / 'model_cards' / 'README.md').read_text()
+    loop = recipe[recipe.index('for m in snnet_swin_tsb'):]
+    loop = loop[:loop.index('\ndone\n') + 6]
+    stub = 'timm-stitch() { while [ $# -gt 0 ]; do [ "$1" = --reported-by ] && echo "$m=$2"; shift; done; }\n'
+    out = subprocess.run(['bash', '-c', stub + loop], cwd=root, capture_output=True, text=True, check=True).stdout
+    said = dict(line.split('=', 1) for line in out.splitlines())
+    assert len(said) == 4
+    for arch, text in said.items():
+        card = RouteCard.load(root / 'model_cards' / arch / 'routes.json')
+        assert text in [p.get('who') for p in card.provenance], arch

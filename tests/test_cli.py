@@ -189,3 +189,28 @@ def test_help_is_plain_text_and_complete(command, capsys):
     text = capsys.readouterr().out
     assert exit_info.value.code == 0 and '--debug' in text
     assert '``' not in text and 'SPEC' not in text
+
+
+def test_routes_select_with_a_floor_prints_the_cheapest_route_reaching_it(capsys):
+    """The shipped model: --min-top1 88 --select is the cheapest route at 88 % or more, not the most accurate."""
+    card = RouteCard.load(ROOT / 'model_cards' / 'snnet_vit_fmnist_tsb' / 'routes.json')
+    macs = {r.id: r.macs for r in card.routes}
+    reaching = [r for r in card.routes if r.top1 is not None and r.top1 >= 88]
+    cheapest = min(reaching, key=lambda r: (r.macs, r.params, r.id))
+    assert main(['routes', 'snnet_vit_fmnist_tsb', '--pretrained', '--min-top1', '88', '--select', '--json']) == 0
+    (chosen,) = json.loads(capsys.readouterr().out)
+    assert chosen['id'] == cheapest.id and chosen['macs'] == min(macs[r.id] for r in reaching)
+    assert chosen['top1'] < max(r.top1 for r in reaching)
+    assert main(['routes', 'snnet_vit_fmnist_tsb', '--pretrained', '--min-top1', '0.88', '--select']) == 2
+    assert 'min_top1=0.88 looks like a fraction' in capsys.readouterr().err
+
+
+def test_profile_on_a_busy_machine_warns_and_leaves_the_unstable_route_out(tmp_path, monkeypatch):
+    profile_module = importlib.import_module('timm_stitch.profile')
+    busy = iter([2.0, 466.0] * 1000)  # route 2's calls alternate quiet and loaded
+    monkeypatch.setattr(profile_module, '_timed_call', lambda model, k, images: next(busy) if k == 2 else 2.0)
+    out = tmp_path / 'routes.json'
+    with pytest.warns(profile_module.UnstableTimingWarning, match=r'routes \[2\] timed unstably'):
+        assert main(['profile', TINY, '--warmup', '0', '--out', str(out), '--routes', '0', '2']) == 0
+    card = RouteCard.load(out)
+    assert [r.id for r in card.routes if r.latency] == [0]

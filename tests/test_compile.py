@@ -54,3 +54,47 @@ def test_bad_route_id_raises_before_compiling():
     else:
         raise AssertionError('expected ValueError')
     assert compiled.compiled_routes == []
+
+
+def _id_sets(count: int, routes: list[int], seed: int = 0) -> list[torch.Tensor]:
+    """``count`` different per-sample id sets: 3 of ``routes``, two samples each, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    sets: list[torch.Tensor] = []
+    while len(sets) < count:
+        chosen = torch.tensor(routes)[torch.randperm(len(routes), generator=g)[:3]]
+        ids = chosen.repeat(2)[torch.randperm(6, generator=g)]
+        if not any(torch.equal(ids, s) for s in sets):
+            sets.append(ids)
+    return sets
+
+
+@DEFAULT_LIMIT
+def test_mixed_batches_run_each_routes_compiled_graph_without_recompiling():
+    torch._dynamo.reset()
+    model, images = tiny_snnet(), tiny_images(6)
+    routes = [0, 5, 9, 13]
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = timm_stitch.compile(model, backend=counter)
+    sets = _id_sets(12, routes)
+    assert len(sets) > torch._dynamo.config.recompile_limit
+    with torch.no_grad():
+        for i, ids in enumerate(sets):
+            given = ids.tolist() if i % 2 else ids  # a list or a tensor
+            torch.testing.assert_close(compiled(images, stitch_id=given), model(images, stitch_id=ids))
+    assert counter.frame_count == len(routes)  # one graph per route, whatever the set of ids
+    assert compiled.compiled_routes == routes
+
+
+@DEFAULT_LIMIT
+def test_torch_compile_of_the_model_takes_mixed_batches_without_recompiling():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model, images = tiny_snnet(), tiny_images(6)
+    compiled = torch.compile(model, backend=torch._dynamo.testing.CompileCounter())
+    with torch.no_grad():
+        for i, ids in enumerate(_id_sets(12, [0, 5, 9, 13])):
+            torch.testing.assert_close(compiled(images, stitch_id=ids), model(images, stitch_id=ids))
+            if i == 0:
+                frames = dict(torch._dynamo.utils.counters['frames'])
+    assert dict(torch._dynamo.utils.counters['frames']) == frames  # nothing compiled after the first set
+    assert not torch._dynamo.utils.counters['recompiles']

@@ -216,3 +216,21 @@ def test_shipped_fmnist_model_as_a_pretrained_backbone():
             assert torch.equal(feat, net.forward_intermediates(x, indices=1, intermediates_only=True)[0])
             widths.add(feat.shape[1])
     assert len(widths) == 3
+
+
+def test_dense_example_names_the_feature_api_as_it_works():
+    """docs/dense_example.md's feature-API calls run on the shipped model (the page said the API was still being
+    added)."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / 'docs' / 'dense_example.md').read_text()
+    assert 'being added' not in text
+    calls = [c for c in re.findall(r'`([^`]+\))`', text) if 'forward_intermediates' in c or 'features_only' in c]
+    assert len(calls) == 2
+    model = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True).eval()
+    x, k = torch.randn(2, 1, 28, 28), 5
+    with torch.no_grad():
+        final, (block,) = eval(calls[0], {'model': model, 'x': x, 'k': k})
+        backbone = eval(calls[1], {'timm': timm}).eval()
+        (features,) = backbone(x)
+    assert block.shape == (2, 64, 7, 7) and final.shape[0] == 2
+    assert features.shape == (2, 128, 7, 7)

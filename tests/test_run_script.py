@@ -95,4 +95,4 @@ def test_launcher_errors(script, tmp_path, capsys):
     missing = tmp_path / 'no_such_script.py'
     assert main([str(missing), '--model', 'x']) == 2
     assert f"error: script '{missing}' does not exist" in capsys.readouterr().err
-    assert main([]) == 2 and 'usage: python -m timm_stitch.run_script SCRIPT' in capsys.readouterr().err
+    assert main([]) == 2 and 'usage: python -m timm_stitch.run_script [--stitch-id K] SCRIPT' in capsys.readouterr().err

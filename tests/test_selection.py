@@ -5,6 +5,7 @@ import pytest
 from tiny_models import tiny_snnet
 
 from timm_stitch.cards import RouteCard
+from timm_stitch.catalogue import MissingMeasurementError
 from timm_stitch.routes import Route
 from timm_stitch.selection import mark_dominated, pareto_front, select_route
 
@@ -70,7 +71,7 @@ def test_pareto_sweep_agrees_with_the_definition():
 def test_model_select_stitch_and_pareto_use_the_card():
     model = tiny_snnet()
     card = RouteCard.from_model(model)
-    accuracy = {r.id: (50.0 + r.macs / 1e4 - (r.id % 3), None) for r in model.routes()}
+    accuracy = {r.id: (50.0 + r.macs / 1e5 - (r.id % 3), None) for r in model.routes()}
     model.load_card(card.with_accuracy(accuracy, 'tiny', 'measured'))
     routes = model.routes()
     best = max(routes, key=lambda r: (r.top1, -r.macs))
@@ -85,3 +86,55 @@ def test_model_select_stitch_and_pareto_use_the_card():
     with pytest.raises(ValueError, match='smallest available macs'):
         model.select_stitch(max_macs=1)
     assert model.stitch_id == chosen.id
+
+
+def test_a_floor_alone_asks_for_the_cheapest_route_reaching_it():
+    """min_top1 alone: the cheapest route at or above the floor (not the most accurate route overall)."""
+    routes = [R(0, 100, top1=70.0), R(1, 633, top1=89.0), R(2, 384, top1=88.01), R(3, 500, top1=88.5)]
+    assert select_route(routes, min_top1=88).id == 2
+    assert select_route(routes, min_top1=88.2).id == 3
+    # a budget asks for the most accurate within it; with a floor too, the floor only narrows those
+    assert select_route(routes, max_macs=700).id == 1
+    assert select_route(routes, max_macs=550, min_top1=88).id == 3
+    with pytest.raises(ValueError, match='above the highest available top1, 89'):
+        select_route(routes, max_macs=700, min_top1=90)
+
+
+@pytest.mark.parametrize('floor', [0.88, 0.5, float('nan')])
+def test_a_fractional_or_nan_floor_on_percent_accuracies_is_an_error(floor):
+    routes = [R(0, 100, top1=70.0), R(1, 633, top1=89.0)]
+    with pytest.raises(ValueError, match='min_top1=(0.88|0.5) looks like a fraction.*percent.*pass min_top1=|'
+                                         'min_top1 must be a number, got nan'):
+        select_route(routes, min_top1=floor)
+    assert select_route([R(0, 100, top1=0.7), R(1, 50, top1=0.9)], min_top1=0.8).id == 1  # fractions throughout
+
+
+def test_model_select_stitch_with_a_floor_takes_the_cheapest_route():
+    model = tiny_snnet()
+    routes = model.routes()
+    accuracy = {r.id: (60.0 + r.macs / max(q.macs for q in routes) * 30, None) for r in routes}
+    model.load_card(RouteCard.from_model(model).with_accuracy(accuracy, 'tiny', 'measured'))
+    routes = model.routes()
+    chosen = model.select_stitch(min_top1=80)
+    assert chosen.id == min((r for r in routes if r.top1 >= 80), key=lambda r: (r.macs, r.params, r.id)).id
+    assert model.stitch_id == chosen.id and chosen.top1 < max(r.top1 for r in routes)
+    with pytest.raises(ValueError, match='looks like a fraction'):
+        model.select_stitch(min_top1=0.8)
+    assert model.stitch_id == chosen.id
+
+
+def test_pareto_without_the_values_it_needs_names_what_to_measure():
+    model = tiny_snnet()
+    with pytest.raises(MissingMeasurementError, match='no latency_ms/top1 Pareto front: the model has no route card, '
+                                                      r'so no route latency; measure them with timm_stitch.profile'):
+        model.pareto(x='latency_ms')
+    with pytest.raises(MissingMeasurementError, match='no route has a top1 .*load a route card with accuracies'):
+        model.pareto()
+    accuracy = {r.id: (50.0 + r.id, None) for r in model.routes()}
+    model.load_card(RouteCard.from_model(model).with_accuracy(accuracy, 'tiny', 'measured'))
+    assert model.pareto()
+    with pytest.raises(MissingMeasurementError, match=f"no latency profile '{model.latency_profile}' "
+                                                      r'\(it holds: none\)'):
+        model.pareto(x='latency_ms')
+    with pytest.raises(ValueError, match="x must be one of 'macs', 'params', 'latency_ms', got 'flops'"):
+        model.pareto(x='flops')

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from timm_stitch.cards import RouteCard
 from timm_stitch.cli import main as cli_main
-from timm_stitch.evaluation import evaluate_routes, parse_ids
+from timm_stitch.evaluation import NoImagesError, data_config_for, evaluate_routes, parse_ids
 from timm_stitch.validate import main
 
 MODEL_ARGS = ['--model', 'snnet', '--model-kwargs', f'anchors={ANCHORS!r}', '--num-classes', '4', '--img-size', '32',
@@ -79,11 +79,11 @@ def test_rerun_skips_recorded_routes(tmp_path, setup):
     assert main([*args, '--stitch-ids', '0-2', '--routes-per-pass', '2']) == 0
     first = _records(out)
     assert sorted(first) == [0, 1, 2]
-    marked = dict(first[1], top1=-1.0)  # as if written by an earlier, interrupted run
+    marked = dict(first[1], top1=12.345)  # as if written by an earlier, interrupted run
     (out / 'routes.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (first[0], marked)))
     assert main([*args, '--stitch-ids', 'all']) == 0
     records = _records(out)
-    assert records[1]['top1'] == -1.0  # kept, not recomputed
+    assert records[1]['top1'] == 12.345  # kept, not recomputed
     assert records[2] == first[2]  # recomputed, same result
     assert not [p for p in os.listdir(out) if p.endswith('.tmp')]
 
@@ -234,3 +234,36 @@ def test_a_rerun_with_other_weights_or_arguments_measures_again(tmp_path, setup,
         assert main([*args, '--checkpoint', str(copy), '--output', str(out), '--crop-pct', '0.5',
                      '--stitch-ids', '0-1']) == 0
     assert '2 of 2 routes reused' in caplog.text
+
+
+@pytest.mark.parametrize('command', ['validate', 'train'])
+def test_an_empty_image_folder_is_an_input_error(tmp_path, capsys, command):
+    """Exit status 2 like every other bad input (it was 1, timm's RuntimeError), naming the folder."""
+    (tmp_path / 'validation').mkdir()
+    (tmp_path / 'train').mkdir()
+    extra = ['--epochs', '1', '--output', str(tmp_path / 'out')] if command == 'train' else []
+    assert cli_main([command, *MODEL_ARGS, '--data-dir', str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"timm-stitch: error: no images in '{tmp_path}'" in err and 'Found 0 images' in err
+    with pytest.raises(NoImagesError, match='no images in') as info:
+        main([*MODEL_ARGS, '--data-dir', str(tmp_path)])
+    assert isinstance(info.value, RuntimeError)  # what timm raised, for callers catching that
+
+
+def test_data_config_takes_the_models_input_channels():
+    """``--img-size 32`` on a 1-channel model: (1, 32, 32), not timm's default (3, 32, 32)."""
+    import argparse
+    model = timm.create_model('snnet_vit_fmnist_tsb')
+    assert data_config_for(argparse.Namespace(img_size=32), model)['input_size'] == (1, 32, 32)
+    assert data_config_for(argparse.Namespace(img_size=None), model)['input_size'] == (1, 28, 28)
+    assert data_config_for(argparse.Namespace(img_size=32, in_chans=3), model)['input_size'] == (3, 32, 32)
+
+
+def test_default_workers_fit_the_cpus(monkeypatch):
+    from timm_stitch.arguments import default_workers
+    from timm_stitch.validate import build_parser
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    assert default_workers() == 2
+    assert build_parser().parse_args(['--model', 'x']).workers == 2
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)), raising=False)
+    assert default_workers() == 4

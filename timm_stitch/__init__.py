@@ -8,9 +8,9 @@ from ._io import DiskFullError, ForeignFilesError
 from ._mismatch import WeightsMismatchError
 from .bn import recalibrate_bn
 from .builder import StitchOptions, stitch
-from .cards import RouteCard
+from .cards import CardError, RouteCard
 from .cascade import Cascade
-from .catalogue import RouteCatalogue
+from .catalogue import MissingMeasurementError, RouteCatalogue
 from .compile import CompiledStitchedNet, compile
 from .convert import convert_official
 from .explorer import explore
@@ -30,7 +30,8 @@ __version__ = '0.1.0'
 __all__ = [
     'StitchedNet', 'CompiledStitchedNet', 'compile', 'Route', 'StitchPlan', 'init_stitches', 'format_route_table',
     'plan_token_routes', 'plan_staged_routes', 'plan_two_way_routes', 'plan_routes', '__version__',
-    'RouteCard', 'RouteCatalogue', 'count_route_macs', 'profile', 'device_profile',
+    'RouteCard', 'CardError', 'RouteCatalogue', 'MissingMeasurementError', 'count_route_macs', 'profile',
+    'device_profile',
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
     'RouteSampler', 'Cascade', 'StitchedFeatures', 'explore',

@@ -14,10 +14,17 @@ from .route_spaces import ROUTE_SPACES
 
 __all__ = [
     'parse_count', 'int_at_least', 'float_in', 'existing_file', 'parse_device', 'stitched_model_name',
-    'add_shared_args', 'MODEL_OPTIONS', 'DATA_OPTIONS', 'RUNTIME_OPTIONS',
+    'default_workers', 'add_shared_args', 'MODEL_OPTIONS', 'DATA_OPTIONS', 'RUNTIME_OPTIONS',
 ]
 
 _SUFFIXES = {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12}
+
+
+def default_workers() -> int:
+    """Data loading workers by default: 4, or fewer on a machine with fewer usable CPUs (more workers than CPUs
+    make torch's DataLoader warn and only compete for the cores)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
 
 
 # ---- argument types ----
@@ -137,8 +144,9 @@ def _shared_options() -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
         'interpolation': (('--interpolation',), dict(
             default='', help="evaluation resize interpolation (default: the model's)")),
         'batch_size': (('-b', '--batch-size'), dict(type=_POSITIVE, help='batch size per rank')),
-        'workers': (('-j', '--workers'), dict(type=_COUNT, default=4,
-                                              help='data loading workers per rank (default: 4)')),
+        'workers': (('-j', '--workers'), dict(type=_COUNT, default=default_workers(),
+                                              help='data loading workers per rank (default: 4, or the number of '
+                                                   f'CPUs this process may use when fewer: {default_workers()})')),
         'pin_mem': (('--pin-mem',), dict(action='store_true', help='pin CPU memory in the loaders')),
         'amp': (('--amp',), dict(action='store_true', help='mixed precision (autocast)')),
         'amp_dtype': (('--amp-dtype',), dict(default=None, choices=('float16', 'bfloat16'),

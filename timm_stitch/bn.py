@@ -12,8 +12,11 @@ data, cumulative average). They are registered buffers of the model's ``route_bn
 and ``running_var_{i}`` for the route's ``i``-th layer of :func:`stitched_bn_layers`), move with ``.to()`` and are
 saved and loaded with the weights. The layers' own buffers keep the anchor's statistics, so anchor routes and
 other routes are unaffected. An eval-mode forward of a calibrated route swaps its statistics in (tensor
-references, no copies) for the duration of the call, under the model's own lock, so concurrent calls on one model
-stay correct (they are serialised while any route of the model has its own statistics). In train mode BatchNorm
+references, no copies) for the duration of the call, under the model's own lock. Every eval-mode call of a model
+with BatchNorm layers holds that lock for all the modules it runs (:func:`bn_lock`: a route's own forward, a
+mixed-route batch with its shared prefixes, a cascade, ``forward_intermediates``, ``export_stitch``, the least-squares
+init's anchor passes), and :func:`recalibrate_bn` holds it while it swaps fresh statistics in, so concurrent calls
+on one model stay correct: they are serialised (models without BatchNorm run concurrently). In train mode BatchNorm
 uses batch statistics and updates the layers' own buffers, as in the official SN-Net training, where every route
 shares one set of running statistics.
 
@@ -42,8 +45,8 @@ from .unwrap import unwrap_stitched
 if TYPE_CHECKING:
     from .model import StitchedNet
 
-__all__ = ['recalibrate_bn', 'stitched_bn_layers', 'route_bn_stats', 'clear_bn_stats', 'RouteBatchNormStats',
-           'is_route_bn_key']
+__all__ = ['recalibrate_bn', 'stitched_bn_layers', 'route_bn_stats', 'bn_lock', 'clear_bn_stats',
+           'RouteBatchNormStats', 'is_route_bn_key']
 
 #: the ``StitchedNet`` attribute (and ``state_dict`` key prefix) holding the per-route statistics
 ROUTE_BN_NAME = 'route_bn'
@@ -73,6 +76,10 @@ class RouteBatchNormStats(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.lock = threading.RLock()
+
+    def exclusive(self, training: bool) -> contextlib.AbstractContextManager:
+        """The lock as a context for a pass in ``training`` mode: held in eval mode on BatchNorm families only."""
+        return contextlib.nullcontext() if training or not self.has_bn else self.lock
 
     def get(self, stitch_id: int) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Route ``stitch_id``'s ``(running_mean, running_var)`` per layer, or None when it has none."""
@@ -149,8 +156,15 @@ def prepare_load(model: StitchedNet, state_dict: Mapping[str, torch.Tensor], pre
                                      for m in layers])
 
 
+def bn_lock(model: StitchedNet) -> contextlib.AbstractContextManager:
+    """A context holding ``model``'s BatchNorm lock (eval mode, BN families only; reentrant): the body may run any
+    module whose running statistics another thread's route swaps (see the module docstring)."""
+    return _container(model).exclusive(model.training)
+
+
 def route_bn_stats(model: StitchedNet, stitch_id: int) -> contextlib.AbstractContextManager:
-    """A context running the body with route ``stitch_id``'s BatchNorm statistics (eval mode, BN families only)."""
+    """A context running the body with route ``stitch_id``'s BatchNorm statistics, under :func:`bn_lock` (eval
+    mode, BN families only)."""
     container = _container(model)
     if model.training or not container.has_bn:
         return contextlib.nullcontext()
@@ -163,9 +177,6 @@ def _swap_bn_stats(model: StitchedNet, container: RouteBatchNormStats, stitch_id
     own = container.get(stitch_id)
     if layers and own is None:
         _warn_uncalibrated(container, stitch_id, len(layers))
-    if not container._modules:
-        yield
-        return
     with container.lock:
         pairs = list(zip(layers, own or ()))
         saved = [(m, m.running_mean, m.running_var) for m, _ in pairs]
@@ -222,6 +233,13 @@ def recalibrate_bn(
     if not layers:
         return 0
     container = _container(model)
+    with container.lock:  # other threads' eval calls wait: the layers run in train mode with fresh buffers meanwhile
+        return _recalibrate(model, container, layers, stitch_id, data, num_batches, batch_size, progress)
+
+
+def _recalibrate(model: StitchedNet, container: RouteBatchNormStats, layers: tuple[_BatchNorm, ...], stitch_id: int,
+                 data: Union[torch.Tensor, Iterable], num_batches: Optional[int], batch_size: int,
+                 progress: bool) -> int:
     container.discard(stitch_id)
     saved = {m: (m.running_mean, m.running_var, m.num_batches_tracked, m.momentum) for m in layers}
     seen = 0

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from ._io import atomic_write, file_sha256
+from .card_checks import CardError, check_route_fields, check_routes
 from .catalogue import card_key
 from .unwrap import unwrap, unwrap_stitched
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from .model import StitchedNet
 
 __all__ = [
-    'RouteCard', 'CardRoute', 'SCHEMA_VERSION', 'model_name',
+    'RouteCard', 'CardRoute', 'CardError', 'SCHEMA_VERSION', 'model_name',
 ]
 
 SCHEMA_VERSION = 1
@@ -52,6 +53,9 @@ class CardRoute:
     accuracy: Optional[dict[str, Any]] = None
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_route_fields(self)
+
 
 @dataclass
 class RouteCard:
@@ -67,6 +71,9 @@ class RouteCard:
     #: ``curve`` a list of ``{'threshold', 'top1', 'mean_macs'}`` (see :mod:`timm_stitch.cascade`)
     cascades: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        check_routes(self.routes, self.settings, self.cascades)
 
     # ---- building ----
 
@@ -152,6 +159,7 @@ class RouteCard:
             entry = card._entry(stitch_id)
             entry.top1, entry.top5 = top1, top5
             entry.accuracy = {'dataset': dataset, 'source': source}
+            check_route_fields(entry)
         card.provenance.append({'what': 'accuracy', 'dataset': dataset, 'source': source, 'when': _now(), **record})
         return card
 
@@ -188,7 +196,10 @@ class RouteCard:
         """A copy with ``stats[id]`` (median_ms, p90_ms, throughput) stored under ``profile`` for each route."""
         card = copy.deepcopy(self)
         for stitch_id, values in stats.items():
-            card._entry(stitch_id).latency[profile] = {k: round(float(v), 4) for k, v in values.items()}
+            entry = card._entry(stitch_id)
+            entry.latency[profile] = dict(values)
+            check_route_fields(entry)
+            entry.latency[profile] = {k: round(float(v), 4) for k, v in values.items()}
         card.provenance = [p for p in card.provenance if p.get('profile') != profile] + [dict(record)]
         return card
 
@@ -213,6 +224,7 @@ class RouteCard:
         if entry is None:
             entry = CardRoute(id=stitch_id)
             self.routes.append(entry)
+            check_routes(self.routes, self.settings, [])
             self.routes.sort(key=lambda r: r.id)
         return entry
 
@@ -263,13 +275,18 @@ class RouteCard:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RouteCard:
+        """A card from its ``to_dict`` form; :class:`CardError` (a ``ValueError``) naming the route and field of a
+        value of the wrong type or out of range."""
         version = data.get('schema_version')
         if version != SCHEMA_VERSION:
             raise ValueError(f'unsupported route card schema_version {version!r}: this timm-stitch reads version '
                              f'{SCHEMA_VERSION}')
+        routes = data.get('routes', [])
+        if not isinstance(routes, list):
+            raise CardError(f'field routes must be a list, got {type(routes).__name__}')
         return cls(
             model=data.get('model'),
-            routes=[CardRoute(**r) for r in data.get('routes', [])],
+            routes=[_card_route(r, f'routes[{i}]') for i, r in enumerate(routes)],
             anchors=list(data.get('anchors', [])),
             settings=dict(data.get('settings', {})),
             provenance=list(data.get('provenance', [])),
@@ -292,9 +309,12 @@ class RouteCard:
             data = json.loads(text)
         except json.JSONDecodeError:
             data = None
-        if isinstance(data, dict) and 'schema_version' in data:
-            return cls.from_dict(data)
-        return cls.from_jsonl(text, model=model, dataset=dataset, source_name=os.fspath(path))
+        try:
+            if isinstance(data, dict) and 'schema_version' in data:
+                return cls.from_dict(data)
+            return cls.from_jsonl(text, model=model, dataset=dataset, source_name=os.fspath(path))
+        except CardError as e:
+            raise CardError(f'route card {os.fspath(path)}: {e}') from None
 
     @classmethod
     def from_jsonl(cls, text: str, model: Optional[str] = None, dataset: str = 'imagenet-1k/validation',
@@ -319,12 +339,24 @@ class RouteCard:
         for r in rows:
             has_acc = r.get('acc1') is not None or r.get('acc5') is not None
             routes.append(CardRoute(
-                id=int(r['cfg_id']), macs=r.get('flops'), params=r.get('params'), top1=r.get('acc1'),
+                id=r['cfg_id'], macs=r.get('flops'), params=r.get('params'), top1=r.get('acc1'),
                 top5=r.get('acc5'), accuracy={'dataset': dataset, 'source': 'reported'} if has_acc else None))
         routes.sort(key=lambda e: e.id)
         record = {'what': 'macs, params, accuracy', 'who': 'official SN-Net results file', 'source': source_name,
                   'when': None}
         return cls(model=model, routes=routes, provenance=[record])
+
+
+def _card_route(data: Any, where: str) -> CardRoute:
+    """A ``CardRoute`` from its dict, with a :class:`CardError` naming ``where`` and the field when it is bad."""
+    if not isinstance(data, Mapping):
+        raise CardError(f'{where} must be a mapping, got {type(data).__name__} {data!r}')
+    unknown = set(data) - set(CardRoute.__dataclass_fields__)
+    if unknown or 'id' not in data:
+        what = f'unknown fields {sorted(unknown)}' if unknown else 'no field id'
+        raise CardError(f'{where} (route {data.get("id")!r}) has {what}: valid are '
+                        f'{", ".join(CardRoute.__dataclass_fields__)}')
+    return CardRoute(**data)
 
 
 def model_name(model: StitchedNet) -> str:

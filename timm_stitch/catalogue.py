@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from .cards import RouteCard
     from .model import StitchedNet
 
-__all__ = ['RouteCatalogue', 'card_routes', 'card_key', 'model_args', 'weights_key', 'state_key', 'forget_weights',
-           'staleness']
+__all__ = ['RouteCatalogue', 'MissingMeasurementError', 'card_routes', 'card_key', 'model_args', 'weights_key',
+           'state_key', 'forget_weights', 'staleness']
 
 #: per model: (signature of its tensors, fingerprint), so that routes() hashes the weights only after they change
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -95,6 +95,10 @@ def staleness(card: Optional[RouteCard], model: StitchedNet) -> Optional[str]:
     return None
 
 
+class MissingMeasurementError(ValueError):
+    """A query needs route values the model's card does not hold for it (latencies of its profile, accuracies)."""
+
+
 class RouteCatalogue:
     """Routes (structure, params, MACs) annotated with a card's accuracy and the latency of one profile.
 
@@ -148,19 +152,39 @@ class RouteCatalogue:
             raise ValueError(f'cannot select by min_top1: the route card is stale, {self.stale}. Measure the routes '
                              'again (timm-stitch validate) and load the new card')
         routes = self.annotated()
-        if max_latency_ms is not None and self.card is not None and all(r.latency_ms is None for r in routes):
-            held = ', '.join(self.card.latency_profiles) or 'none'
-            raise ValueError(f'cannot select by max_latency_ms: the route card has no latency profile '
-                             f'{self.profile!r} (it holds: {held}). Profile the model on this device and dtype '
-                             '(timm_stitch.profile), or load the card with the latency_profile to use')
+        if max_latency_ms is not None and self.card is not None:
+            self._require(routes, 'latency_ms', 'cannot select by max_latency_ms')
         return select_route(routes, max_macs, max_params, max_latency_ms, min_top1)
 
     def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
         """The routes no other route beats on both ``x`` (lower is better) and ``y`` (higher is better), sorted by
-        ``x``. Raises ``ValueError`` when ``y`` is an accuracy and the card is stale."""
+        ``x``. Raises ``ValueError`` when ``y`` is an accuracy and the card is stale, and
+        :class:`MissingMeasurementError` when no route has an ``x`` or ``y`` value (no latency for the model's
+        profile, no accuracies), naming what to measure."""
         if self.stale and y in ('top1', 'top5'):
             raise ValueError(f'no {y} Pareto front: the route card is stale, {self.stale}')
-        return pareto_front(self.annotated(), x, y)
+        routes = self.annotated()
+        pareto_front(routes, x, y)  # checks the field names first
+        for field in (x, y):
+            self._require(routes, field, f'no {x}/{y} Pareto front')
+        return pareto_front(routes, x, y)
+
+    def _require(self, routes: Sequence[Route], field: str, what: str) -> None:
+        """Raise :class:`MissingMeasurementError` (``what``, then why and what to do) unless a route has ``field``."""
+        if any(getattr(r, field) is not None for r in routes):
+            return
+        if field == 'latency_ms':
+            fix = ('measure them with timm_stitch.profile(model) (or timm-stitch profile) on this device and dtype, '
+                   'then load that card')
+            if self.card is not None:
+                held = ', '.join(self.card.latency_profiles) or 'none'
+                raise MissingMeasurementError(
+                    f'{what}: the route card has no latency profile {self.profile!r} (it holds: {held}); {fix}, or '
+                    'load the card with the latency_profile to use')
+            raise MissingMeasurementError(f'{what}: the model has no route card, so no route latency; {fix}')
+        if field in ('top1', 'top5'):
+            raise MissingMeasurementError(f'{what}: no route has a {field} (load a route card with accuracies: '
+                                          'model.load_card(...), or measure them with timm-stitch validate)')
 
 
 def card_routes(card: RouteCard, latency_profile: Optional[str] = None) -> list[Route]:

@@ -5,8 +5,8 @@ import argparse
 
 import torch
 
-from .cli import add_model_args, add_shared_args, build_model, int_at_least
-from .profile import profile
+from .cli import add_model_args, add_shared_args, build_model, float_in, int_at_least
+from .profile import MAX_SPREAD, profile
 from .routes import format_route_table
 
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -26,6 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--warmup', type=int_at_least(0), default=2, help='untimed calls per route (default: 2)')
     p.add_argument('--repeats', type=int_at_least(1), default=10, help='timed calls per route (default: 10)')
     p.add_argument('--routes', type=int_at_least(0), nargs='+', default=None, help='route ids to time (default: all)')
+    p.add_argument('--max-spread', type=float_in(0), default=MAX_SPREAD,
+                   help='largest relative interquartile range of a route\'s timings accepted; a route above it is '
+                        'timed again, and left out of the card with a warning if it stays above '
+                        f'(default: {MAX_SPREAD})')
+    p.add_argument('--retries', type=int_at_least(0), default=2,
+                   help='times an unstable route is timed again (default: 2)')
     p.add_argument('--out', default='routes.json', help='where to write the card (default: routes.json)')
     p.set_defaults(func=run)
 
@@ -33,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     model = build_model(args)
     profile(model, device=args.device, batch_size=args.batch_size, dtype=DTYPES[args.dtype], warmup=args.warmup,
-            repeats=args.repeats, routes=args.routes, out=args.out)
+            repeats=args.repeats, routes=args.routes, out=args.out, max_spread=args.max_spread, retries=args.retries)
     routes = model.routes()
     if args.routes is not None:
         routes = [routes[i] for i in args.routes]

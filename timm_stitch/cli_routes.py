@@ -29,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help='keep routes with at least this top-1, in percent (needs a card with accuracies)')
     p.add_argument('--pareto', action='store_true',
                    help='keep only the MACs/top-1 Pareto-optimal routes (needs a card with accuracies)')
-    p.add_argument('--select', action='store_true', help='print only the best route within the budgets')
+    p.add_argument('--select', action='store_true',
+                   help='print only the chosen route: the most accurate within the budgets, or with --min-top1 '
+                        'alone the cheapest reaching it')
     p.add_argument('--json', action='store_true', help='print JSON instead of a table')
     p.set_defaults(func=run)
 
@@ -57,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
         routes = catalogue.pareto()
     bounds = dict(max_macs=args.max_macs, max_params=args.max_params, max_latency_ms=args.max_latency_ms,
                   min_top1=args.min_top1)
-    if any(bound is not None for bound in bounds.values()):
-        routes = filter_routes(routes, **bounds)  # explains why when nothing fits
     if args.select:
-        routes = [select_route(routes)]
+        routes = [select_route(routes, **bounds)]  # the floor alone: the cheapest route reaching it
+    elif any(bound is not None for bound in bounds.values()):
+        routes = filter_routes(routes, **bounds)  # explains why when nothing fits
     if args.sort != 'id':
         _require_known(catalogue, routes, args.sort, f'--sort {args.sort}')
         descending = args.sort in QUALITY_FIELDS

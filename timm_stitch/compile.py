@@ -4,16 +4,25 @@ Compiling ``model`` itself and switching routes makes dynamo recompile on every 
 or argument is a guard), and after ``torch._dynamo.config.recompile_limit`` (8) recompiles of one function it falls
 back to eager for good. Here every route gets a function with its own code object, so each route is one cache entry
 of its own: no guard misses while switching, no recompile limit, however many routes.
+
+Mixed-route batches (one route id per sample) are grouped by route and each group runs its route's compiled
+function, so a new set of ids compiles nothing new (a route's function compiles once more when its group size first
+changes, then takes any size). ``torch.compile(model)`` itself runs mixed batches eagerly
+(:func:`timm_stitch.serving.mixed_forward` is not traced), also without recompiling.
 """
 from __future__ import annotations
 
 import types
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+import numpy as np
 import torch
+
+from .serving import mixed_forward
 
 if TYPE_CHECKING:
     from .model import StitchedNet
+    from .serving import RouteIds
 
 __all__ = ['CompiledStitchedNet', 'compile']
 
@@ -32,7 +41,8 @@ def _route_function(stitch_id: int) -> Callable[[StitchedNet, torch.Tensor], tor
 class CompiledStitchedNet:
     """Calls a stitched network through one ``torch.compile``'d graph per route.
 
-    ``compiled(x)`` runs the model's active route, ``compiled(x, stitch_id=k)`` route ``k``; a route's graph is
+    ``compiled(x)`` runs the model's active route, ``compiled(x, stitch_id=k)`` route ``k``, ``compiled(x,
+    stitch_id=ids)`` route ``ids[i]`` for sample ``i`` (each route's samples through its graph); a route's graph is
     compiled the first time it runs. The model itself is shared, not copied: ``set_stitch``, ``train()``/``eval()``
     and weight updates on ``model`` apply (a mode change triggers a recompile of that route, as with any module).
     """
@@ -49,8 +59,14 @@ class CompiledStitchedNet:
             fn = self._compiled[stitch_id] = torch.compile(_route_function(stitch_id), **self.compile_kwargs)
         return fn
 
-    def __call__(self, x: torch.Tensor, stitch_id: Optional[int] = None) -> torch.Tensor:
-        stitch_id = self.model.resolve_stitch_id(stitch_id)
+    def __call__(self, x: torch.Tensor, stitch_id: Optional[Union[int, RouteIds]] = None) -> torch.Tensor:
+        if isinstance(stitch_id, (torch.Tensor, np.ndarray)) and stitch_id.ndim == 0:
+            stitch_id = stitch_id.item()
+        elif isinstance(stitch_id, (torch.Tensor, np.ndarray, list, tuple)):
+            return mixed_forward(self.model, x, stitch_id, share_prefix=False, run=self._run)
+        return self._run(x, self.model.resolve_stitch_id(stitch_id))
+
+    def _run(self, x: torch.Tensor, stitch_id: int) -> torch.Tensor:
         return self.route_fn(stitch_id)(self.model, x)
 
     @property

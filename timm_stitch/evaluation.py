@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from ._mismatch import WeightsMismatchError, torch_mismatch
 
 __all__ = ['load_weights', 'parse_ids', 'eval_loader', 'image_mode', 'create_image_dataset', 'evaluate_routes',
-           'create_stitched_model', 'check_data_dir', 'resolve_amp_dtype', 'resolve_device']
+           'create_stitched_model', 'check_data_dir', 'resolve_amp_dtype', 'resolve_device', 'data_config_for',
+           'NoImagesError']
 
 #: the Pillow mode images are read in for a model's number of input channels
 _IMAGE_MODES = {1: 'L', 3: 'RGB'}
@@ -95,6 +96,20 @@ class _ConvertedDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
+class NoImagesError(FileNotFoundError, RuntimeError):
+    """A dataset folder holds no images (timm's ``RuntimeError``, as a missing-input error)."""
+
+
+def data_config_for(args: argparse.Namespace, model: nn.Module, verbose: bool = False) -> dict[str, Any]:
+    """timm's ``resolve_data_config`` for ``args`` and ``model``, with the model's input channels: timm takes 3
+    unless the arguments say otherwise, so ``--img-size 32`` on a 1-channel model would give (3, 32, 32)."""
+    from timm.data import resolve_data_config
+    options = vars(args)
+    if options.get('in_chans') is None and options.get('chans') is None and hasattr(model, 'in_chans'):
+        options = {**options, 'in_chans': model.in_chans}
+    return resolve_data_config(options, model=model, verbose=verbose)
+
+
 #: split names timm's torchvision datasets take
 TORCH_SPLITS = ('train', 'training', 'test', 'val', 'valid', 'validation', 'eval', 'evaluation')
 
@@ -113,6 +128,8 @@ def create_image_dataset(args: argparse.Namespace, split: str, in_chans: int, **
         dataset = create_dataset(args.dataset, root=args.data_dir, split=split, download=args.dataset_download,
                                  class_map=args.class_map, input_img_mode=mode, **kwargs)
     except RuntimeError as e:
+        if 'Found 0 images' in str(e):
+            raise NoImagesError(f'no images in {args.data_dir!r} (split {split!r}): {e}') from e
         if not (is_torch and 'not found' in str(e)):
             raise
         hint = ''

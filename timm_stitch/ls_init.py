@@ -28,11 +28,13 @@ def image_batches(data: Union[torch.Tensor, Iterable], batch_size: int) -> Itera
 
 
 def _unit_outputs(model: StitchedNet, anchor: int, x: torch.Tensor) -> list[torch.Tensor]:
-    """Outputs of the embedding (index 0) and of every unit (index u + 1) of one anchor."""
+    """Outputs of the embedding (index 0) and of every unit (index u + 1) of one anchor, with its own BatchNorm
+    statistics (under the lock that another thread's route holds while its statistics are swapped in)."""
     adapter = model.adapters[anchor]
-    outputs = [adapter.embed(x)]
-    for unit in adapter.units:
-        outputs.append(unit(outputs[-1]))
+    with model.route_bn.exclusive(model.training):
+        outputs = [adapter.embed(x)]
+        for unit in adapter.units:
+            outputs.append(unit(outputs[-1]))
     return outputs
 
 

@@ -268,9 +268,11 @@ class StitchedNet(nn.Module):
         return self.adapters[route.anchors[-1]].finish(x, self.final_norm_on_stitched_routes)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, stitch_id: Optional[int] = None) -> torch.Tensor:
-        """Head of the last anchor of route ``stitch_id`` on features from ``forward_features``."""
-        route = self.plan.routes[self.resolve_stitch_id(stitch_id)]
-        return self.adapters[route.anchors[-1]].head(x, pre_logits=pre_logits)
+        """Head of the last anchor of route ``stitch_id`` on features from ``forward_features`` (with the route's
+        BatchNorm statistics: LeViT's heads hold BatchNorm layers)."""
+        stitch_id = self.resolve_stitch_id(stitch_id)
+        with route_bn_stats(self, stitch_id):
+            return self.adapters[self.plan.routes[stitch_id].anchors[-1]].head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor, stitch_id: Optional[Union[int, RouteIds]] = None) -> torch.Tensor:
         """Logits of route ``stitch_id`` (default: the active route), or with one route id per sample (a 1-D integer
@@ -414,9 +416,10 @@ class StitchedNet(nn.Module):
             max_latency_ms: Optional[float] = None,
             min_top1: Optional[float] = None,
     ) -> Route:
-        """Make the best route meeting every bound active and return it (highest top1, else lowest cost; see
-        :meth:`timm_stitch.catalogue.RouteCatalogue.select`); raises ``ValueError`` when no route fits, or when a
-        bound needs stale accuracies or a latency profile the card lacks."""
+        """Make the route the bounds ask for active and return it: the most accurate within the budgets (``max_*``),
+        or with ``min_top1`` (percent) alone the cheapest reaching it (see :mod:`timm_stitch.selection`); raises
+        ``ValueError`` when no route fits, for a fractional ``min_top1``, or when a bound needs stale accuracies or
+        a latency profile the card lacks."""
         from .catalogue import RouteCatalogue
         route = RouteCatalogue.of(self).select(max_macs, max_params, max_latency_ms, min_top1)
         self.set_stitch(route.id)
@@ -424,7 +427,8 @@ class StitchedNet(nn.Module):
 
     def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
         """The routes no other route beats on both ``x`` (``'macs'``, ``'params'``, ``'latency_ms'``; lower is
-        better) and ``y`` (``'top1'``, ``'top5'``), sorted by ``x``."""
+        better) and ``y`` (``'top1'``, ``'top5'``), sorted by ``x``; ``MissingMeasurementError`` (a ``ValueError``)
+        naming the profile or card needed when no route has an ``x`` or ``y`` value."""
         from .catalogue import RouteCatalogue
         return RouteCatalogue.of(self).pareto(x, y)
 

@@ -1,4 +1,12 @@
-"""Choosing routes under budgets and finding the cost/accuracy Pareto front (pure functions over ``Route`` lists)."""
+"""Choosing routes under budgets and finding the cost/accuracy Pareto front (pure functions over ``Route`` lists).
+
+Selection rule (:func:`select_route`, and so ``model.select_stitch``, ``RouteCatalogue.select`` and
+``timm-stitch routes --select``): a budget (``max_macs``, ``max_params``, ``max_latency_ms``) asks for the most
+accurate route that fits it; an accuracy floor alone (``min_top1``) asks for the cheapest route that reaches it;
+with both, the floor only narrows the routes within the budget, and the most accurate of them is chosen. Top-1 is
+in percent, as in route cards: a floor between 0 and 1 (a fraction) is refused while the routes' top-1 are
+percentages.
+"""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -44,8 +52,11 @@ def filter_routes(
     for name, bound in [*(('max_' + f, b) for f, b in bounds.items()), ('min_top1', min_top1)]:
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
             raise TypeError(f'{name} must be a number, got {bound!r}')
+        if bound is not None and bound != bound:
+            raise ValueError(f'{name} must be a number, got {bound!r}')
     if not routes:
         raise ValueError('there are no routes to select from')
+    _check_floor_unit(routes, min_top1)
 
     def fits(r: Route) -> bool:
         if any(getattr(r, f) is None or getattr(r, f) > b for f, b in bounds.items()):
@@ -65,12 +76,25 @@ def select_route(
         max_latency_ms: Optional[float] = None,
         min_top1: Optional[float] = None,
 ) -> Route:
-    """The best route meeting every bound (see :func:`filter_routes`): highest top-1 (ties: lowest cost), or the
-    lowest cost when no route has a known top-1. Cost order is MACs, then params, then latency, then id."""
+    """The route meeting every bound (see :func:`filter_routes`) that the bounds ask for (see the module
+    docstring): with a budget (or no bound at all), the highest top-1 (ties: lowest cost), or the lowest cost when
+    no route has a known top-1; with only ``min_top1``, the lowest cost. Cost order is MACs, then params, then
+    latency, then id."""
     candidates = filter_routes(routes, max_macs, max_params, max_latency_ms, min_top1)
-    if any(r.top1 is not None for r in candidates):
+    floor_only = min_top1 is not None and max_macs is None and max_params is None and max_latency_ms is None
+    if not floor_only and any(r.top1 is not None for r in candidates):
         return min(candidates, key=lambda r: (_INF if r.top1 is None else -r.top1, _cost_key(r)))
     return min(candidates, key=_cost_key)
+
+
+def _check_floor_unit(routes: Sequence[Route], min_top1: Optional[float]) -> None:
+    """Refuse a fractional ``min_top1`` (0 < floor < 1) for routes whose top-1 are percentages."""
+    if min_top1 is None or not 0 < min_top1 < 1:
+        return
+    known = [r.top1 for r in routes if r.top1 is not None]
+    if known and max(known) > 1:
+        raise ValueError(f'min_top1={min_top1:g} looks like a fraction, but top-1 is in percent here (up to '
+                         f'{max(known):g}): pass min_top1={100 * min_top1:g} for {100 * min_top1:g} %')
 
 
 def _nothing_fits(routes: Sequence[Route], bounds: dict, min_top1: Optional[float]) -> str:

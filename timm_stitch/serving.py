@@ -6,17 +6,19 @@ embedding and the units they all run before their stitches once, for the union o
 activations are sliced per route afterwards. In train mode every group runs alone: BatchNorm batch statistics and
 dropout draws depend on the batch a layer sees, and a route's definition is its own group's batch.
 
-Nothing here keeps state between calls, so concurrent calls on one model are as safe as per-call route ids.
+Nothing here keeps state between calls. On a model with BatchNorm layers a whole mixed batch runs under the model's
+BatchNorm lock (:func:`timm_stitch.bn.bn_lock`): a shared prefix runs layers whose statistics another thread's route
+may have swapped in, so concurrent calls are serialised and each sees its own routes' statistics.
 """
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .bn import route_bn_stats
+from .bn import bn_lock, route_bn_stats
 
 if TYPE_CHECKING:
     from .macs import AnchorMacs
@@ -91,14 +93,28 @@ def run_route(model: StitchedNet, stitch_id: int, x: torch.Tensor, start: int = 
         return model.forward_head(feats, stitch_id=stitch_id), kept
 
 
-def mixed_forward(model: StitchedNet, x: torch.Tensor, ids: RouteIds, share_prefix: bool = True) -> torch.Tensor:
+@torch.compiler.disable  # grouping is data-dependent: under torch.compile it runs eagerly, with no recompiles
+def mixed_forward(model: StitchedNet, x: torch.Tensor, ids: RouteIds, share_prefix: bool = True,
+                  run: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
     """Logits of ``model`` on ``x`` with route ``ids[i]`` for sample ``i``: each route's samples run as one batch
     (in input order), outputs returned in input order. With ``share_prefix`` (eval mode only), stitched routes
-    that start in the same anchor share its embedding and common units (see the module docstring)."""
+    that start in the same anchor share its embedding and common units (see the module docstring). ``run(images,
+    stitch_id)`` runs one route's group (default: ``model(images, stitch_id=stitch_id)``; ``timm_stitch.compile``
+    passes each route's compiled function).
+
+    Under ``torch.compile(model)`` this function is not traced (``torch.compiler.disable``): the grouping depends
+    on the ids' values, and tracing it would recompile for every new set of ids."""
     model.check_input(x)
     ids = check_route_ids(model, ids, x.shape[0])
+    run = run or (lambda images, stitch_id: model(images, stitch_id=stitch_id))
     if x.shape[0] == 0:
-        return model(x, stitch_id=model.stitch_id)  # no sample, no route to group by: the empty logits
+        return run(x, model.stitch_id)  # no sample, no route to group by: the empty logits
+    with bn_lock(model):
+        return _grouped_forward(model, x, ids, share_prefix, run)
+
+
+def _grouped_forward(model: StitchedNet, x: torch.Tensor, ids: torch.Tensor, share_prefix: bool,
+                     run: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     groups = group_by_route(ids.to(x.device) if x.device.type != 'cpu' else ids)
     share = share_prefix and not model.training
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -108,11 +124,11 @@ def mixed_forward(model: StitchedNet, x: torch.Tensor, ids: RouteIds, share_pref
         if share and not route.is_anchor:
             by_anchor.setdefault(route.anchors[0], []).append((stitch_id, pos))
         else:
-            outputs.append((pos, model(x[pos], stitch_id=stitch_id)))
+            outputs.append((pos, run(x[pos], stitch_id)))
     for front, members in by_anchor.items():
         if len(members) == 1:
             stitch_id, pos = members[0]
-            outputs.append((pos, model(x[pos], stitch_id=stitch_id)))
+            outputs.append((pos, run(x[pos], stitch_id)))
         else:
             outputs.extend(_shared_prefix_forward(model, front, x, members))
     first = outputs[0][1]

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import timm
 import torch
 import torch.distributed as dist
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, init_distributed_device, random_seed
@@ -26,6 +26,7 @@ from .checkpoint import load_state, output_lock, publish
 from .evaluation import (
     create_image_dataset,
     create_stitched_model,
+    data_config_for,
     eval_loader,
     load_weights,
     parse_ids,
@@ -253,7 +254,7 @@ def setup(args: argparse.Namespace, locks: contextlib.ExitStack) -> TrainRun:
     random_seed(args.seed, args.rank)
 
     model = _create_model(args, device)
-    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    data_config = data_config_for(args, model, verbose=primary)
     if args.stitch_init_samples and not args.resume:
         _ls_init(model, args, data_config, device)
     optimizer = _create_optimizer(model, args)

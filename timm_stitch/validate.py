@@ -29,6 +29,7 @@ from .evaluation import (
     check_data_dir,
     create_image_dataset,
     create_stitched_model,
+    data_config_for,
     eval_loader,
     evaluate_routes,
     load_weights,
@@ -144,7 +145,6 @@ def check_args(args: argparse.Namespace) -> None:
     resolve_amp_dtype(args)
 
 def run(args: argparse.Namespace) -> int:
-    from timm.data import resolve_data_config
     from timm.utils import init_distributed_device, setup_default_logging
 
     from .cards import RouteCard
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             _logger.info(f'loaded {loaded}')
     model.to(device).eval()
     route_ids = parse_ids(args.stitch_ids, model.num_routes)
-    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+    data_config = data_config_for(args, model, verbose=args.rank == 0)
     dataset = create_image_dataset(args, args.split, model.in_chans)
     loader = eval_loader(dataset, data_config, args.batch_size, args.workers, args.rank, args.world_size,
                          pin_memory=args.pin_mem)

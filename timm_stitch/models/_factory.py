@@ -1,7 +1,9 @@
 """Shared pieces of the ``snnet_*`` architecture entry points."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from safetensors import SafetensorError
 from timm.models import build_model_with_cfg
@@ -13,7 +15,41 @@ from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_
 from ..model import AnchorSpec, StitchedNet
 from ._release import prepare_release_load
 
-__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg']
+__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg', 'default_stitch_id']
+
+#: the route stitched networks built without a ``stitch_id`` make active (set by ``timm_stitch.run_script
+#: --stitch-id``, for stock scripts that take no ``--model-kwargs``, such as timm's ``onnx_export.py``)
+_DEFAULT_STITCH_ID: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar('default_stitch_id', default=None)
+
+
+@contextlib.contextmanager
+def default_stitch_id(stitch_id: Optional[int]) -> Iterator[None]:
+    """Within the body, registered stitched architectures built without ``stitch_id`` make route ``stitch_id``
+    active (an explicit ``stitch_id`` still wins)."""
+    token = _DEFAULT_STITCH_ID.set(stitch_id)
+    try:
+        yield
+    finally:
+        _DEFAULT_STITCH_ID.reset(token)
+
+
+def _cfg_for_channels(model: StitchedNet) -> None:
+    """Make ``model.pretrained_cfg`` describe the input channels the model was built with (``in_chans=3`` on the
+    1-channel Fashion-MNIST model): ``input_size`` (and ``test_input_size``) take ``model.in_chans``, a
+    single-value ``mean``/``std`` is repeated per channel (and a per-channel one averaged into one for other
+    counts), so that timm's ``resolve_data_config`` (older stock scripts) prepares inputs the model takes."""
+    cfg = dict(model.pretrained_cfg)
+    chans = model.in_chans
+    if (cfg.get('input_size') or (chans,))[0] == chans:
+        return
+    for key in ('input_size', 'test_input_size'):
+        if cfg.get(key):
+            cfg[key] = (chans, *cfg[key][1:])
+    for key in ('mean', 'std'):
+        value = tuple(cfg.get(key) or ())
+        if value and len(value) != chans:
+            cfg[key] = (value[0] if len(value) == 1 else sum(value) / len(value),) * chans
+    model.pretrained_cfg = model.default_cfg = cfg
 
 
 def snnet_cfg(num_anchors: int, url: str = '', **kwargs: Any) -> dict[str, Any]:
@@ -77,6 +113,8 @@ def create_snnet(
     features_only = kwargs.pop('features_only', False)
     features_args = dict(out_indices=kwargs.pop('out_indices', None), **(kwargs.pop('feature_cfg', None) or {}))
     kwargs.setdefault('pretrained_filter_fn', check_pretrained_state_dict)
+    if _DEFAULT_STITCH_ID.get() is not None:
+        kwargs.setdefault('stitch_id', _DEFAULT_STITCH_ID.get())
     with pretrained_errors(variant):
         release = prepare_release_load(variant, kwargs) if pretrained and variant in OFFICIAL_FORMATS else None
         build = _naming_anchor_errors(builder, variant)
@@ -90,4 +128,5 @@ def create_snnet(
         if pretrained and model.card is None and release is None and not _from_official_hub(variant,
                                                                                              model.pretrained_cfg):
             load_pretrained_card(model, cache_dir=kwargs.get('cache_dir'))
+    _cfg_for_channels(model)
     return StitchedFeatures(model, **features_args) if features_only else model
