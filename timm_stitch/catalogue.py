@@ -29,12 +29,25 @@ __all__ = ['RouteCatalogue', 'card_routes', 'card_key', 'model_args', 'weights_k
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: short names of the float dtypes a model can run in, as cards record precisions
+_DTYPE_PRECISIONS = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float64: 'fp64'}
+
+
+def precision(model: StitchedNet) -> str:
+    """The precision ``model`` computes in: its quantization scheme (``'int8-dyn'``, ``'int8-wo'``), else its
+    float dtype (``'fp32'``, ``'bf16'``, ``'fp16'``)."""
+    if model.quant_scheme is not None:
+        return model.quant_scheme
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return _DTYPE_PRECISIONS.get(dtype, str(dtype).removeprefix('torch.'))
+
+
 def model_args(model: StitchedNet) -> dict[str, Any]:
-    """The model arguments a card's accuracies depend on besides the weights."""
+    """The model arguments a card's accuracies depend on besides the weights (the precision among them)."""
     from .macs import model_input_size
     return {'num_classes': model.num_classes, 'in_chans': model.in_chans,
             'input_size': list(model_input_size(model)),
-            'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes}
+            'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes, 'precision': precision(model)}
 
 
 def _signature(state: dict[str, torch.Tensor]) -> Optional[tuple]:
@@ -81,9 +94,11 @@ def staleness(card: Optional[RouteCard], model: StitchedNet) -> Optional[str]:
     key = card.measured_with if card is not None else None
     if not key or not card.has_accuracy:
         return None
-    now = model_args(model)
+    now, held = model_args(model), dict(key.get('model_args') or {})
+    if model.quant_scheme is not None:
+        held.setdefault('precision', 'fp32')  # cards written before precisions were recorded are float32's
     changed = [f'{name}={value!r} (the model has {now.get(name)!r})'
-               for name, value in (key.get('model_args') or {}).items() if now.get(name) != value]
+               for name, value in held.items() if now.get(name) != value]
     if changed:
         return 'the card was measured with ' + ', '.join(changed)
     expected = key.get('weights_fingerprint')
