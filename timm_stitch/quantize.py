@@ -142,6 +142,7 @@ def quantize(model: StitchedNet, scheme: str, quantize_stitches: Optional[bool] 
     if getattr(model, 'quant_scheme', None) is not None:
         raise ValueError(f'the model is already quantized ({model.quant_scheme}): quantize its float weights instead')
     stitches = SCHEMES[scheme] if quantize_stitches is None else bool(quantize_stitches)
+    counted = model.counted_routes()  # MACs and params are the float network's: kept (int8 kernels go uncounted)
     if not inplace:
         model = copy.deepcopy(model)
     _replace_linears(model.anchors, scheme)
@@ -150,7 +151,7 @@ def quantize(model: StitchedNet, scheme: str, quantize_stitches: Optional[bool] 
             if isinstance(layer, StitchingLayer) and isinstance(layer.transform, nn.Linear):
                 layer.transform = QuantizedLinear.from_float(layer.transform, scheme)
     model.quant_scheme, model.quant_stitches = scheme, stitches
-    model._route_cache = None
+    model._route_cache = counted
     model._weights_changed()
     return model
 
