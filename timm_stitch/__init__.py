@@ -17,6 +17,7 @@ from .ls_init import init_stitches
 from .macs import count_route_macs
 from .model import StitchedNet
 from .profile import device_profile, profile
+from .quantize import QuantizedLinear, quantize
 from .route_spaces import plan_routes, plan_two_way_routes
 from .routes import Route, StitchPlan, format_route_table, plan_staged_routes, plan_token_routes
 from .sampling import RouteSampler
@@ -29,5 +30,5 @@ __all__ = [
     'RouteCard', 'RouteCatalogue', 'count_route_macs', 'profile', 'device_profile',
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
-    'RouteSampler', 'Cascade', 'StitchedFeatures',
+    'RouteSampler', 'Cascade', 'StitchedFeatures', 'quantize', 'QuantizedLinear',
 ]

@@ -112,8 +112,7 @@ class QuantizedLinear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x.float(), self._packed_weight(), True).to(x.dtype)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__.copy()
-        return {**state, '_packed': None}  # the packed copy is a kernel object: made again on first use
+        return {**self.__dict__, '_packed': None}  # the packed copy is a kernel object: made again on first use
 
     def extra_repr(self) -> str:
         return (f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, '
