@@ -8,6 +8,7 @@ quantizer on the route's ONNX export), on one route, to show why timm-stitch use
 
     .venv/bin/python benchmarks/bench_quantize.py                 # about 5 minutes on 2 shared cores
     .venv/bin/python benchmarks/bench_quantize.py --compare       # plus the backend comparison
+    .venv/bin/python benchmarks/bench_quantize.py --kernels       # only the kernels, on one DeiT-B layer
 """
 from __future__ import annotations
 
@@ -80,6 +81,35 @@ def compare_backends(model: timm_stitch.StitchedNet, stitch_id: int, batch_sizes
                 print(ratio_line(f'bs{bs} route {stitch_id} {name} / fp32', s, stats['fp32'], 0.6))
 
 
+def compare_kernels(repeats: int) -> None:
+    """One DeiT-B MLP layer (768 -> 3072) at batch 1 and 8 (197 and 1576 token rows): float32 against each int8
+    candidate, and PyTorch's int4 weight-only CPU kernel (bf16 activations, the only fast path it has)."""
+    from timm_stitch.quantize import QuantizedLinear
+    linear = torch.nn.Linear(768, 3072).eval()
+    layers = {'fp32': linear, **{f'timm-stitch {s}': QuantizedLinear.from_float(linear, s) for s in SCHEMES}}
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+        for name, config in (('torchao int8-dyn', Int8DynamicActivationInt8WeightConfig()),
+                             ('torchao int8-wo', Int8WeightOnlyConfig())):
+            layers[name] = torch.nn.Sequential(copy.deepcopy(linear))
+            quantize_(layers[name], config)
+    except ImportError:
+        print('torchao is not installed (pip install "timm-stitch[quant]"): skipping its configs')
+    group = 32
+    codes = torch.randint(0, 16, (3072, 768), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales_zeros = torch.rand(768 // group, 3072, 2, dtype=torch.bfloat16)
+    for rows in (197, 1576):
+        x = torch.randn(rows, 768)
+        calls = {name: partial(layer, x) for name, layer in layers.items()}
+        calls['aten int4 weight-only (bf16)'] = partial(torch._weight_int4pack_mm_for_cpu, x.bfloat16(), packed, group,
+                                                        scales_zeros)
+        with torch.inference_mode():
+            stats = interleaved(calls, repeats, warmup=1)
+        for name, s in stats.items():
+            print(ratio_line(f'{rows} rows {name} / fp32', s, stats['fp32'], 0.6))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='snnet_deit_tsb')
@@ -89,8 +119,12 @@ def main(argv=None) -> None:
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--compare', action='store_true', help='also compare backends on the largest route')
+    parser.add_argument('--kernels', action='store_true', help='only compare the kernels on one DeiT-B layer')
     args = parser.parse_args(argv)
     setup_torch(args.threads)
+    if args.kernels:
+        compare_kernels(args.repeats)
+        return
     model = timm.create_model(args.model).eval()
     routes = args.routes or default_routes(model, 5)
     quantized = {s: timm_stitch.quantize(model, s) for s in SCHEMES}
