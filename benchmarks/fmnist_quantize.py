@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from typing import Callable
 
 import timm
@@ -77,7 +78,8 @@ def main(argv=None) -> None:
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS)[:-1], choices=list(VARIANTS),
                         help='default: all but torchao int8-wo (which dequantizes per call, as int8-wo does)')
     parser.add_argument('--cards', nargs='+', default=None, metavar='NAME=ROUTES_JSON',
-                        help='make the table from validate cards instead (the first is the reference)')
+                        help='make the table from validate cards (routes.json) or records (routes.jsonl) instead, '
+                             'on the routes all of them hold (the first is the reference)')
     args = parser.parse_args(argv)
     model = timm.create_model(MODEL, pretrained=True).eval()
     routes = model.counted_routes()
@@ -85,9 +87,14 @@ def main(argv=None) -> None:
         columns = {}
         for item in args.cards:
             name, _, path = item.partition('=')
-            card = RouteCard.load(path)
-            columns[name] = {r.id: r.top1 for r in card.routes}
-        print(table(routes, columns))
+            if path.endswith('.jsonl'):  # validate's records, written as its passes finish
+                with open(path) as f:
+                    columns[name] = {r['stitch_id']: r['top1'] for r in map(json.loads, filter(str.strip, f))}
+            else:
+                columns[name] = {r.id: r.top1 for r in RouteCard.load(path).routes if r.top1 is not None}
+        measured = set.intersection(*(set(c) for c in columns.values()))
+        print(table([r for r in routes if r.id in measured], {n: {k: c[k] for k in measured}
+                                                               for n, c in columns.items()}))
         return
     images, labels = load_fashion_mnist('test')
     dataset = GreyImageDataset(images[:args.images], labels[:args.images])
