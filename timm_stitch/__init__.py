@@ -21,6 +21,7 @@ from .ls_init import init_stitches
 from .macs import count_route_macs
 from .model import StitchedNet
 from .profile import device_profile, profile
+from .quantize import QuantizedLinear, quantize
 from .route_spaces import plan_routes, plan_two_way_routes
 from .routes import Route, StitchPlan, format_route_table, plan_staged_routes, plan_token_routes
 from .sampling import RouteSampler
@@ -34,6 +35,6 @@ __all__ = [
     'device_profile',
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
-    'RouteSampler', 'Cascade', 'StitchedFeatures', 'explore',
+    'RouteSampler', 'Cascade', 'StitchedFeatures', 'explore', 'quantize', 'QuantizedLinear',
     'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError',
 ]

@@ -14,6 +14,7 @@ from ._io import ForeignFilesError, atomic_write
 from .cards import PathLike, RouteCard
 from .catalogue import card_routes
 from .routes import Route, macs_unit
+from .selection import pareto_front
 
 __all__ = ['render_readme', 'plot_card', 'write_card_dir', 'is_rendered_readme', 'describe_route', 'PLOT_NAME']
 
@@ -112,14 +113,22 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME, repo_id
         what = 'accuracy' if accuracy else 'params'
         lines += [f'## MACs and {what}', '', f'![MACs vs {what} of every route]({plot_name})', '']
     lat = f' | {profile} ms' if profile else ''
-    lines += ['## Routes', '', '`*` marks routes on the MACs/top-1 Pareto front. The full card is `routes.json`.', '',
-              f'| id | route | params (M) | {unit} | top-1 | top-5{lat} |',
-              '|---:|---|---:|---:|---:|---:|' + ('---:|' if profile else '')]
+    others = {p: {r.id: r.top1 for r in card_routes(card.at_precision(p))} for p in card.held_precisions[1:]}
+    own = f' ({card.precision})' if others else ''
+    lines += ['## Routes', '', f'`*` marks routes on the MACs/top-1{own} Pareto front. The full card is `routes.json`.',
+              '', f'| id | route | params (M) | {unit} | top-1{own} | top-5{own}'
+              + ''.join(f' | top-1 ({p})' for p in others) + f'{lat} |',
+              '|---:|---|---:|---:|---:|---:|' + '---:|' * (len(others) + bool(profile))]
     for r in routes:
         mark = '*' if r.dominated is False else ''
         row = (f'| {r.id}{mark} | {describe_route(r, names)} | {_fmt(r.params, 1e6)} | {_fmt(r.macs, scale, 3)} | '
-               f'{_fmt(r.top1)} | {_fmt(r.top5)} |')
+               f'{_fmt(r.top1)} | {_fmt(r.top5)} |' + ''.join(f' {_fmt(top1.get(r.id))} |' for top1 in others.values()))
         lines.append(row + (f' {_fmt(r.latency_ms)} |' if profile else ''))
+    if others:
+        lines += ['', 'MACs/top-1 Pareto front per precision (each measured on the network quantized or cast once):',
+                  '']
+        lines += [f'- {p}: routes ' + ', '.join(str(r.id) for r in _front(card.at_precision(p)))
+                  for p in card.held_precisions]
     lines += ['', '## Provenance', '']
     for record in card.provenance:
         lines.append('- ' + ', '.join(f'{k}: {v}' for k, v in record.items() if v is not None))
@@ -127,9 +136,14 @@ def render_readme(card: RouteCard, plot_name: Optional[str] = PLOT_NAME, repo_id
     return str(ModelCard(f'---\n{data.to_yaml()}\n---\n' + '\n'.join(lines)))
 
 
+def _front(card: RouteCard) -> list:
+    """The MACs/top-1 Pareto front of the card's own routes."""
+    return pareto_front([r for r in card_routes(card) if r.macs is not None and r.top1 is not None], 'macs', 'top1')
+
+
 def plot_card(card: RouteCard, path: PathLike) -> None:
     """Save a PNG of every route's MACs against top-1 (or params when no accuracy is known), anchors starred, the
-    Pareto front and the card's cascade curves (mean MACs) drawn. Needs matplotlib
+    Pareto front (one per precision the card holds) and the card's cascade curves (mean MACs) drawn. Needs matplotlib
     (``pip install timm-stitch[plot]``)."""
     try:
         import matplotlib
@@ -139,7 +153,6 @@ def plot_card(card: RouteCard, path: PathLike) -> None:
         raise ImportError('plotting a route card needs matplotlib: pip install "timm-stitch[plot]"') from e
     import io
 
-    from .selection import pareto_front
     routes = [r for r in card_routes(card) if r.macs is not None]
     has_acc = any(r.top1 is not None for r in routes)
     y_of = (lambda r: r.top1) if has_acc else (lambda r: None if r.params is None else r.params / 1e6)
@@ -163,8 +176,13 @@ def plot_card(card: RouteCard, path: PathLike) -> None:
                     xytext=(4, -10), textcoords='offset points')
     if has_acc:
         front = pareto_front(routes, 'macs', 'top1')
+        own = f' ({card.precision})' if card.precisions else ''
         ax.step([r.macs / scale for r in front], [r.top1 for r in front], where='post', c='grey', lw=0.8,
-                label='Pareto front', zorder=1)
+                label=f'Pareto front{own}', zorder=1)
+        for other in card.held_precisions[1:]:
+            front = _front(card.at_precision(other))
+            ax.step([r.macs / scale for r in front], [r.top1 for r in front], where='post', lw=1, ls='--',
+                    label=f'Pareto front ({other})', zorder=1)
         for cascade in card.cascades:
             curve = sorted(cascade['curve'], key=lambda p: p['mean_macs'])
             label = (f"cascade {' → '.join(str(k) for k in cascade['routes'])} ({cascade['confidence']}, "

@@ -70,6 +70,9 @@ class RouteCard:
     #: confidence cascades measured on this card's weights: ``{'routes', 'confidence', 'dataset', 'curve'}`` with
     #: ``curve`` a list of ``{'threshold', 'top1', 'mean_macs'}`` (see :mod:`timm_stitch.cascade`)
     cascades: list[dict[str, Any]] = field(default_factory=list)
+    #: accuracies measured at other precisions than ``precision``'s (a quantized network's, a bf16 run's): per
+    #: precision, ``{'measured_with': ..., 'routes': [{'id', 'top1', 'top5', 'accuracy'}, ...]}``
+    precisions: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -119,10 +122,43 @@ class RouteCard:
         card = copy.deepcopy(self)
         for entry in card.routes:
             entry.top1 = entry.top5 = entry.accuracy = None
-        card.cascades = []
+        card.cascades, card.precisions = [], {}
         card.provenance = [p for p in card.provenance if p.get('what') != 'accuracy']
         card.measured_with = None
         return card
+
+    @property
+    def precision(self) -> str:
+        """The precision ``top1``/``top5`` were measured at (``'fp32'`` for cards that record none)."""
+        return ((self.measured_with or {}).get('model_args') or {}).get('precision', 'fp32')
+
+    @property
+    def held_precisions(self) -> list[str]:
+        """Every precision this card holds accuracies of, its own first."""
+        return ([self.precision] if self.has_accuracy else []) + sorted(set(self.precisions) - {self.precision})
+
+    def at_precision(self, precision: str) -> RouteCard:
+        """The card as seen at ``precision``: a copy whose top1/top5 (and ``measured_with``) are those measured
+        at that precision, the others kept in ``precisions``; this card itself when it holds none there."""
+        if precision == self.precision or precision not in self.precisions:
+            return self
+        card = copy.deepcopy(self)
+        section = card.precisions.pop(precision)
+        if card.has_accuracy:
+            card.precisions[card.precision] = card._section()
+        entries = {r['id']: r for r in section['routes']}
+        for entry in card.routes:
+            values = entries.get(entry.id, {})
+            entry.top1, entry.top5, entry.accuracy = values.get('top1'), values.get('top5'), values.get('accuracy')
+        card.measured_with = section['measured_with']
+        card.cascades = []  # measured with the other precision's weights
+        return card
+
+    def _section(self) -> dict[str, Any]:
+        """This card's own accuracies as an entry of ``precisions``."""
+        return {'measured_with': copy.deepcopy(self.measured_with),
+                'routes': [{'id': r.id, 'top1': r.top1, 'top5': r.top5, 'accuracy': copy.deepcopy(r.accuracy)}
+                           for r in self.routes if r.top1 is not None or r.top5 is not None]}
 
     @property
     def has_accuracy(self) -> bool:
@@ -168,8 +204,14 @@ class RouteCard:
         curves of ``other`` merged in; everything ``other`` does not hold is kept. ``other``'s MACs, params and
         structure are not taken: this card's own counts stand. Accuracies (and cascades) travel with their
         ``measured_with``: the copy takes ``other``'s, and those of this card measured with another one are
-        dropped."""
-        card = copy.deepcopy(self)
+        dropped; but accuracies measured at another precision than this card's are kept beside its own
+        (``precisions``), so that one card holds a front per precision."""
+        card, other = copy.deepcopy(self), copy.deepcopy(other)
+        card.precisions.update((k, v) for k, v in other.precisions.items() if k != card.precision)
+        if other.has_accuracy and self.has_accuracy and other.precision != self.precision:
+            card.precisions[other.precision] = other._section()  # kept beside this card's own precision
+            for entry in other.routes:
+                entry.top1 = entry.top5 = None
         accuracy = {r.id: r for r in other.routes if r.top1 is not None or r.top5 is not None}
         if accuracy:
             card._take_key(other)
@@ -271,6 +313,7 @@ class RouteCard:
             'provenance': self.provenance,
             'measured_with': self.measured_with,
             'cascades': self.cascades,
+            'precisions': self.precisions,
         }
 
     @classmethod
@@ -292,6 +335,7 @@ class RouteCard:
             provenance=list(data.get('provenance', [])),
             measured_with=data.get('measured_with'),
             cascades=list(data.get('cascades', [])),
+            precisions=dict(data.get('precisions', {})),
         )
 
     def save(self, path: PathLike) -> None:

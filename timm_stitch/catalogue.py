@@ -29,12 +29,25 @@ __all__ = ['RouteCatalogue', 'MissingMeasurementError', 'card_routes', 'card_key
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: short names of the float dtypes a model can run in, as cards record precisions
+_DTYPE_PRECISIONS = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float64: 'fp64'}
+
+
+def precision(model: StitchedNet) -> str:
+    """The precision ``model`` computes in: its quantization scheme (``'int8-dyn'``, ``'int8-wo'``), else its
+    float dtype (``'fp32'``, ``'bf16'``, ``'fp16'``)."""
+    if model.quant_scheme is not None:
+        return model.quant_scheme
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return _DTYPE_PRECISIONS.get(dtype, str(dtype).removeprefix('torch.'))
+
+
 def model_args(model: StitchedNet) -> dict[str, Any]:
-    """The model arguments a card's accuracies depend on besides the weights."""
+    """The model arguments a card's accuracies depend on besides the weights (the precision among them)."""
     from .macs import model_input_size
     return {'num_classes': model.num_classes, 'in_chans': model.in_chans,
             'input_size': list(model_input_size(model)),
-            'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes}
+            'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes, 'precision': precision(model)}
 
 
 def _signature(state: dict[str, torch.Tensor]) -> Optional[tuple]:
@@ -81,11 +94,18 @@ def staleness(card: Optional[RouteCard], model: StitchedNet) -> Optional[str]:
     key = card.measured_with if card is not None else None
     if not key or not card.has_accuracy:
         return None
-    now = model_args(model)
+    now, held = model_args(model), dict(key.get('model_args') or {})
+    if model.quant_scheme is not None:
+        held.setdefault('precision', 'fp32')  # cards written before precisions were recorded are float32's
     changed = [f'{name}={value!r} (the model has {now.get(name)!r})'
-               for name, value in (key.get('model_args') or {}).items() if now.get(name) != value]
+               for name, value in held.items() if now.get(name) != value]
     if changed:
-        return 'the card was measured with ' + ', '.join(changed)
+        reason = 'the card was measured with ' + ', '.join(changed)
+        if now['precision'] != held.get('precision', now['precision']):
+            hint = f' --quantize {now["precision"]}' if model.quant_scheme is not None else ''
+            reason += (f'; it holds accuracies at {", ".join(card.held_precisions)}: measure this precision with '
+                       f'timm-stitch validate{hint}')
+        return reason
     expected = key.get('weights_fingerprint')
     if expected is not None:
         actual = weights_key(model)
@@ -107,25 +127,31 @@ class RouteCatalogue:
         card: The route card, or None.
         profile: The latency profile to read (device, dtype and batch size), or None for no latency.
         stale: Why the card's accuracies do not hold (see :func:`staleness`), or None when they do.
+        precision: The precision the routes run at (``extra['precision']``), when known.
     """
 
     def __init__(self, routes: Sequence[Route], card: Optional[RouteCard] = None, profile: Optional[str] = None,
-                 stale: Optional[str] = None):
+                 stale: Optional[str] = None, precision: Optional[str] = None):
         self.routes, self.card, self.profile, self.stale = list(routes), card, profile, stale
+        self.precision = precision
 
     @classmethod
     def of(cls, model: StitchedNet) -> RouteCatalogue:
         """The catalogue of ``model`` as it is now: its loaded card, checked against its weights and arguments,
         and the latency profile of its current device, dtype and card batch size."""
-        card = model.card
+        card, own = model.card, precision(model)
+        if card is not None:
+            card = card.at_precision(own)
         return cls(model.counted_routes(), card, model.latency_profile if card is not None else None,
-                   staleness(card, model))
+                   staleness(card, model), own)
 
     def annotated(self) -> list[Route]:
         """The routes with the card's top1/top5 (unless stale) and latency, dominated routes marked."""
         annotated = []
         for route in self.routes:
             entry = self.card.route(route.id) if self.card is not None else None
+            if self.precision is not None:
+                route = replace(route, extra={**route.extra, 'precision': self.precision})
             if entry is None:
                 annotated.append(replace(route, top1=None, top5=None, latency_ms=None))
                 continue

@@ -7,6 +7,7 @@ import torch
 
 from .cli import add_model_args, add_shared_args, build_model, float_in, int_at_least
 from .profile import MAX_SPREAD, profile
+from .quantize import SCHEMES, quantize
 from .routes import format_route_table
 
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -23,6 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--batch-size', type=int_at_least(1), default=1, help='images per timed call (default: 1)')
     p.add_argument('--dtype', choices=sorted(DTYPES), default='float32',
                    help='weights and input dtype (default: float32)')
+    p.add_argument('--quantize', choices=tuple(SCHEMES), default=None,
+                   help='time the network quantized once with this scheme (see timm_stitch.quantize); the latencies '
+                        'go under a profile named after it')
     p.add_argument('--warmup', type=int_at_least(0), default=2, help='untimed calls per route (default: 2)')
     p.add_argument('--repeats', type=int_at_least(1), default=10, help='timed calls per route (default: 10)')
     p.add_argument('--routes', type=int_at_least(0), nargs='+', default=None, help='route ids to time (default: all)')
@@ -38,6 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = build_model(args)
+    if args.quantize:
+        quantize(model, args.quantize, inplace=True)
     profile(model, device=args.device, batch_size=args.batch_size, dtype=DTYPES[args.dtype], warmup=args.warmup,
             repeats=args.repeats, routes=args.routes, out=args.out, max_spread=args.max_spread, retries=args.retries)
     routes = model.routes()

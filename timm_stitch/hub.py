@@ -34,6 +34,7 @@ from .cards import RouteCard
 from .catalogue import staleness, state_key, weights_key
 from .input_size import anchor_first_convs, filter_anchor_checkpoints, is_input_conv_mismatch
 from .model import StitchedNet
+from .quantize import quantization_args, quantize_state_dict
 from .stitching import merged_lora_state, stitch_lora_args
 from .unwrap import unwrap
 
@@ -133,6 +134,7 @@ def _write_stitched(model: StitchedNet, folder: Path, card: Optional[RouteCard],
     model_args.setdefault('route_space', model.route_space)
     model_args.setdefault('stitch_id', model.stitch_id)
     model_args.update({'stitch_lora_rank': 0} if merge_lora else stitch_lora_args(model))
+    model_args.update(quantization_args(model))  # the quantized modules to build before loading the weights
     save_config_for_hf(model, str(folder / CONFIG_NAME), model_args=model_args)
     if card is None:
         card = _card_for(model, weights)
@@ -201,8 +203,11 @@ def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: S
     """timm ``pretrained_filter_fn``: each anchor's part through its own timm checkpoint filter (position
     embeddings resampled to the size in use), then refuse a checkpoint whose keys or shapes are not exactly this
     model's (apart from the classifier heads, which timm resets when ``num_classes`` differs, and first-conv input
-    channels, which timm adapts to ``in_chans``), naming what differs."""
+    channels, which timm adapts to ``in_chans``), naming what differs. A float checkpoint loaded into a quantized
+    model is quantized first."""
     state_dict = filter_anchor_checkpoints(state_dict, model.anchors)
+    if model.quant_scheme is not None:
+        state_dict = quantize_state_dict(state_dict, model)
     expected = model.state_dict()
     heads = tuple(f'{c}.' for c in _classifiers(model))
     first_convs = anchor_first_convs(model.anchors)

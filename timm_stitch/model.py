@@ -369,6 +369,10 @@ class StitchedNet(nn.Module):
 
     _card: Optional[RouteCard] = None
     _card_latency: tuple[Optional[str], int] = (None, 1)
+    #: the quantization scheme of the weights (set by :func:`timm_stitch.quantize`), None for a float model
+    quant_scheme: Optional[str] = None
+    #: whether the stitching layers are quantized too (with ``quant_scheme``)
+    quant_stitches: bool = False
 
     @property
     def card(self) -> Optional[RouteCard]:
@@ -378,13 +382,13 @@ class StitchedNet(nn.Module):
     @property
     def latency_profile(self) -> str:
         """The latency profile ``routes()`` reads: the one given to ``load_card``, else that of this model's
-        current device and dtype at the card's batch size."""
+        current device and dtype (or quantization scheme) at the card's batch size."""
         from .profile import device_profile
         pinned, batch_size = self._card_latency
         if pinned is not None:
             return pinned
-        param = next(self.parameters())
-        return device_profile(param.device, batch_size, param.dtype)
+        param = next(p for p in self.parameters() if p.is_floating_point())
+        return device_profile(param.device, batch_size, param.dtype, self.quant_scheme)
 
     def load_card(self, card: Union[RouteCard, str, os.PathLike], latency_profile: Optional[str] = None,
                   batch_size: int = 1) -> None:

@@ -52,9 +52,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix('torch.')
 
 
-def device_profile(device: DeviceLike = 'cpu', batch_size: int = 1, dtype: torch.dtype = torch.float32) -> str:
+def device_profile(device: DeviceLike = 'cpu', batch_size: int = 1, dtype: torch.dtype = torch.float32,
+                   quant_scheme: Optional[str] = None) -> str:
     """The key latencies are stored under, e.g. ``'cpu-amd_epyc-2t-bs1-float32'`` or
-    ``'cuda-nvidia_h100_80gb_hbm3-bs1-float16'`` (CPU keys include the thread count, which latency depends on)."""
+    ``'cuda-nvidia_h100_80gb_hbm3-bs1-float16'`` (CPU keys include the thread count, which latency depends on); a
+    quantized model's key names its scheme instead of the dtype (``'cpu-amd_epyc-2t-bs1-int8-dyn'``)."""
     device = torch.device(device)
     if device.type == 'cuda':
         name = _slug(torch.cuda.get_device_name(device))
@@ -62,7 +64,7 @@ def device_profile(device: DeviceLike = 'cpu', batch_size: int = 1, dtype: torch
         name = f'{_slug(_cpu_name())}-{torch.get_num_threads()}t'
     else:
         name = device.type
-    return f'{device.type}-{name}-bs{batch_size}-{_dtype_name(dtype)}'
+    return f'{device.type}-{name}-bs{batch_size}-{quant_scheme or _dtype_name(dtype)}'
 
 
 def _sync(device: torch.device) -> None:
@@ -158,7 +160,7 @@ def profile(
         raise ValueError(f'max_spread must be a positive number (or None: accept any timings), got {max_spread!r}')
     device = torch.device(device)
     ids = list(range(model.num_routes)) if routes is None else [model.check_stitch_id(i) for i in routes]
-    key = device_profile(device, batch_size, dtype)
+    key = device_profile(device, batch_size, dtype, model.quant_scheme)
     model.to(device=device, dtype=dtype)
     images = torch.randn(batch_size, *model_input_size(model), device=device, dtype=dtype)
     started = time.perf_counter()
@@ -185,6 +187,7 @@ def profile(
         'when': datetime.now(timezone.utc).isoformat(timespec='seconds'),
         'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
         'threads': torch.get_num_threads(), 'batch_size': batch_size, 'dtype': _dtype_name(dtype),
+        'quantization': model.quant_scheme,
         'warmup': warmup, 'repeats': repeats, 'torch': torch.__version__, 'python': platform.python_version(),
         'wall_s': round(time.perf_counter() - started, 1), 'max_spread': max_spread, 'retimed': sorted(retimed),
         'unstable': {str(i): s for i, s in sorted(unstable.items())},

@@ -38,6 +38,7 @@ from .evaluation import (
     resolve_device,
 )
 from .fingerprint import weights_fingerprint
+from .quantize import SCHEMES, quantize
 
 __all__ = ['load_weights', 'record_key', 'main', 'add_parser']
 
@@ -65,7 +66,8 @@ def record_key(args: argparse.Namespace, model: nn.Module, data_config: dict[str
         'data_dir': os.path.abspath(args.data_dir) if args.data_dir else None, 'split': args.split,
         'class_map': args.class_map, 'input_img_mode': args.input_img_mode,
         **{k: data_config.get(k) for k in ('input_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std')},
-        'amp_dtype': str(amp_dtype) if amp_dtype is not None else None}
+        'amp_dtype': str(amp_dtype) if amp_dtype is not None else None,
+        'quantize': getattr(args, 'quantize', None)}
     return json.loads(json.dumps({'weights': weights_fingerprint(model), 'settings': settings}, default=str))
 
 
@@ -128,6 +130,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                     batch_size={'default': 256})
     add_shared_args(p, RUNTIME_OPTIONS)
     p.add_argument('--stitch-ids', default='all', help="routes to evaluate: 'all' or e.g. '0,3,5-9'")
+    p.add_argument('--quantize', default=None, choices=tuple(SCHEMES),
+                   help='measure the routes of the network quantized once with this scheme (after loading the '
+                        'weights; see timm_stitch.quantize): the card records that precision')
     p.add_argument('--routes-per-pass', type=int, default=0,
                    help='routes computed per pass over the data; each finished pass is recorded (0: all at once)')
     p.add_argument('--output', default='', help='output folder (default: ./validate-MODEL)')
@@ -148,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from timm.utils import init_distributed_device, setup_default_logging
 
     from .cards import RouteCard
+    from .catalogue import precision as card_precision
     if not logging.root.handlers:
         setup_default_logging()
     check_args(args)
@@ -158,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_weights(model, args.checkpoint, args.use_ema)
         if args.rank == 0:
             _logger.info(f'loaded {loaded}')
+    if args.quantize:
+        if device.type != 'cpu' and args.quantize == 'int8-dyn':
+            raise ValueError(f'--quantize int8-dyn runs on CPU only, got --device {device}: add --device cpu')
+        quantize(model, args.quantize, inplace=True)
     model.to(device).eval()
     route_ids = parse_ids(args.stitch_ids, model.num_routes)
     data_config = data_config_for(args, model, verbose=args.rank == 0)
@@ -196,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         card = RouteCard.from_model(model, checkpoint=args.checkpoint or None).with_accuracy(
             {k: (r['top1'], r['top5']) for k, r in done.items()},
             dataset=f"{args.dataset or 'folder'}/{args.split}", source='measured', who='timm-stitch validate',
-            images=next(iter(done.values()))['count'])
+            images=next(iter(done.values()))['count'], precision=card_precision(model))
         card.save(os.path.join(output, 'routes.json'))
         atomic_write(args.results_file or os.path.join(output, 'results.csv'), _results_csv(done))
         _logger.info(f'wrote {output}/routes.json and the results CSV')

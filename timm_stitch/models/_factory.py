@@ -13,6 +13,7 @@ from ..convert import OFFICIAL_FORMATS
 from ..features import StitchedFeatures
 from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_errors, refetch_damaged
 from ..model import AnchorSpec, StitchedNet
+from ..quantize import check_scheme, quantize
 from ._release import prepare_release_load
 
 __all__ = ['create_snnet', 'snnet_cfg', 'release_cfg', 'default_stitch_id']
@@ -90,6 +91,14 @@ def release_cfg(arch: str, num_anchors: int, **kwargs: Any) -> dict[str, Any]:
     return snnet_cfg(num_anchors, url=fmt.url, **{**paper, **source, **kwargs})
 
 
+def _quantizing(builder: Callable[..., StitchedNet], scheme: str, stitches: Any) -> Callable[..., StitchedNet]:
+    """``builder`` whose model is quantized before timm loads the pretrained weights into it (a quantized
+    checkpoint loads as it is, a float one is quantized on the way: see ``check_pretrained_state_dict``)."""
+    def build(**kwargs: Any) -> StitchedNet:
+        return quantize(builder(**kwargs), scheme, stitches, inplace=True)
+    return build
+
+
 def _from_official_hub(variant: str, cfg: dict[str, Any]) -> bool:
     """Whether ``cfg`` loads ``variant``'s official release from the authors' Hub repo (no route card beside it)."""
     fmt = OFFICIAL_FORMATS.get(variant)
@@ -109,8 +118,13 @@ def create_snnet(
     """Build a registered stitched architecture through timm's ``build_model_with_cfg`` (``builder`` makes the model
     from ``anchors`` and the kwargs); with ``pretrained``, also load the route card: the official release's (see
     ``_release``), or the ``routes.json`` found next to the weights. ``features_only=True`` (with ``out_indices``,
-    ``feature_cfg=dict(norm=..., output_fmt=...)``) returns the network as a :class:`StitchedFeatures` backbone."""
+    ``feature_cfg=dict(norm=..., output_fmt=...)``) returns the network as a :class:`StitchedFeatures` backbone.
+    ``quantize='int8-dyn'`` (and ``quantize_stitches``) builds the network quantized (see
+    :func:`timm_stitch.quantize`), as the ``config.json`` of a saved quantized model asks."""
     features_only = kwargs.pop('features_only', False)
+    scheme, stitches = kwargs.pop('quantize', None), kwargs.pop('quantize_stitches', None)
+    if scheme is not None:
+        builder = _quantizing(builder, check_scheme(scheme), stitches)
     features_args = dict(out_indices=kwargs.pop('out_indices', None), **(kwargs.pop('feature_cfg', None) or {}))
     kwargs.setdefault('pretrained_filter_fn', check_pretrained_state_dict)
     if _DEFAULT_STITCH_ID.get() is not None:
