@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any, Optional
 
 from PIL import Image
@@ -25,6 +26,7 @@ from .explorer_logic import (
     route_table,
     shipped_image_count,
 )
+from .profile import MAX_SPREAD, UnstableTimingWarning, profile
 
 if TYPE_CHECKING:
     import gradio
@@ -130,17 +132,19 @@ def _int_or_none(value: Optional[float]) -> Optional[int]:
     return None if value is None or not float(value).is_integer() else int(value)
 
 
-def build_app(model: StitchedNet, title: Optional[str] = None, latency_repeats: int = 5) -> gradio.Blocks:
+def build_app(model: StitchedNet, title: Optional[str] = None, latency_repeats: int = 5,
+              latency_max_spread: Optional[float] = MAX_SPREAD) -> gradio.Blocks:
     """The explorer page for ``model`` (not yet served: see :func:`launch`). ``latency_repeats``: timed calls per
-    classified image and per route when latency is measured from the page."""
+    classified image and per route when latency is measured from the page; ``latency_max_spread``: as
+    :func:`timm_stitch.profile`'s ``max_spread`` (routes timed unstably get no latency, and the page says so)."""
     gr = _gradio()
-    from .profile import profile
     lock = threading.Lock()  # one model: classification and profiling take turns
+    unstable: list[str] = []  # the last measurement's warning about unstable timings, shown in the notes
     names = model.anchor_names
     name = title or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
 
     def notes_md() -> str:
-        notes = catalogue_notes(RouteCatalogue.of(model))
+        notes = catalogue_notes(RouteCatalogue.of(model)) + unstable
         return '\n'.join(f'- {n}' for n in notes) if notes else '- accuracies and latencies from the route card'
 
     def view(x: str, selected: Optional[float], compared: Optional[float]) -> tuple[Any, str]:
@@ -158,9 +162,11 @@ def build_app(model: StitchedNet, title: Optional[str] = None, latency_repeats: 
                 *view(x, selected, compared))
 
     def measure(x: str, selected: Optional[float], compared: Optional[float]) -> tuple:
-        with lock:
+        with lock, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', UnstableTimingWarning)
             profile(model, device=next(model.parameters()).device, warmup=1, repeats=latency_repeats,
-                    progress=False)
+                    progress=False, max_spread=latency_max_spread)
+        unstable[:] = [str(w.message) for w in caught if issubclass(w.category, UnstableTimingWarning)]
         return refresh(x, selected, compared)
 
     def on_budget(max_macs: str, max_latency: str, min_top1: str) -> tuple:
