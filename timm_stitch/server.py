@@ -1,0 +1,186 @@
+"""An in-process server for one stitched network: a request queue, dynamic mixed-route batches, an SLO controller.
+
+:class:`StitchServer` queues requests (an image tensor, an optional deadline and optional :class:`Bounds`); one
+worker thread repeatedly asks the :class:`~timm_stitch.slo.RouteController` for the next batch and its routes and
+runs it as one mixed-route batch (:func:`timm_stitch.serving.mixed_forward`, shared prefixes included). Each request
+gets a :class:`Result`: its logits, the route that answered, its latency and whether it met its deadline.
+:meth:`StitchServer.metrics` reports the route histogram, SLO attainment and queue length. No Ray needed; the Ray
+Serve deployment (:mod:`timm_stitch.ray_serve`) runs this same core in each replica.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+
+from .macs import model_input_size
+from .serving import mixed_forward
+from .slo import Bounds, Pending, RouteController
+
+if TYPE_CHECKING:
+    from .model import StitchedNet
+
+__all__ = ['StitchServer', 'Result']
+
+
+@dataclass(frozen=True)
+class Result:
+    """One answered request: logits (on the CPU), the route that answered, the latency from submission to answer,
+    the deadline it had (ms after submission, None: none) and whether it met it."""
+    logits: torch.Tensor
+    route: int
+    latency_ms: float
+    deadline_ms: Optional[float]
+    met_deadline: bool
+
+
+@dataclass
+class _Request:
+    x: torch.Tensor
+    submitted: float
+    deadline_ms: Optional[float]
+    bounds: Bounds
+    future: Future
+
+    @property
+    def pending(self) -> Pending:
+        deadline = float('inf') if self.deadline_ms is None else self.submitted + self.deadline_ms / 1e3
+        return Pending(deadline, self.bounds)
+
+
+class StitchServer:
+    """Serves ``model`` under ``controller``'s route choices (see the module docstring).
+
+    Args:
+        model: The stitched network (put in eval mode; its device and dtype are those the controller's latencies
+            were profiled on).
+        controller: Chooses each batch and its routes.
+        slo_ms: The deadline of requests that give none (None: no deadline; they run the most accurate route).
+        clock: Seconds, monotonic (``time.monotonic``); deadlines are read on it.
+    """
+
+    def __init__(self, model: StitchedNet, controller: RouteController, slo_ms: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if slo_ms is not None and not slo_ms > 0:
+            raise ValueError(f'slo_ms must be > 0 or None, got {slo_ms!r}')
+        self.model, self.controller, self.slo_ms, self.clock = model.eval(), controller, slo_ms, clock
+        self._param = next(model.parameters())
+        self._input_size = tuple(model_input_size(model))
+        self._queue: list[_Request] = []
+        self._cv = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self._routes: Counter = Counter()
+        self._served = self._met = self._with_deadline = self._batches = self._max_queue = 0
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+
+    def submit(self, x: torch.Tensor, deadline_ms: Optional[float] = None, bounds: Optional[Bounds] = None) -> Future:
+        """Queue one image ``x`` (C, H, W) and return a future of its :class:`Result`. ``deadline_ms``: its latency
+        budget from now (default: the server's ``slo_ms``). Raises ``ValueError``/``TypeError`` naming the bad
+        argument (a wrong image shape, a bound no route meets) before anything is queued."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            raise ValueError(f'x must be one image tensor (C, H, W), got {type(x).__name__} '
+                             f'{tuple(getattr(x, "shape", ()))}')
+        if tuple(x.shape) != self._input_size:
+            raise ValueError(f'x has shape {tuple(x.shape)}, the model takes images of shape {self._input_size}')
+        if deadline_ms is None:
+            deadline_ms = self.slo_ms
+        elif isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms > 0:
+            raise ValueError(f'deadline_ms must be a number > 0, got {deadline_ms!r}')
+        bounds = Bounds() if bounds is None else bounds
+        self.controller.allowed(bounds)  # refuse now a bound no route meets
+        request = _Request(x.to(self._param.device, self._param.dtype), self.clock(), deadline_ms, bounds, Future())
+        with self._cv:
+            if self._stop:
+                raise RuntimeError('the server is stopped')
+            self._queue.append(request)
+            self._max_queue = max(self._max_queue, len(self._queue))
+            self._cv.notify()
+        return request.future
+
+    # ---- the worker --------------------------------------------------------------------------------------------
+
+    def start(self) -> StitchServer:
+        """Start the worker thread (idempotent); returns the server."""
+        with self._cv:
+            self._stop = False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name='timm-stitch-server', daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Serve what is queued, then stop the worker thread."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> StitchServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+            self.step()
+
+    def step(self) -> int:
+        """Plan and run one batch from the queue now (the worker's unit of work; callable directly when no worker
+        runs, e.g. in tests); returns how many requests it answered."""
+        with self._cv:
+            queue = list(self._queue)
+            if not queue:
+                return 0
+            plan = self.controller.plan([r.pending for r in queue], self.clock())
+            taken = [queue[i] for i in plan.take]
+            chosen = set(plan.take)
+            self._queue = [r for i, r in enumerate(queue) if i not in chosen]
+        try:
+            with torch.inference_mode():
+                logits = mixed_forward(self.model, torch.stack([r.x for r in taken]), list(plan.routes)).float().cpu()
+        except Exception as error:  # an answer for every request taken, even when the batch fails
+            for r in taken:
+                r.future.set_exception(error)
+            return 0
+        done = self.clock()
+        results = []
+        for r, route, row in zip(taken, plan.routes, logits):
+            latency = (done - r.submitted) * 1e3
+            met = r.deadline_ms is None or latency <= r.deadline_ms
+            results.append((r, Result(row, route, latency, r.deadline_ms, met)))
+        with self._cv:
+            self._batches += 1
+            for r, result in results:
+                self._served += 1
+                self._routes[result.route] += 1
+                if r.deadline_ms is not None:
+                    self._with_deadline += 1
+                    self._met += result.met_deadline
+        for r, result in results:
+            r.future.set_result(result)
+        return len(results)
+
+    # ---- metrics -----------------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters since start: requests served, batches, requests per route, SLO attainment (met / served with
+        a deadline; None before any), queue length now and its maximum."""
+        with self._cv:
+            return {'served': self._served, 'batches': self._batches, 'routes': dict(sorted(self._routes.items())),
+                    'slo_attainment': self._met / self._with_deadline if self._with_deadline else None,
+                    'queue_length': len(self._queue), 'max_queue_length': self._max_queue}
