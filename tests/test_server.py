@@ -1,11 +1,15 @@
 """The in-process server core: queued requests answered in mixed-route batches on the controller's routes."""
 from __future__ import annotations
 
+import base64
+import io
+
 import pytest
 import torch
+from PIL import Image
 from tiny_models import tiny_images, tiny_snnet
 
-from timm_stitch.server import StitchServer
+from timm_stitch.server import BadRequestError, StitchServer, parse_request
 from timm_stitch.slo import Bounds, NoRouteFitsError, RouteController, RouteCost, RouteTable
 
 
@@ -86,3 +90,25 @@ def test_bad_requests_are_refused_before_queueing(model, kwargs, error, match):
     with pytest.raises(error, match=match):
         server.submit(**kwargs)
     assert server.metrics()['queue_length'] == 0
+
+
+@pytest.mark.parametrize('payload, field', [
+    ([1, 2], 'body'), ({}, 'image'), ({'tensor': [[1.0]]}, 'tensor'), ({'tensor': 'x'}, 'tensor'),
+    ({'image': b'not an image'}, 'image'), ({'deadline_ms': 0}, 'deadline_ms'), ({'route': 1.5}, 'route'),
+    ({'max_macs': float('inf')}, 'max_macs'), ({'speed': 'max'}, 'speed'),
+])
+def test_parse_request_names_the_bad_field(payload, field):
+    if isinstance(payload, dict) and field not in ('image', 'tensor'):
+        payload = {'tensor': torch.zeros(3, 4, 4).tolist(), **payload}
+    with pytest.raises(BadRequestError, match=f'^{field}: ') as info:
+        parse_request(payload, (3, 4, 4), transform=lambda data: Image.open(io.BytesIO(data)))
+    assert info.value.field == field
+
+
+def test_parse_request_reads_tensors_images_and_bounds():
+    x, deadline, bounds = parse_request({'tensor': torch.ones(3, 4, 4).tolist(), 'deadline_ms': 20, 'route': 2,
+                                         'min_top1': 70}, (3, 4, 4))
+    assert torch.equal(x, torch.ones(3, 4, 4)) and deadline == 20 and bounds == Bounds(route=2, min_top1=70)
+    data = base64.b64encode(b'raw').decode()
+    x, deadline, bounds = parse_request({'image': data}, (3, 4, 4), transform=lambda b: torch.full((3, 4, 4), len(b)))
+    assert x[0, 0, 0] == 3 and deadline is None and bounds == Bounds()

@@ -9,6 +9,8 @@ Serve deployment (:mod:`timm_stitch.ray_serve`) runs this same core in each repl
 """
 from __future__ import annotations
 
+import base64
+import math
 import threading
 import time
 from collections import Counter
@@ -25,7 +27,7 @@ from .slo import Bounds, Pending, RouteController
 if TYPE_CHECKING:
     from .model import StitchedNet
 
-__all__ = ['StitchServer', 'Result']
+__all__ = ['StitchServer', 'Result', 'BadRequestError', 'parse_request', 'REQUEST_FIELDS']
 
 
 @dataclass(frozen=True)
@@ -184,3 +186,71 @@ class StitchServer:
             return {'served': self._served, 'batches': self._batches, 'routes': dict(sorted(self._routes.items())),
                     'slo_attainment': self._met / self._with_deadline if self._with_deadline else None,
                     'queue_length': len(self._queue), 'max_queue_length': self._max_queue}
+
+
+# ---- requests from outside (HTTP JSON, Python handles) ------------------------------------------------------------
+
+class BadRequestError(ValueError):
+    """A request field is missing, unknown or out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f'{field}: {message}')
+        self.field = field
+
+
+#: what a request may hold besides the image: the deadline and the bounds (see :class:`Bounds`)
+REQUEST_FIELDS = ('image', 'tensor', 'deadline_ms', 'route', 'max_macs', 'max_latency_ms', 'min_top1')
+
+
+def parse_request(payload: Any, input_size: tuple[int, ...], transform: Optional[Callable[[bytes], torch.Tensor]]
+                  = None) -> tuple[torch.Tensor, Optional[float], Bounds]:
+    """``(image tensor, deadline_ms, bounds)`` from a request mapping: exactly one of ``tensor`` (a (C, H, W)
+    tensor or nested list of numbers, preprocessed) or ``image`` (an encoded image file as bytes or base64 text,
+    preprocessed with ``transform``), optional ``deadline_ms`` (> 0) and the optional bounds ``route``,
+    ``max_macs``, ``max_latency_ms``, ``min_top1``. Raises :class:`BadRequestError` naming the first bad field."""
+    if not isinstance(payload, dict):
+        raise BadRequestError('body', f'expected a JSON object with fields {", ".join(REQUEST_FIELDS)}, got '
+                                      f'{type(payload).__name__}')
+    unknown = sorted(set(payload) - set(REQUEST_FIELDS))
+    if unknown:
+        raise BadRequestError(unknown[0], f'unknown field (expected: {", ".join(REQUEST_FIELDS)})')
+    given = [k for k in ('image', 'tensor') if payload.get(k) is not None]
+    if len(given) != 1:
+        raise BadRequestError('image', 'give exactly one of image (an encoded image file, base64) or tensor '
+                                       f'(a preprocessed {list(input_size)} array), got {given or "neither"}')
+    if given[0] == 'tensor':
+        try:
+            x = torch.as_tensor(payload['tensor'], dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise BadRequestError('tensor', f'not an array of numbers ({e})') from None
+    else:
+        if transform is None:
+            raise BadRequestError('image', 'this server takes preprocessed tensors only')
+        try:
+            x = transform(_image_bytes(payload['image']))
+        except (TypeError, ValueError, OSError) as e:
+            raise BadRequestError('image', f'not a readable image file ({e})') from None
+    if tuple(x.shape) != tuple(input_size) or not torch.isfinite(x).all():
+        raise BadRequestError(given[0], f'expected a finite array of shape {list(input_size)}, got shape '
+                                        f'{list(x.shape)}')
+    numbers = {}
+    for name in ('deadline_ms', 'max_macs', 'max_latency_ms', 'min_top1'):
+        value = payload.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or (name != 'min_top1' and value <= 0)):
+            raise BadRequestError(name, f'expected a {"finite" if name == "min_top1" else "positive"} number, '
+                                        f'got {value!r}')
+        numbers[name] = value
+    route = payload.get('route')
+    if route is not None and (isinstance(route, bool) or not isinstance(route, int)):
+        raise BadRequestError('route', f'expected an integer route id, got {route!r}')
+    deadline = numbers.pop('deadline_ms')
+    return x, deadline, Bounds(route=route, **numbers)
+
+
+def _image_bytes(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return base64.b64decode(value, validate=True)
+    raise TypeError(f'expected bytes or base64 text, got {type(value).__name__}')

@@ -41,7 +41,11 @@ class MissingLatencyProfileError(ValueError):
 
 
 class NoRouteFitsError(ValueError):
-    """A request's bounds exclude every route."""
+    """A request's bounds exclude every route; ``field`` names the bound."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -197,12 +201,12 @@ class RouteController:
         if bounds.route is not None:
             if isinstance(bounds.route, bool) or not isinstance(bounds.route, int) or bounds.route not in table.routes:
                 raise NoRouteFitsError(f'route {bounds.route!r} is not served: valid ids are '
-                                       f'{_id_ranges(sorted(table.routes))}')
+                                       f'{_id_ranges(sorted(table.routes))}', 'route')
         for name in ('max_macs', 'max_latency_ms', 'min_top1'):
             value = getattr(bounds, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
-                raise NoRouteFitsError(f'{name} must be a finite number, got {value!r}')
+                raise NoRouteFitsError(f'{name} must be a finite number, got {value!r}', name)
         checks = [('route', lambda r: bounds.route is None or r.id == bounds.route),
                   ('max_macs', lambda r: bounds.max_macs is None or r.macs <= bounds.max_macs),
                   ('max_latency_ms', lambda r: bounds.max_latency_ms is None
@@ -215,7 +219,7 @@ class RouteController:
                 left = [r for r in left if ok(r)]
                 if not left:
                     raise NoRouteFitsError(f'no served route meets {name}={getattr(bounds, name)!r} together with the '
-                                           f'other bounds of the request ({bounds})')
+                                           f'other bounds of the request ({bounds})', name)
         self._allowed[bounds] = tuple(ids)
         return self._allowed[bounds]
 
