@@ -101,7 +101,7 @@ def test_plans_are_deterministic():
 
 def test_hopeless_requests_run_fast_and_do_not_hold_others_back():
     plan = RouteController(TABLE).plan([Pending(-1.0), Pending(1.0)], 0.0)
-    assert plan.take == (0, 1) and plan.routes == (SMALL, LARGE) and plan.feasible == (False, True)
+    assert plan.take == (1, 0) and plan.routes == (LARGE, SMALL) and plan.feasible == (True, False)
 
 
 @pytest.mark.parametrize('bounds, route', [
@@ -182,3 +182,13 @@ def test_a_stale_card_or_one_without_accuracy_is_refused(model):
     model.load_card(RouteCard.from_model(model))
     with pytest.raises(StaleCardError, match='no route card with accuracies'):
         RouteTable.from_model(model)
+
+
+def test_observed_batches_scale_the_card_latencies():
+    controller = RouteController(TABLE, adapt=0.5)
+    plan = controller.plan([Pending(0.015)], 0.0)
+    assert plan.routes == (LARGE,)  # 10 ms on the card
+    controller.observe(plan, 30.0)  # the machine is 3x slower than when profiled
+    assert controller.scale == 2.0
+    assert controller.plan([Pending(0.015)], 0.0).routes == (MID,)  # LARGE now estimated at 20 ms
+    assert RouteController(TABLE).plan([Pending(0.015)], 0.0).routes == (LARGE,)  # adapt=0: the card as it is

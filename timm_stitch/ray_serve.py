@@ -49,7 +49,7 @@ def start_local_ray(num_cpus: Optional[int] = None, http_port: int = 8000) -> No
 
 def _build_server(model: Union[str, torch.nn.Module], card: Optional[str], checkpoint: Optional[str],
                   batch_sizes: Sequence[int], slo_ms: Optional[float], profile_missing: bool,
-                  profile_repeats: int) -> StitchServer:
+                  profile_repeats: int, adapt: float) -> StitchServer:
     import timm
 
     from .model import StitchedNet
@@ -73,7 +73,7 @@ def _build_server(model: Union[str, torch.nn.Module], card: Optional[str], check
                 raise
             profile(model, batch_size=b, warmup=1, repeats=profile_repeats, progress=False)
     table = RouteTable.from_model(model, batch_sizes=batch_sizes)
-    return StitchServer(model, RouteController(table), slo_ms=slo_ms).start()
+    return StitchServer(model, RouteController(table, adapt=adapt), slo_ms=slo_ms).start()
 
 
 def _to_json(result: Any) -> dict[str, Any]:
@@ -94,17 +94,20 @@ class StitchDeployment:
         slo_ms: The deadline of requests that give none.
         profile_missing: Measure missing latency profiles at start-up (else refuse to start, naming them).
         profile_repeats: Timed calls per route when profiling.
+        adapt: How fast the controller follows observed batch times (see :class:`RouteController`).
     """
 
     def __init__(self, model: Union[str, torch.nn.Module], card: Optional[str] = None,
                  checkpoint: Optional[str] = None, batch_sizes: Sequence[int] = (1, 8),
-                 slo_ms: Optional[float] = 100.0, profile_missing: bool = True, profile_repeats: int = 5):
+                 slo_ms: Optional[float] = 100.0, profile_missing: bool = True, profile_repeats: int = 5,
+                 adapt: float = 0.2):
         from timm.data import create_transform, resolve_data_config
 
         from .evaluation import image_mode
         from .macs import model_input_size
 
-        self.server = _build_server(model, card, checkpoint, batch_sizes, slo_ms, profile_missing, profile_repeats)
+        self.server = _build_server(model, card, checkpoint, batch_sizes, slo_ms, profile_missing, profile_repeats,
+                                    adapt)
         net = self.server.model
         self.input_size = tuple(model_input_size(net))
         preprocess = create_transform(**resolve_data_config({}, model=net), is_training=False)

@@ -152,6 +152,7 @@ class StitchServer:
             taken = [queue[i] for i in plan.take]
             chosen = set(plan.take)
             self._queue = [r for i, r in enumerate(queue) if i not in chosen]
+        started = self.clock()
         try:
             with torch.inference_mode():
                 logits = mixed_forward(self.model, torch.stack([r.x for r in taken]), list(plan.routes)).float().cpu()
@@ -160,6 +161,7 @@ class StitchServer:
                 r.future.set_exception(error)
             return 0
         done = self.clock()
+        self.controller.observe(plan, (done - started) * 1e3)
         results = []
         for r, route, row in zip(taken, plan.routes, logits):
             latency = (done - r.submitted) * 1e3

@@ -5,7 +5,8 @@ card accuracy, MACs and measured latency on this device at the served batch size
 request's absolute deadline and optional :class:`Bounds`) and the time now, returns the next batch to run and the
 route of each request in it (:class:`Plan`).
 
-The rule: requests are served earliest deadline first in batches of up to ``max_batch_size``. For a latency cap
+The rule: requests are served earliest deadline first in batches of up to ``max_batch_size`` (those that can no
+longer make their deadline after the others). For a latency cap
 ``c``, every request runs the most accurate route it may use (its bounds) whose latency at the batch size is at
 most ``c``; the queue is drained in simulation, each batch costing the sum of its route groups' latencies (groups
 run one after another, see :func:`timm_stitch.serving.mixed_forward`). The controller takes the highest cap under
@@ -129,11 +130,14 @@ class RouteTable:
 
     @classmethod
     def from_model(cls, model: StitchedNet, batch_sizes: Sequence[int] = (1,), device: Optional[torch.device] = None,
-                   dtype: Optional[torch.dtype] = None, routes: Optional[Sequence[int]] = None) -> RouteTable:
+                   dtype: Optional[torch.dtype] = None, routes: Optional[Sequence[int]] = None,
+                   statistic: str = 'median_ms') -> RouteTable:
         """The table of ``model``'s loaded card: top-1 (refused when stale or absent, :class:`StaleCardError`) and
         the latency profiles of ``device``/``dtype`` (default: the model's) at each of ``batch_sizes`` (a missing
         one: :class:`MissingLatencyProfileError` naming it and the command that makes it). ``routes``: the ids to
-        serve (default: all)."""
+        serve (default: all). ``statistic``: the latency read, ``'median_ms'`` or (on a noisy machine) ``'p90_ms'``."""
+        if statistic not in ('median_ms', 'p90_ms'):
+            raise ValueError(f"statistic must be 'median_ms' or 'p90_ms', got {statistic!r}")
         param = next(model.parameters())
         device, dtype = device if device is not None else param.device, dtype if dtype is not None else param.dtype
         card, name = model.card, model_name(model)
@@ -156,7 +160,7 @@ class RouteTable:
             latency = {}
             for b in batch_sizes:
                 key = device_profile(device, b, dtype)
-                ms = entry.latency.get(key, {}).get('median_ms')
+                ms = entry.latency.get(key, {}).get(statistic)
                 if ms is None:
                     held = ', '.join(card.latency_profiles) or 'none'
                     raise MissingLatencyProfileError(
@@ -175,9 +179,15 @@ class RouteController:
         table: The routes to serve.
         max_batch_size: The most requests per batch (default and at most: the table's largest batch size).
         margin_ms: Time added to every estimated batch (the server's own overhead per batch).
+        adapt: Weight of each observed batch in ``scale`` (0: keep the card's latencies as they are).
+
+    ``scale`` multiplies every card latency: :meth:`observe` moves it towards the ratio of a batch's run time to
+    its estimate, so that a machine slower than when it was profiled (other jobs, a server's own overhead) is
+    followed. It is state fed only by :meth:`observe`: the same observations give the same plans.
     """
 
-    def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0):
+    def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0,
+                 adapt: float = 0.0):
         self.table = table
         limit = table.max_batch_size
         if max_batch_size is None:
@@ -187,7 +197,9 @@ class RouteController:
                              f'got {max_batch_size!r}')
         if not margin_ms >= 0:
             raise ValueError(f'margin_ms must be >= 0, got {margin_ms!r}')
-        self.max_batch_size, self.margin_ms = max_batch_size, float(margin_ms)
+        if not 0 <= adapt <= 1:
+            raise ValueError(f'adapt must be in [0, 1], got {adapt!r}')
+        self.max_batch_size, self.margin_ms, self.adapt, self.scale = max_batch_size, float(margin_ms), adapt, 1.0
         # by accuracy (best first), ties to the faster (at batch 1) then the lower id
         self._by_top1 = sorted(table.routes.values(), key=lambda r: (-r.top1, table.latency(r.id, 1), r.id))
         self._allowed: dict[Bounds, tuple[int, ...]] = {}
@@ -223,41 +235,53 @@ class RouteController:
         self._allowed[bounds] = tuple(ids)
         return self._allowed[bounds]
 
-    def _fastest(self, ids: Sequence[int], n: int) -> int:
-        return min(ids, key=lambda i: (self.table.latency(i, n), -self.table.routes[i].top1, i))
-
     def _batch_ms(self, routes: Sequence[int]) -> float:
         counts: dict[int, int] = {}
         for r in routes:
             counts[r] = counts.get(r, 0) + 1
-        return sum(self.table.latency(r, n) for r, n in counts.items()) + self.margin_ms
+        return sum(self.table.latency(r, n) for r, n in counts.items()) * self.scale + self.margin_ms
+
+    def observe(self, plan: Plan, actual_ms: float) -> None:
+        """Record that ``plan``'s batch took ``actual_ms``: ``scale`` moves by ``adapt`` towards actual / card
+        estimate (kept within [0.5, 20])."""
+        if self.adapt and plan.routes:
+            card_ms = (self._batch_ms(plan.routes) - self.margin_ms) / self.scale
+            ratio = min(max((actual_ms - self.margin_ms) / card_ms, 0.5), 20.0)
+            self.scale += self.adapt * (ratio - self.scale)
 
     def plan(self, queue: Sequence[Pending], now: float) -> Plan:
         """The next batch for ``queue`` at time ``now`` (seconds, the deadlines' clock). Raises
         :class:`NoRouteFitsError` when a request's bounds exclude every route."""
         if not queue:
             return Plan((), (), 0.0, 0.0)
-        order = sorted(range(len(queue)), key=lambda i: (queue[i].deadline, i))
         b = min(len(queue), self.max_batch_size)
-        allowed = [self.allowed(queue[i].bounds) for i in order]
-        fastest = [self._fastest(ids, b) for ids in allowed]
-        feasible = [now + (self.table.latency(f, 1) + self.margin_ms) / 1e3 <= queue[i].deadline
-                    for i, f in zip(order, fastest)]
-        caps = sorted({self.table.latency(r, b) for ids in allowed for r in ids}, reverse=True)
+        latency = {r: self.table.latency(r, b) for r in self.table.routes}
+        kinds: dict[Bounds, tuple[tuple[int, ...], int, float]] = {}  # per distinct bounds: allowed, fastest, its ms
+        for bounds in {q.bounds for q in queue}:
+            ids = self.allowed(bounds)
+            fast = min(ids, key=lambda i: (latency[i], -self.table.routes[i].top1, i))
+            kinds[bounds] = ids, fast, (self.table.latency(fast, 1) * self.scale + self.margin_ms) / 1e3
+        # requests that can still make their deadline, earliest first, then the hopeless ones (they run their
+        # fastest route and hold no one back)
+        feasible = [now + kinds[q.bounds][2] <= q.deadline for q in queue]
+        order = sorted(range(len(queue)), key=lambda i: (not feasible[i], queue[i].deadline, i))
+        caps = sorted({latency[r] for ids, _, _ in kinds.values() for r in ids}, reverse=True)
         for cap in caps:  # the most accurate cap first; the last (fastest) is taken when none drains in time
-            routes = [next((r for r in ids if self.table.latency(r, b) <= cap), f) if ok else f
-                      for ids, f, ok in zip(allowed, fastest, feasible)]
+            pick = {k: next((r for r in ids if latency[r] <= cap), fast) for k, (ids, fast, _) in kinds.items()}
+            routes = [pick[queue[i].bounds] if feasible[i] else kinds[queue[i].bounds][1] for i in order]
             if self._drains(queue, order, routes, feasible, b, now):
                 break
-        return Plan(tuple(order[:b]), tuple(routes[:b]), self._batch_ms(routes[:b]), cap, tuple(feasible[:b]))
+        take = order[:b]
+        return Plan(tuple(take), tuple(routes[:b]), self._batch_ms(routes[:b]), cap, tuple(feasible[i] for i in take))
 
     def _drains(self, queue: Sequence[Pending], order: Sequence[int], routes: Sequence[int],
                 feasible: Sequence[bool], b: int, now: float) -> bool:
-        """Whether serving the queue in EDF batches of ``b`` with ``routes`` meets every feasible deadline."""
+        """Whether serving the queue in batches of ``b`` in ``order`` with ``routes`` meets every feasible
+        deadline."""
         t = now
         for start in range(0, len(order), b):
             t += self._batch_ms(routes[start:start + b]) / 1e3
-            if any(ok and t > queue[i].deadline for i, ok in zip(order[start:start + b], feasible[start:start + b])):
+            if any(feasible[i] and t > queue[i].deadline for i in order[start:start + b]):
                 return False
         return True
 
