@@ -6,13 +6,13 @@ request's absolute deadline and optional :class:`Bounds`) and the time now, retu
 route of each request in it (:class:`Plan`).
 
 The rule: requests are served earliest deadline first in batches of up to ``max_batch_size`` (those that can no
-longer make their deadline after the others). For a latency cap
-``c``, every request runs the most accurate route it may use (its bounds) whose latency at the batch size is at
-most ``c``; the queue is drained in simulation, each batch costing the sum of its route groups' latencies (groups
-run one after another, see :func:`timm_stitch.serving.mixed_forward`). The controller takes the highest cap under
-which every request that can still make its deadline makes it: as the queue grows the cap falls to faster routes,
-as it shrinks it rises back. Requests that cannot make their deadline even alone on their fastest route run that
-route without holding the others back. The same queue and time always give the same plan.
+longer make their deadline after the others). For a latency cap ``c``, every request runs the most accurate route it
+may use (its bounds) whose latency at the batch size is at most ``c``; the queue is drained in simulation
+(``horizon`` batches ahead), each batch costing the sum of its route groups' latencies (groups run one after
+another, see :func:`timm_stitch.serving.mixed_forward`). The controller takes the highest cap under which every
+request that can still make its deadline makes it: as the queue grows the cap falls to faster routes, as it shrinks
+it rises back. Requests that cannot make their deadline even alone on their fastest route run that route without
+holding the others back. The same queue and time always give the same plan.
 """
 from __future__ import annotations
 
@@ -180,6 +180,8 @@ class RouteController:
         max_batch_size: The most requests per batch (default and at most: the table's largest batch size).
         margin_ms: Time added to every estimated batch (the server's own overhead per batch).
         adapt: Weight of each observed batch in ``scale`` (0: keep the card's latencies as they are).
+        horizon: How many batches ahead the queue is simulated (the rest is planned when it comes nearer; keeps a
+            plan to about a millisecond when a burst has queued thousands of requests).
 
     ``scale`` multiplies every card latency: :meth:`observe` moves it towards the ratio of a batch's run time to
     its estimate, so that a machine slower than when it was profiled (other jobs, a server's own overhead) is
@@ -187,7 +189,7 @@ class RouteController:
     """
 
     def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0,
-                 adapt: float = 0.0):
+                 adapt: float = 0.0, horizon: int = 8):
         self.table = table
         limit = table.max_batch_size
         if max_batch_size is None:
@@ -199,7 +201,10 @@ class RouteController:
             raise ValueError(f'margin_ms must be >= 0, got {margin_ms!r}')
         if not 0 <= adapt <= 1:
             raise ValueError(f'adapt must be in [0, 1], got {adapt!r}')
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f'horizon must be an integer >= 1, got {horizon!r}')
         self.max_batch_size, self.margin_ms, self.adapt, self.scale = max_batch_size, float(margin_ms), adapt, 1.0
+        self.horizon = horizon
         # by accuracy (best first), ties to the faster (at batch 1) then the lower id
         self._by_top1 = sorted(table.routes.values(), key=lambda r: (-r.top1, table.latency(r.id, 1), r.id))
         self._allowed: dict[Bounds, tuple[int, ...]] = {}
@@ -264,7 +269,7 @@ class RouteController:
         # requests that can still make their deadline, earliest first, then the hopeless ones (they run their
         # fastest route and hold no one back)
         feasible = [now + kinds[q.bounds][2] <= q.deadline for q in queue]
-        order = sorted(range(len(queue)), key=lambda i: (not feasible[i], queue[i].deadline, i))
+        order = sorted(range(len(queue)), key=lambda i: (not feasible[i], queue[i].deadline, i))[:b * self.horizon]
         caps = sorted({latency[r] for ids, _, _ in kinds.values() for r in ids}, reverse=True)
         for cap in caps:  # the most accurate cap first; the last (fastest) is taken when none drains in time
             pick = {k: next((r for r in ids if latency[r] <= cap), fast) for k, (ids, fast, _) in kinds.items()}
