@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import time
 
 from .cli import add_model_args, build_model, float_in, int_at_least
@@ -47,8 +49,12 @@ def run(args: argparse.Namespace) -> int:
     print(f'serving {args.model} ({args.replicas} replica(s)) after {time.perf_counter() - started:.1f} s: POST '
           'JSON {"tensor" or "image", "deadline_ms", "route", "max_macs", "max_latency_ms", "min_top1"} to the '
           'Serve HTTP address (local: http://127.0.0.1:%d/); Ctrl-C stops' % args.port, flush=True)
+    # SIGTERM (and SIGINT, which a background job ignores) end the command through the same clean shutdown
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)
     finally:
+        import ray
         serve.shutdown()
+        ray.shutdown()
