@@ -34,6 +34,7 @@ SUBCOMMANDS = [
     'timm_stitch.cli_routes',
     'timm_stitch.cli_profile',
     'timm_stitch.cli_card',
+    'timm_stitch.cli_serve',
     'timm_stitch.convert',
     'timm_stitch.train',
     'timm_stitch.validate',

@@ -1,0 +1,114 @@
+"""The in-process server core: queued requests answered in mixed-route batches on the controller's routes."""
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_images, tiny_snnet
+
+from timm_stitch.server import BadRequestError, StitchServer, parse_request
+from timm_stitch.slo import Bounds, NoRouteFitsError, RouteController, RouteCost, RouteTable
+
+
+@pytest.fixture(scope='module')
+def model():
+    return tiny_snnet().eval()
+
+
+def _controller(model, slow=None):
+    """Route ``i`` takes ``1 + i`` ms (``slow``: that route 1000x slower), top-1 rising with the id."""
+    costs = []
+    for i in range(model.num_routes):
+        ms = (1.0 + i) * (1000 if i == slow else 1)
+        costs.append(RouteCost(i, 50.0 + i, 1, {1: ms, 4: 2 * ms}))
+    return RouteController(RouteTable(costs))
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_each_answer_is_the_model_on_the_route_that_answered(model):
+    clock = FakeClock()
+    server = StitchServer(model, _controller(model), slo_ms=None, clock=clock)
+    images = tiny_images(6)
+    pins = [None, 0, 3, None, Bounds(min_top1=52.0), Bounds(max_macs=model.counted_routes()[1].macs)]
+    futures = [server.submit(x, bounds=p if isinstance(p, Bounds) else Bounds(route=p)) for x, p in zip(images, pins)]
+    assert server.metrics()['queue_length'] == 6
+    while server.step():
+        pass
+    results = [f.result(timeout=0) for f in futures]
+    best = model.num_routes - 1
+    assert [r.route for r in results[:4]] == [best, 0, 3, best]
+    assert results[4].route >= 2
+    with torch.inference_mode():
+        for x, r in zip(images, results):
+            torch.testing.assert_close(r.logits, model(x[None], stitch_id=r.route)[0], rtol=1e-4, atol=1e-5)
+    metrics = server.metrics()
+    assert metrics['served'] == 6 and metrics['batches'] == 2 and metrics['max_queue_length'] == 6
+    assert sum(metrics['routes'].values()) == 6 and metrics['slo_attainment'] is None
+
+
+def test_deadlines_pick_faster_routes_and_are_counted(model):
+    clock = FakeClock()
+    slow = model.num_routes - 1
+    server = StitchServer(model, _controller(model, slow=slow), slo_ms=50.0, clock=clock)
+    future = server.submit(tiny_images(1)[0])
+    server.step()
+    result = future.result(timeout=0)
+    assert result.route == slow - 1 and result.deadline_ms == 50.0 and result.met_deadline
+    late = server.submit(tiny_images(1)[0], deadline_ms=10.0)
+    clock.t = 1.0  # it waited a second in the queue
+    server.step()
+    assert not late.result(timeout=0).met_deadline
+    assert server.metrics()['slo_attainment'] == 0.5
+
+
+def test_the_worker_thread_answers_every_request(model):
+    with StitchServer(model, _controller(model), slo_ms=1e4) as server:
+        futures = [server.submit(x) for x in tiny_images(12)]
+        results = [f.result(timeout=60) for f in futures]
+    assert len(results) == 12 and server.metrics()['served'] == 12 and server.metrics()['queue_length'] == 0
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(x=torch.zeros(3, 8, 8)), ValueError, r'x has shape \(3, 8, 8\), the model takes images of shape'),
+    (dict(x=torch.zeros(1, 3, 32, 32)), ValueError, r'x must be one image tensor \(C, H, W\)'),
+    (dict(deadline_ms=-1), ValueError, 'deadline_ms must be a number > 0, got -1'),
+    (dict(bounds=Bounds(route=99)), NoRouteFitsError, 'route 99 is not served'),
+])
+def test_bad_requests_are_refused_before_queueing(model, kwargs, error, match):
+    server = StitchServer(model, _controller(model))
+    kwargs.setdefault('x', tiny_images(1)[0])
+    with pytest.raises(error, match=match):
+        server.submit(**kwargs)
+    assert server.metrics()['queue_length'] == 0
+
+
+@pytest.mark.parametrize('payload, field', [
+    ([1, 2], 'body'), ({}, 'image'), ({'tensor': [[1.0]]}, 'tensor'), ({'tensor': 'x'}, 'tensor'),
+    ({'image': b'not an image'}, 'image'), ({'deadline_ms': 0}, 'deadline_ms'), ({'route': 1.5}, 'route'),
+    ({'max_macs': float('inf')}, 'max_macs'), ({'speed': 'max'}, 'speed'),
+])
+def test_parse_request_names_the_bad_field(payload, field):
+    if isinstance(payload, dict) and field not in ('image', 'tensor'):
+        payload = {'tensor': torch.zeros(3, 4, 4).tolist(), **payload}
+    with pytest.raises(BadRequestError, match=f'^{field}: ') as info:
+        parse_request(payload, (3, 4, 4), transform=lambda data: Image.open(io.BytesIO(data)))
+    assert info.value.field == field
+
+
+def test_parse_request_reads_tensors_images_and_bounds():
+    x, deadline, bounds = parse_request({'tensor': torch.ones(3, 4, 4).tolist(), 'deadline_ms': 20, 'route': 2,
+                                         'min_top1': 70}, (3, 4, 4))
+    assert torch.equal(x, torch.ones(3, 4, 4)) and deadline == 20 and bounds == Bounds(route=2, min_top1=70)
+    data = base64.b64encode(b'raw').decode()
+    x, deadline, bounds = parse_request({'image': data}, (3, 4, 4), transform=lambda b: torch.full((3, 4, 4), len(b)))
+    assert x[0, 0, 0] == 3 and deadline is None and bounds == Bounds()

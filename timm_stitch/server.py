@@ -1,0 +1,258 @@
+"""An in-process server for one stitched network: a request queue, dynamic mixed-route batches, an SLO controller.
+
+:class:`StitchServer` queues requests (an image tensor, an optional deadline and optional :class:`Bounds`); one
+worker thread repeatedly asks the :class:`~timm_stitch.slo.RouteController` for the next batch and its routes and
+runs it as one mixed-route batch (:func:`timm_stitch.serving.mixed_forward`, shared prefixes included). Each request
+gets a :class:`Result`: its logits, the route that answered, its latency and whether it met its deadline.
+:meth:`StitchServer.metrics` reports the route histogram, SLO attainment and queue length. No Ray needed; the Ray
+Serve deployment (:mod:`timm_stitch.ray_serve`) runs this same core in each replica.
+"""
+from __future__ import annotations
+
+import base64
+import math
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+
+from .macs import model_input_size
+from .serving import mixed_forward
+from .slo import Bounds, Pending, RouteController
+
+if TYPE_CHECKING:
+    from .model import StitchedNet
+
+__all__ = ['StitchServer', 'Result', 'BadRequestError', 'parse_request', 'REQUEST_FIELDS']
+
+
+@dataclass(frozen=True)
+class Result:
+    """One answered request: logits (on the CPU), the route that answered, the latency from submission to answer,
+    the deadline it had (ms after submission, None: none) and whether it met it."""
+    logits: torch.Tensor
+    route: int
+    latency_ms: float
+    deadline_ms: Optional[float]
+    met_deadline: bool
+
+
+@dataclass
+class _Request:
+    x: torch.Tensor
+    submitted: float
+    deadline_ms: Optional[float]
+    bounds: Bounds
+    future: Future
+
+    @property
+    def pending(self) -> Pending:
+        deadline = float('inf') if self.deadline_ms is None else self.submitted + self.deadline_ms / 1e3
+        return Pending(deadline, self.bounds)
+
+
+class StitchServer:
+    """Serves ``model`` under ``controller``'s route choices (see the module docstring).
+
+    Args:
+        model: The stitched network (put in eval mode; its device and dtype are those the controller's latencies
+            were profiled on).
+        controller: Chooses each batch and its routes.
+        slo_ms: The deadline of requests that give none (None: no deadline; they run the most accurate route).
+        clock: Seconds, monotonic (``time.monotonic``); deadlines are read on it.
+    """
+
+    def __init__(self, model: StitchedNet, controller: RouteController, slo_ms: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if slo_ms is not None and not slo_ms > 0:
+            raise ValueError(f'slo_ms must be > 0 or None, got {slo_ms!r}')
+        self.model, self.controller, self.slo_ms, self.clock = model.eval(), controller, slo_ms, clock
+        self._param = next(model.parameters())
+        self._input_size = tuple(model_input_size(model))
+        self._queue: list[_Request] = []
+        self._cv = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self._routes: Counter = Counter()
+        self._served = self._met = self._with_deadline = self._batches = self._max_queue = 0
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+
+    def submit(self, x: torch.Tensor, deadline_ms: Optional[float] = None, bounds: Optional[Bounds] = None) -> Future:
+        """Queue one image ``x`` (C, H, W) and return a future of its :class:`Result`. ``deadline_ms``: its latency
+        budget from now (default: the server's ``slo_ms``). Raises ``ValueError``/``TypeError`` naming the bad
+        argument (a wrong image shape, a bound no route meets) before anything is queued."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            raise ValueError(f'x must be one image tensor (C, H, W), got {type(x).__name__} '
+                             f'{tuple(getattr(x, "shape", ()))}')
+        if tuple(x.shape) != self._input_size:
+            raise ValueError(f'x has shape {tuple(x.shape)}, the model takes images of shape {self._input_size}')
+        if deadline_ms is None:
+            deadline_ms = self.slo_ms
+        elif isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms > 0:
+            raise ValueError(f'deadline_ms must be a number > 0, got {deadline_ms!r}')
+        bounds = Bounds() if bounds is None else bounds
+        self.controller.allowed(bounds)  # refuse now a bound no route meets
+        request = _Request(x.to(self._param.device, self._param.dtype), self.clock(), deadline_ms, bounds, Future())
+        with self._cv:
+            if self._stop:
+                raise RuntimeError('the server is stopped')
+            self._queue.append(request)
+            self._max_queue = max(self._max_queue, len(self._queue))
+            self._cv.notify()
+        return request.future
+
+    # ---- the worker --------------------------------------------------------------------------------------------
+
+    def start(self) -> StitchServer:
+        """Start the worker thread (idempotent); returns the server."""
+        with self._cv:
+            self._stop = False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name='timm-stitch-server', daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Serve what is queued, then stop the worker thread."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> StitchServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+            self.step()
+
+    def step(self) -> int:
+        """Plan and run one batch from the queue now (the worker's unit of work; callable directly when no worker
+        runs, e.g. in tests); returns how many requests it answered."""
+        with self._cv:
+            queue = list(self._queue)
+            if not queue:
+                return 0
+            plan = self.controller.plan([r.pending for r in queue], self.clock())
+            taken = [queue[i] for i in plan.take]
+            chosen = set(plan.take)
+            self._queue = [r for i, r in enumerate(queue) if i not in chosen]
+        started = self.clock()
+        try:
+            with torch.inference_mode():
+                logits = mixed_forward(self.model, torch.stack([r.x for r in taken]), list(plan.routes)).float().cpu()
+        except Exception as error:  # an answer for every request taken, even when the batch fails
+            for r in taken:
+                r.future.set_exception(error)
+            return 0
+        done = self.clock()
+        self.controller.observe(plan, (done - started) * 1e3)
+        results = []
+        for r, route, row in zip(taken, plan.routes, logits):
+            latency = (done - r.submitted) * 1e3
+            met = r.deadline_ms is None or latency <= r.deadline_ms
+            results.append((r, Result(row, route, latency, r.deadline_ms, met)))
+        with self._cv:
+            self._batches += 1
+            for r, result in results:
+                self._served += 1
+                self._routes[result.route] += 1
+                if r.deadline_ms is not None:
+                    self._with_deadline += 1
+                    self._met += result.met_deadline
+        for r, result in results:
+            r.future.set_result(result)
+        return len(results)
+
+    # ---- metrics -----------------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters since start: requests served, batches, requests per route, SLO attainment (met / served with
+        a deadline; None before any), queue length now and its maximum."""
+        with self._cv:
+            return {'served': self._served, 'batches': self._batches, 'routes': dict(sorted(self._routes.items())),
+                    'slo_attainment': self._met / self._with_deadline if self._with_deadline else None,
+                    'queue_length': len(self._queue), 'max_queue_length': self._max_queue}
+
+
+# ---- requests from outside (HTTP JSON, Python handles) ------------------------------------------------------------
+
+class BadRequestError(ValueError):
+    """A request field is missing, unknown or out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f'{field}: {message}')
+        self.field = field
+
+
+#: what a request may hold besides the image: the deadline and the bounds (see :class:`Bounds`)
+REQUEST_FIELDS = ('image', 'tensor', 'deadline_ms', 'route', 'max_macs', 'max_latency_ms', 'min_top1')
+
+
+def parse_request(payload: Any, input_size: tuple[int, ...], transform: Optional[Callable[[bytes], torch.Tensor]]
+                  = None) -> tuple[torch.Tensor, Optional[float], Bounds]:
+    """``(image tensor, deadline_ms, bounds)`` from a request mapping: exactly one of ``tensor`` (a (C, H, W)
+    tensor or nested list of numbers, preprocessed) or ``image`` (an encoded image file as bytes or base64 text,
+    preprocessed with ``transform``), optional ``deadline_ms`` (> 0) and the optional bounds ``route``,
+    ``max_macs``, ``max_latency_ms``, ``min_top1``. Raises :class:`BadRequestError` naming the first bad field."""
+    if not isinstance(payload, dict):
+        raise BadRequestError('body', f'expected a JSON object with fields {", ".join(REQUEST_FIELDS)}, got '
+                                      f'{type(payload).__name__}')
+    unknown = sorted(set(payload) - set(REQUEST_FIELDS))
+    if unknown:
+        raise BadRequestError(unknown[0], f'unknown field (expected: {", ".join(REQUEST_FIELDS)})')
+    given = [k for k in ('image', 'tensor') if payload.get(k) is not None]
+    if len(given) != 1:
+        raise BadRequestError('image', 'give exactly one of image (an encoded image file, base64) or tensor '
+                                       f'(a preprocessed {list(input_size)} array), got {given or "neither"}')
+    if given[0] == 'tensor':
+        try:
+            x = torch.as_tensor(payload['tensor'], dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise BadRequestError('tensor', f'not an array of numbers ({e})') from None
+    else:
+        if transform is None:
+            raise BadRequestError('image', 'this server takes preprocessed tensors only')
+        try:
+            x = transform(_image_bytes(payload['image']))
+        except (TypeError, ValueError, OSError) as e:
+            raise BadRequestError('image', f'not a readable image file ({e})') from None
+    if tuple(x.shape) != tuple(input_size) or not torch.isfinite(x).all():
+        raise BadRequestError(given[0], f'expected a finite array of shape {list(input_size)}, got shape '
+                                        f'{list(x.shape)}')
+    numbers = {}
+    for name in ('deadline_ms', 'max_macs', 'max_latency_ms', 'min_top1'):
+        value = payload.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or (name != 'min_top1' and value <= 0)):
+            raise BadRequestError(name, f'expected a {"finite" if name == "min_top1" else "positive"} number, '
+                                        f'got {value!r}')
+        numbers[name] = value
+    route = payload.get('route')
+    if route is not None and (isinstance(route, bool) or not isinstance(route, int)):
+        raise BadRequestError('route', f'expected an integer route id, got {route!r}')
+    deadline = numbers.pop('deadline_ms')
+    return x, deadline, Bounds(route=route, **numbers)
+
+
+def _image_bytes(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return base64.b64decode(value, validate=True)
+    raise TypeError(f'expected bytes or base64 text, got {type(value).__name__}')

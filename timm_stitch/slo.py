@@ -1,0 +1,295 @@
+"""A latency-SLO route controller: which route each queued request runs so that deadlines hold and accuracy is high.
+
+Pure policy, no I/O and no clock of its own: :class:`RouteController` reads a :class:`RouteTable` (each route's
+card accuracy, MACs and measured latency on this device at the served batch sizes) and, given the queue (each
+request's absolute deadline and optional :class:`Bounds`) and the time now, returns the next batch to run and the
+route of each request in it (:class:`Plan`).
+
+The rule: requests are served earliest deadline first in batches of up to ``max_batch_size`` (those that can no
+longer make their deadline after the others). For a latency cap ``c``, every request runs the most accurate route it
+may use (its bounds) whose latency at the batch size is at most ``c``; the queue is drained in simulation
+(``horizon`` batches ahead), each batch costing the sum of its route groups' latencies (groups run one after
+another, see :func:`timm_stitch.serving.mixed_forward`). The controller takes the highest cap under which every
+request that can still make its deadline makes it: as the queue grows the cap falls to faster routes, as it shrinks
+it rises back. Requests that cannot make their deadline even alone on their fastest route run that route without
+holding the others back. The same queue and time always give the same plan.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+from .cards import model_name
+from .catalogue import staleness
+from .profile import _dtype_name, device_profile
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import StitchedNet
+
+__all__ = ['Bounds', 'RouteCost', 'RouteTable', 'Pending', 'Plan', 'RouteController', 'StaleCardError',
+           'MissingLatencyProfileError', 'NoRouteFitsError']
+
+
+class StaleCardError(ValueError):
+    """The card's accuracies do not hold for the model's weights or arguments (or it has none)."""
+
+
+class MissingLatencyProfileError(ValueError):
+    """The card holds no latency profile for this device, dtype and batch size."""
+
+
+class NoRouteFitsError(ValueError):
+    """A request's bounds exclude every route; ``field`` names the bound."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a request allows: one route id, or routes within ``max_macs`` / ``max_latency_ms`` (the route's card
+    latency at batch 1) and at least ``min_top1`` accurate. ``None``: no bound."""
+    route: Optional[int] = None
+    max_macs: Optional[float] = None
+    max_latency_ms: Optional[float] = None
+    min_top1: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class RouteCost:
+    """One route as the controller sees it: card top-1, MACs and median latency (ms) per profiled batch size."""
+    id: int
+    top1: float
+    macs: int
+    latency_ms: Mapping[int, float]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A queued request: its absolute deadline (seconds, on the clock ``now`` is read from) and its bounds."""
+    deadline: float
+    bounds: Bounds = Bounds()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The next batch: positions in the queue given to :meth:`RouteController.plan`, the route of each, the
+    estimated run time and the latency cap chosen (at the batch size)."""
+    take: tuple[int, ...]
+    routes: tuple[int, ...]
+    est_ms: float
+    cap_ms: float
+    #: per taken request: whether it can still make its deadline (a hopeless one runs its fastest route)
+    feasible: tuple[bool, ...] = field(default=())
+
+
+def _finite_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f'{name} must be a positive finite number, got {value!r}')
+    return float(value)
+
+
+class RouteTable:
+    """The routes' accuracy, MACs and latency at every served batch size (all routes profiled at the same sizes).
+
+    Latency between two profiled batch sizes is interpolated linearly; batches larger than the largest profiled
+    size are not served (``max_batch_size``)."""
+
+    def __init__(self, routes: Sequence[RouteCost]):
+        if not routes:
+            raise ValueError('a route table needs at least one route')
+        sizes = sorted(routes[0].latency_ms)
+        for r in routes:
+            if sorted(r.latency_ms) != sizes:
+                raise ValueError(f'route {r.id} is profiled at batch sizes {sorted(r.latency_ms)}, route '
+                                 f'{routes[0].id} at {sizes}: profile every route at the same sizes')
+            for b, ms in r.latency_ms.items():
+                _finite_positive(f'route {r.id} latency at batch {b}', ms)
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f'batch sizes must be >= 1, got {sizes}')
+        self.routes = {r.id: r for r in routes}
+        self.batch_sizes = tuple(sizes)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
+    def latency(self, route: int, n: int) -> float:
+        """Milliseconds for ``n`` samples of ``route`` in one group (1 <= n <= ``max_batch_size``)."""
+        lat, sizes = self.routes[route].latency_ms, self.batch_sizes
+        if n <= sizes[0]:
+            return lat[sizes[0]]
+        for lo, hi in zip(sizes, sizes[1:]):
+            if n <= hi:
+                return lat[lo] + (lat[hi] - lat[lo]) * (n - lo) / (hi - lo)
+        raise ValueError(f'batch of {n} is above the largest profiled batch size {sizes[-1]}')
+
+    @classmethod
+    def from_model(cls, model: StitchedNet, batch_sizes: Sequence[int] = (1,), device: Optional[torch.device] = None,
+                   dtype: Optional[torch.dtype] = None, routes: Optional[Sequence[int]] = None,
+                   statistic: str = 'median_ms') -> RouteTable:
+        """The table of ``model``'s loaded card: top-1 (refused when stale or absent, :class:`StaleCardError`) and
+        the latency profiles of ``device``/``dtype`` (default: the model's) at each of ``batch_sizes`` (a missing
+        one: :class:`MissingLatencyProfileError` naming it and the command that makes it). ``routes``: the ids to
+        serve (default: all). ``statistic``: the latency read, ``'median_ms'`` or (on a noisy machine) ``'p90_ms'``."""
+        if statistic not in ('median_ms', 'p90_ms'):
+            raise ValueError(f"statistic must be 'median_ms' or 'p90_ms', got {statistic!r}")
+        param = next(model.parameters())
+        device, dtype = device if device is not None else param.device, dtype if dtype is not None else param.dtype
+        card, name = model.card, model_name(model)
+        if card is None or not card.has_accuracy:
+            raise StaleCardError(f'{name} has no route card with accuracies: load one (model.load_card) so that the '
+                                 'controller knows what each route is worth')
+        stale = staleness(card, model)
+        if stale:
+            raise StaleCardError(f'the route card is stale, {stale}. Measure the routes again (timm-stitch validate)')
+        ids = list(range(model.num_routes)) if routes is None else [model.check_stitch_id(i) for i in routes]
+        counted = model.counted_routes()
+        costs = []
+        for b in batch_sizes:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ValueError(f'batch sizes must be positive integers, got {b!r}')
+        for i in ids:
+            entry = card.route(i)
+            if entry is None or entry.top1 is None:
+                raise StaleCardError(f'the route card has no top1 for route {i}')
+            latency = {}
+            for b in batch_sizes:
+                key = device_profile(device, b, dtype)
+                ms = entry.latency.get(key, {}).get(statistic)
+                if ms is None:
+                    held = ', '.join(card.latency_profiles) or 'none'
+                    raise MissingLatencyProfileError(
+                        f'the route card has no latency profile {key!r} for route {i} (it holds: {held}). Make it '
+                        f'with: timm-stitch profile {name} --device {device} --dtype {_dtype_name(dtype)} '
+                        f'--batch-size {b} --card CARD --out CARD')
+                latency[b] = ms
+            costs.append(RouteCost(i, float(entry.top1), int(counted[i].macs), latency))
+        return cls(costs)
+
+
+class RouteController:
+    """Chooses the next batch and its routes (see the module docstring).
+
+    Args:
+        table: The routes to serve.
+        max_batch_size: The most requests per batch (default and at most: the table's largest batch size).
+        margin_ms: Time added to every estimated batch (the server's own overhead per batch).
+        adapt: Weight of each observed batch in ``scale`` (0: keep the card's latencies as they are).
+        horizon: How many batches ahead the queue is simulated (the rest is planned when it comes nearer; keeps a
+            plan to about a millisecond when a burst has queued thousands of requests).
+
+    ``scale`` multiplies every card latency: :meth:`observe` moves it towards the ratio of a batch's run time to
+    its estimate, so that a machine slower than when it was profiled (other jobs, a server's own overhead) is
+    followed. It is state fed only by :meth:`observe`: the same observations give the same plans.
+    """
+
+    def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0,
+                 adapt: float = 0.0, horizon: int = 8):
+        self.table = table
+        limit = table.max_batch_size
+        if max_batch_size is None:
+            max_batch_size = limit
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= limit:
+            raise ValueError(f'max_batch_size must be an integer in [1, {limit}] (the profiled batch sizes), '
+                             f'got {max_batch_size!r}')
+        if not margin_ms >= 0:
+            raise ValueError(f'margin_ms must be >= 0, got {margin_ms!r}')
+        if not 0 <= adapt <= 1:
+            raise ValueError(f'adapt must be in [0, 1], got {adapt!r}')
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f'horizon must be an integer >= 1, got {horizon!r}')
+        self.max_batch_size, self.margin_ms, self.adapt, self.scale = max_batch_size, float(margin_ms), adapt, 1.0
+        self.horizon = horizon
+        # by accuracy (best first), ties to the faster (at batch 1) then the lower id
+        self._by_top1 = sorted(table.routes.values(), key=lambda r: (-r.top1, table.latency(r.id, 1), r.id))
+        self._allowed: dict[Bounds, tuple[int, ...]] = {}
+
+    def allowed(self, bounds: Bounds) -> tuple[int, ...]:
+        """The route ids ``bounds`` allow, most accurate first; :class:`NoRouteFitsError` naming the bound that
+        excludes every route."""
+        if bounds in self._allowed:
+            return self._allowed[bounds]
+        table = self.table
+        if bounds.route is not None:
+            if isinstance(bounds.route, bool) or not isinstance(bounds.route, int) or bounds.route not in table.routes:
+                raise NoRouteFitsError(f'route {bounds.route!r} is not served: valid ids are '
+                                       f'{_id_ranges(sorted(table.routes))}', 'route')
+        for name in ('max_macs', 'max_latency_ms', 'min_top1'):
+            value = getattr(bounds, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise NoRouteFitsError(f'{name} must be a finite number, got {value!r}', name)
+        checks = [('route', lambda r: bounds.route is None or r.id == bounds.route),
+                  ('max_macs', lambda r: bounds.max_macs is None or r.macs <= bounds.max_macs),
+                  ('max_latency_ms', lambda r: bounds.max_latency_ms is None
+                   or table.latency(r.id, 1) <= bounds.max_latency_ms),
+                  ('min_top1', lambda r: bounds.min_top1 is None or r.top1 >= bounds.min_top1)]
+        ids = [r.id for r in self._by_top1 if all(ok(r) for _, ok in checks)]
+        if not ids:
+            left = list(self._by_top1)
+            for name, ok in checks:
+                left = [r for r in left if ok(r)]
+                if not left:
+                    raise NoRouteFitsError(f'no served route meets {name}={getattr(bounds, name)!r} together with the '
+                                           f'other bounds of the request ({bounds})', name)
+        self._allowed[bounds] = tuple(ids)
+        return self._allowed[bounds]
+
+    def _batch_ms(self, routes: Sequence[int]) -> float:
+        counts: dict[int, int] = {}
+        for r in routes:
+            counts[r] = counts.get(r, 0) + 1
+        return sum(self.table.latency(r, n) for r, n in counts.items()) * self.scale + self.margin_ms
+
+    def observe(self, plan: Plan, actual_ms: float) -> None:
+        """Record that ``plan``'s batch took ``actual_ms``: ``scale`` moves by ``adapt`` towards actual / card
+        estimate (kept within [0.5, 20])."""
+        if self.adapt and plan.routes:
+            card_ms = (self._batch_ms(plan.routes) - self.margin_ms) / self.scale
+            ratio = min(max((actual_ms - self.margin_ms) / card_ms, 0.5), 20.0)
+            self.scale += self.adapt * (ratio - self.scale)
+
+    def plan(self, queue: Sequence[Pending], now: float) -> Plan:
+        """The next batch for ``queue`` at time ``now`` (seconds, the deadlines' clock). Raises
+        :class:`NoRouteFitsError` when a request's bounds exclude every route."""
+        if not queue:
+            return Plan((), (), 0.0, 0.0)
+        b = min(len(queue), self.max_batch_size)
+        latency = {r: self.table.latency(r, b) for r in self.table.routes}
+        kinds: dict[Bounds, tuple[tuple[int, ...], int, float]] = {}  # per distinct bounds: allowed, fastest, its ms
+        for bounds in {q.bounds for q in queue}:
+            ids = self.allowed(bounds)
+            fast = min(ids, key=lambda i: (latency[i], -self.table.routes[i].top1, i))
+            kinds[bounds] = ids, fast, (self.table.latency(fast, 1) * self.scale + self.margin_ms) / 1e3
+        # requests that can still make their deadline, earliest first, then the hopeless ones (they run their
+        # fastest route and hold no one back)
+        feasible = [now + kinds[q.bounds][2] <= q.deadline for q in queue]
+        order = sorted(range(len(queue)), key=lambda i: (not feasible[i], queue[i].deadline, i))[:b * self.horizon]
+        caps = sorted({latency[r] for ids, _, _ in kinds.values() for r in ids}, reverse=True)
+        for cap in caps:  # the most accurate cap first; the last (fastest) is taken when none drains in time
+            pick = {k: next((r for r in ids if latency[r] <= cap), fast) for k, (ids, fast, _) in kinds.items()}
+            routes = [pick[queue[i].bounds] if feasible[i] else kinds[queue[i].bounds][1] for i in order]
+            if self._drains(queue, order, routes, feasible, b, now):
+                break
+        take = order[:b]
+        return Plan(tuple(take), tuple(routes[:b]), self._batch_ms(routes[:b]), cap, tuple(feasible[i] for i in take))
+
+    def _drains(self, queue: Sequence[Pending], order: Sequence[int], routes: Sequence[int],
+                feasible: Sequence[bool], b: int, now: float) -> bool:
+        """Whether serving the queue in batches of ``b`` in ``order`` with ``routes`` meets every feasible
+        deadline."""
+        t = now
+        for start in range(0, len(order), b):
+            t += self._batch_ms(routes[start:start + b]) / 1e3
+            if any(feasible[i] and t > queue[i].deadline for i in order[start:start + b]):
+                return False
+        return True
+
+
+def _id_ranges(ids: Sequence[int]) -> str:
+    return f'{ids[0]}..{ids[-1]}' if ids == list(range(ids[0], ids[-1] + 1)) else ', '.join(map(str, ids))
