@@ -108,8 +108,29 @@ def test_card_writers_keep_user_files(tmp_path, model):
                                                 r'written'):
         write_card_dir(card, folder, plot=False)
     assert (folder / 'README.md').read_text() == '# my project\n'
-    assert cli_main(['card', 'snnet_vit_fmnist_tsb', '--out', str(folder), '--no-plot']) == 1
+    assert cli_main(['card', 'snnet_vit_fmnist_tsb', '--out', str(folder), '--no-plot']) == 2
     assert (folder / 'README.md').read_text() == '# my project\n'
+
+
+def test_card_files_replace_only_route_cards(tmp_path, model):
+    """A card written to a file name (RouteCard.save, profile --out, whose default is ./routes.json) replaces a
+    route card there but never a user's file of that name, and profile refuses before it times anything."""
+    card = RouteCard.from_model(model)
+    mine = tmp_path / 'routes.json'
+    mine.write_text('{"mine": 1}\n')
+    with pytest.raises(ForeignFilesError, match=r'routes.json is not a route card timm-stitch wrote: nothing was '
+                                                r'written'):
+        card.save(mine)
+    with pytest.raises(ForeignFilesError, match='is not a route card'):
+        timm_stitch.profile(model, routes=[0], repeats=1, warmup=0, progress=False, out=mine)
+    assert cli_main(['profile', 'snnet_vit_fmnist_tsb', '--routes', '0', '--repeats', '1', '--out', str(mine)]) == 2
+    assert mine.read_text() == '{"mine": 1}\n'
+    with pytest.raises(IsADirectoryError, match=r'is a folder: give the card a file name'):
+        card.save(tmp_path)
+    ours = tmp_path / 'card.json'
+    card.save(ours)
+    card.save(ours)  # its own card is replaced
+    assert RouteCard.load(ours).to_dict() == card.to_dict()
 
 
 def test_the_trainer_refuses_an_output_folder_of_user_files(tmp_path):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
-from ._io import atomic_write, file_sha256
+from ._io import ForeignFilesError, atomic_write, file_sha256
 from .card_checks import CardError, check_route_fields, check_routes
 from .catalogue import card_key
 from .unwrap import unwrap, unwrap_stitched
@@ -339,7 +339,9 @@ class RouteCard:
         )
 
     def save(self, path: PathLike) -> None:
-        """Write ``routes.json`` atomically (a temp file renamed into place)."""
+        """Write ``routes.json`` atomically (a temp file renamed into place); an existing file is replaced only when
+        it is a route card (:func:`check_card_target`)."""
+        check_card_target(path)
         atomic_write(path, json.dumps(self.to_dict(), indent=1) + '\n')
 
     @classmethod
@@ -412,3 +414,22 @@ def model_name(model: StitchedNet) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec='seconds')
+
+
+def check_card_target(path: PathLike) -> None:
+    """Refuse to write a card to ``path`` when it is a folder, or a file that is not a route card (a user's file of
+    that name is never replaced): raises before anything is written or measured."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'{path} is a folder: give the card a file name, e.g. '
+                                f'{os.path.join(path, "routes.json")}')
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, 'rb') as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and 'schema_version' in data):
+        raise ForeignFilesError(f'{path} is not a route card timm-stitch wrote: nothing was written. Write the card '
+                                'to another file (or move that one away)')

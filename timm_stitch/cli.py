@@ -12,6 +12,7 @@ import sys
 import traceback
 from typing import NoReturn, Optional, Sequence
 
+from ._io import ForeignFilesError
 from .arguments import (
     add_shared_args,
     existing_file,
@@ -41,8 +42,9 @@ SUBCOMMANDS = [
     'timm_stitch.cli_explore',
 ]
 
-# errors the library raises when a value it was given is wrong: reported as usage errors (exit status 2)
-USAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+# errors the library raises when a value it was given is wrong (a target holding a user's files included): reported
+# as usage errors (exit status 2)
+USAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ForeignFilesError)
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -143,8 +143,10 @@ def profile(
     gets no latency in the card (an older one of this profile is dropped too), the provenance record lists it
     under ``unstable``, and an :class:`UnstableTimingWarning` names it. ``max_spread=None`` accepts any timings.
     """
-    from .cards import RouteCard
+    from .cards import RouteCard, check_card_target
     from .macs import model_input_size
+    if out is not None:
+        check_card_target(out)  # before minutes of timing, not after
 
     if hasattr(model, '_orig_mod'):
         warnings.warn('profile times the eager model inside torch.compile: the latencies are not those of the '
