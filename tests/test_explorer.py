@@ -221,6 +221,9 @@ def test_cli_explore(monkeypatch, capsys):
     assert 'timm-stitch: error: no model given: pass MODEL or --model MODEL' in capsys.readouterr().err
     assert main(['explore', MODEL, '--model', 'snnet_deit_tsb']) == 2
     assert 'two models given' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # refused by argparse, before the model is built
+        main(['explore', MODEL, '--port', '99999'])
+    assert exited.value.code == 2 and "expected an integer in [1, 65535], got '99999'" in capsys.readouterr().err
 
 
 def test_space_app(monkeypatch):

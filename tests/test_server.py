@@ -112,3 +112,10 @@ def test_parse_request_reads_tensors_images_and_bounds():
     data = base64.b64encode(b'raw').decode()
     x, deadline, bounds = parse_request({'image': data}, (3, 4, 4), transform=lambda b: torch.full((3, 4, 4), len(b)))
     assert x[0, 0, 0] == 3 and deadline is None and bounds == Bounds()
+
+
+def test_serve_command_refuses_a_port_out_of_range_before_starting_ray(capsys):
+    from timm_stitch.cli import main
+    with pytest.raises(SystemExit) as exited:
+        main(['serve', 'snnet_vit_fmnist_tsb', '--port', '99999'])
+    assert exited.value.code == 2 and "expected an integer in [1, 65535], got '99999'" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -41,15 +41,16 @@ def parse_count(text: str) -> float:
     return value
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argument type: an integer ``>= low``."""
+def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argument type: an integer ``>= low`` (and ``<= high`` when given)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f'expected an integer >= {low}, got {text!r}')
+        if value is None or value < low or (high is not None and value > high):
+            valid = f'>= {low}' if high is None else f'in [{low}, {high}]'
+            raise argparse.ArgumentTypeError(f'expected an integer {valid}, got {text!r}')
         return value
     return parse
 

@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p, model_option=True)
     add_shared_args(p, ('device',), device={'default': 'cpu'})
     p.add_argument('--host', default='127.0.0.1', help='address to serve on (default: 127.0.0.1, this machine only)')
-    p.add_argument('--port', type=int_at_least(1), default=None,
+    p.add_argument('--port', type=int_at_least(1, 65535), default=None,
                    help='port to serve on (default: 7860, or the next free one)')
     p.set_defaults(func=run)
 

@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--cpus-per-replica', type=float_in(0.01), default=1.0, help='CPUs per replica (default: 1)')
     p.add_argument('--address', default=None,
                    help='a running Ray cluster to join (e.g. auto); default: start a local Ray on 127.0.0.1')
-    p.add_argument('--port', type=int_at_least(1), default=8000, help='HTTP port of a local Ray (default: 8000)')
+    p.add_argument('--port', type=int_at_least(1, 65535), default=8000, help='HTTP port of a local Ray (default: 8000)')
     p.set_defaults(func=run)
 
 
