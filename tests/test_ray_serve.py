@@ -132,36 +132,50 @@ def test_the_python_handle_answers_and_refuses_like_http(app):
 def test_replicas_killed_mid_trace_lose_no_retried_request(app):
     import ray
     url, model = app
-    images = _images(48, seed=7)
-    retried, lock, answered = [], threading.Lock(), {}
+    images, clients = _images(48, seed=7), 8
+    retried, lock, answered, sent = [], threading.Lock(), {}, set()
+    first_answer, killed = threading.Event(), threading.Event()
 
-    def client(i: int) -> None:
-        for _ in range(120):  # the client retries failures (the killed replicas' requests) until answered
-            try:
-                status, body = _post(url, {'tensor': images[i].tolist()})
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                status, body = None, {}
-            if status == 200:
-                answered[i] = body
-                return
+    def client(start: int) -> None:
+        # walks its share of the trace, and keeps the load on until the replicas are dead, so that requests are in
+        # flight when they die however fast the machine answers; failures (the killed replicas' requests) are retried
+        request = start
+        while (request < len(images) or not killed.is_set()) and request < 100 * len(images):
             with lock:
-                retried.append(i)
-            time.sleep(0.5)
+                sent.add(request)
+            for _ in range(120):
+                try:
+                    status, body = _post(url, {'tensor': images[request % len(images)].tolist()})
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    status, body = None, {}
+                if status == 200:
+                    with lock:
+                        answered[request] = body
+                    first_answer.set()
+                    break
+                with lock:
+                    retried.append(request)
+                time.sleep(0.5)
+            else:
+                return
+            request += clients
 
     def kill_replicas() -> None:  # every replica, so that requests in flight are lost whichever one they reached
-        time.sleep(1.0)
+        if not first_answer.wait(timeout=300):
+            return
         for actor in ray.util.list_named_actors(all_namespaces=True):
             if 'SERVE_REPLICA' in actor['name']:
                 ray.kill(ray.get_actor(actor['name'], namespace=actor['namespace']), no_restart=True)
+        killed.set()
 
     killer = threading.Thread(target=kill_replicas)
     killer.start()
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(client, range(len(images))))
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
     killer.join()
-    print(f'replicas killed mid-trace: {len(images)} requests, {len(retried)} retries '
+    print(f'replicas killed mid-trace: {len(sent)} requests, {len(retried)} retries '
           f'({len(set(retried))} requests retried), {len(answered)} answered')
-    assert retried and sorted(answered) == list(range(len(images)))
-    for i, body in answered.items():
-        torch.testing.assert_close(torch.tensor(body['logits']), _direct(model, images[i], body['route']),
-                                   rtol=1e-4, atol=1e-4)
+    assert killed.is_set() and retried and sorted(answered) == sorted(sent)
+    for request, body in answered.items():
+        torch.testing.assert_close(torch.tensor(body['logits']),
+                                   _direct(model, images[request % len(images)], body['route']), rtol=1e-4, atol=1e-4)
