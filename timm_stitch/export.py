@@ -10,6 +10,7 @@ from torch import nn
 from ._modes import eval_mode
 from .adapters import AnchorAdapter
 from .bn import route_bn_stats
+from .runner import RouteRun, RouteSegment
 from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
@@ -40,22 +41,17 @@ class StitchedRoute(nn.Module):
         self.anchors = nn.ModuleList(anchors)
         self.stitches = nn.ModuleList(stitches)
         self.final_norm = final_norm
-        self._adapters = list(adapters)
-        self._units = [tuple(u) for u in units]  # modules owned by ``anchors``, listed in run order
+        # the modules are owned by ``anchors`` and ``stitches``, listed in run order
+        self._run = RouteRun(adapters, [RouteSegment(tuple(u), self.stitches[i] if i < len(self.stitches) else None)
+                                        for i, u in enumerate(units)])
         self.num_classes = getattr(self.anchors[-1], 'num_classes', None)
-        self.num_features = self._adapters[-1].num_features
+        self.num_features = adapters[-1].num_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._adapters[0].embed(x)
-        for i, units in enumerate(self._units):
-            for unit in units:
-                x = unit(x)
-            if i < len(self.stitches):
-                x = self.stitches[i](x)
-        return self._adapters[-1].finish(x, self.final_norm)
+        return self._run.forward_features(x, self.final_norm)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self._adapters[-1].head(x, pre_logits=pre_logits)
+        return self._run.adapters[-1].head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence, Union
 
 import torch
 from timm.models import FeatureInfo
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from .bn import route_bn_stats
+from .runner import route_spans
 
 if TYPE_CHECKING:
     from .model import StitchedNet
@@ -43,16 +45,7 @@ def _spans(net: StitchedNet, stitch_id: int) -> list[tuple[int, int, int]]:
     route = net.plan.routes[stitch_id]
     if route.is_anchor:
         return [(route.anchors[0], 0, len(net.adapters[route.anchors[0]].units))]
-    spans, start = [], 0
-    for i, anchor in enumerate(route.anchors):
-        adapter = net.adapters[anchor]
-        if i < len(route.cuts):
-            (front, end), ref = route.cuts[i], route.stitches[i]
-            spans.append((anchor, start, adapter.unit_index(ref.stage, front) + 1))
-            start = net.adapters[route.anchors[i + 1]].unit_index(ref.stage, end)
-        else:
-            spans.append((anchor, start, len(adapter.units)))
-    return spans
+    return route_spans(route, net.adapters)
 
 
 def _points(net: StitchedNet, stitch_id: int) -> list[_Point]:
@@ -80,22 +73,20 @@ def _points(net: StitchedNet, stitch_id: int) -> list[_Point]:
 
 def take_indices(net: StitchedNet, stitch_id: int, indices: Indices) -> list[int]:
     """``indices`` (timm's: None all, an int the last n, or a sequence, negatives from the end) as absolute indices
-    of route ``stitch_id``'s intermediates; ``ValueError`` naming the route's valid range."""
+    of route ``stitch_id``'s intermediates, through timm's ``feature_take_indices``; ``ValueError`` naming the
+    route's valid range."""
     n = len(_points(net, stitch_id))
-    if indices is None:
-        return list(range(n))
     if isinstance(indices, int) and not isinstance(indices, bool):
         if not 0 < indices <= n:
             raise ValueError(f'last-n indices {indices} out of range for route {stitch_id}: it has {n} '
                              f'intermediates, so n must be in 1..{n}')
-        return list(range(n - indices, n))
-    taken = []
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
-            raise ValueError(f'intermediate index {i!r} out of range for route {stitch_id}: valid indices are '
-                             f'0..{n - 1} (or -{n}..-1)')
-        taken.append(i % n)
-    return taken
+    elif indices is not None:
+        indices = list(indices)
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                raise ValueError(f'intermediate index {i!r} out of range for route {stitch_id}: valid indices are '
+                                 f'0..{n - 1} (or -{n}..-1)')
+    return feature_take_indices(n, indices)[0]
 
 
 def route_feature_info(net: StitchedNet, stitch_id: int) -> list[dict]:
@@ -117,8 +108,12 @@ def route_intermediates(
         output_fmt: str = 'NCHW',
         intermediates_only: bool = False,
         stitch_id: Optional[int] = None,
+        stop_early: bool = False,
 ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
-    """``forward_intermediates`` of route ``stitch_id`` (default: the active one); see the module docstring."""
+    """``forward_intermediates`` of route ``stitch_id`` (default: the active one); see the module docstring. With
+    ``stop_early`` the route stops after the last unit an index needs, and (unless ``intermediates_only``) the
+    features are the finish of the anchor it stopped in, as timm's models end early. Units are checkpointed as in
+    ``forward`` when the model's gradient checkpointing is on."""
     stitch_id = net.resolve_stitch_id(stitch_id)
     taken = take_indices(net, stitch_id, indices)
     route = net.plan.routes[stitch_id]
@@ -129,7 +124,8 @@ def route_intermediates(
     with route_bn_stats(net, stitch_id):
         if route.is_anchor:
             return net.anchors[route.anchors[0]].forward_intermediates(
-                x, indices=taken, norm=norm, output_fmt=output_fmt, intermediates_only=intermediates_only)
+                x, indices=taken, norm=norm, output_fmt=output_fmt, intermediates_only=intermediates_only,
+                stop_early=stop_early)
         points = _points(net, stitch_id)
         wanted: dict[int, list[int]] = {}
         for i in taken:
@@ -137,25 +133,18 @@ def route_intermediates(
         img_size = (x.shape[-2], x.shape[-1])
         out: dict[int, torch.Tensor] = {}
 
-        def take(y: torch.Tensor, step: int) -> None:
+        def collect(step: int, y: torch.Tensor) -> None:
             for i in wanted.get(step, ()):
                 out[i] = net.adapters[points[i].anchor].intermediate(y, points[i].info, norm, output_fmt, img_size)
 
-        x, stem = net.adapters[route.anchors[0]].embed_intermediate(x)
-        if stem is not None:
-            take(stem, -1)
-        step = 0
-        for segment in net.route_segments(stitch_id):
-            for unit in segment.units:
-                x = unit(x)
-                step += 1
-                take(x, step)
-            if segment.stitch is not None:
-                x = segment.stitch(x)
+        run = net.route_run(stitch_id)
+        stop = max(0, max(points[i].step for i in taken)) if stop_early else None
+        stop = None if stop is not None and stop >= run.num_units else stop  # the whole route: stitches and all
+        x = run.run(run.embed(x, collect), stop=stop, collect=collect, checkpointing=net.checkpointing)
         intermediates = [out[i] for i in taken]
         if intermediates_only:
             return intermediates
-        return net.adapters[route.anchors[-1]].finish(x, net.final_norm_on_stitched_routes), intermediates
+        return run.finish(x, net.final_norm_on_stitched_routes, stop), intermediates
 
 
 def prune_route_intermediates(net: StitchedNet, indices: Indices = 1, prune_norm: bool = False,

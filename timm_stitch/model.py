@@ -5,13 +5,12 @@ import numbers
 import os
 import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
@@ -20,6 +19,7 @@ from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
 from .input_size import anchor_first_convs, set_anchors_input_size
 from .route_spaces import RouteSpace, plan_routes
 from .routes import LayerMapping, Route, StitchRef
+from .runner import RouteRun, RouteSegment, route_segments
 from .stitching import StitchingLayer, deployed_parameters
 
 if TYPE_CHECKING:
@@ -27,12 +27,6 @@ if TYPE_CHECKING:
     from .serving import RouteIds
 
 __all__ = ['StitchedNet', 'AnchorSpec', 'RouteSegment', 'build_anchor', 'anchor_name']
-
-@dataclass(frozen=True)
-class RouteSegment:
-    """Part of a stitched route: units of one anchor, then the stitching layer into the next (if any)."""
-    units: tuple[nn.Module, ...]
-    stitch: Optional[nn.Module]
 
 
 class StitchedNet(nn.Module):
@@ -127,7 +121,7 @@ class StitchedNet(nn.Module):
         if device is not None or dtype is not None:  # timm's factory kwargs: the new modules follow the anchors
             self.stitch_layers.to(device=device, dtype=dtype)
             self.route_bn.to(device=device, dtype=dtype)
-        self._segments = [self._route_segments(r) for r in self.plan.routes]
+        self._runs = [self._route_run(r) for r in self.plan.routes]
         self._stitch_id = len(self.anchors) - 1  # the largest anchor, as a plain timm model would behave
         self._route_cache: Optional[list[Route]] = None
         if stitch_id is not None:
@@ -187,7 +181,8 @@ class StitchedNet(nn.Module):
 
     def route_segments(self, stitch_id: int) -> Optional[tuple[RouteSegment, ...]]:
         """The segments route ``stitch_id`` runs between its embedding and its head (None for an anchor route)."""
-        return self._segments[self.check_stitch_id(stitch_id)]
+        run = self.route_run(stitch_id)
+        return None if run is None else run.segments
 
     def check_stitch_id(self, stitch_id: Any) -> int:
         """``stitch_id`` as an int; ``TypeError`` for a non-integer, ``ValueError`` naming the valid range."""
@@ -204,27 +199,21 @@ class StitchedNet(nn.Module):
         """``stitch_id`` checked, or the active route's id when it is None."""
         return self._stitch_id if stitch_id is None else self.check_stitch_id(stitch_id)
 
-    def _route_segments(self, route: Route) -> Optional[tuple[RouteSegment, ...]]:
-        if route.is_anchor:
+    def route_run(self, stitch_id: int) -> Optional[RouteRun]:
+        """How route ``stitch_id`` runs (see :mod:`timm_stitch.runner`); None for an anchor route."""
+        return self._runs[self.check_stitch_id(stitch_id)]
+
+    def _route_run(self, route: Route) -> Optional[RouteRun]:
+        segments = route_segments(route, self.adapters, self.stitch_layer)
+        if segments is None:
             return None
-        segments = []
-        start = 0
-        for i, anchor in enumerate(route.anchors):
-            adapter = self.adapters[anchor]
-            if i < len(route.cuts):
-                (front, end), ref = route.cuts[i], route.stitches[i]
-                stop = adapter.unit_index(ref.stage, front) + 1
-                segments.append(RouteSegment(adapter.units[start:stop], self.stitch_layer(ref)))
-                start = self.adapters[route.anchors[i + 1]].unit_index(ref.stage, end)
-            else:
-                segments.append(RouteSegment(adapter.units[start:], None))
-        return tuple(segments)
+        return RouteRun([self.adapters[a] for a in route.anchors], segments)
 
     def _route_params(self, route: Route) -> int:
         if route.is_anchor:
             return sum(p.numel() for p in self.anchors[route.anchors[0]].parameters())
         params = {id(p): p for p in self.adapters[route.anchors[0]].embed_parameters()}
-        for segment in self._segments[route.id]:
+        for segment in self._runs[route.id].segments:
             modules = segment.units + ((segment.stitch,) if segment.stitch is not None else ())
             params.update((id(p), p) for p in deployed_parameters(modules))
         last = self.adapters[route.anchors[-1]]
@@ -258,14 +247,7 @@ class StitchedNet(nn.Module):
         route = self.plan.routes[stitch_id]
         if route.is_anchor:
             return self.anchors[route.anchors[0]].forward_features(x)
-        x = self.adapters[route.anchors[0]].embed(x)
-        use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-        for segment in self._segments[stitch_id]:
-            for unit in segment.units:
-                x = checkpoint(unit, x, use_reentrant=False) if use_checkpoint else unit(x)
-            if segment.stitch is not None:
-                x = segment.stitch(x)
-        return self.adapters[route.anchors[-1]].finish(x, self.final_norm_on_stitched_routes)
+        return self._runs[stitch_id].forward_features(x, self.final_norm_on_stitched_routes, self.checkpointing)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, stitch_id: Optional[int] = None) -> torch.Tensor:
         """Head of the last anchor of route ``stitch_id`` on features from ``forward_features`` (with the route's
@@ -290,10 +272,10 @@ class StitchedNet(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
                               norm: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
-                              stitch_id: Optional[int] = None) -> Any:
+                              stitch_id: Optional[int] = None, stop_early: bool = False) -> Any:
         """timm's ``forward_intermediates`` on route ``stitch_id``; see :mod:`timm_stitch.features` for indexing."""
         from .features import route_intermediates
-        return route_intermediates(self, x, indices, norm, output_fmt, intermediates_only, stitch_id)
+        return route_intermediates(self, x, indices, norm, output_fmt, intermediates_only, stitch_id, stop_early)
 
     def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True, stitch_id: Optional[int] = None) -> list[int]:
@@ -350,6 +332,11 @@ class StitchedNet(nn.Module):
                 groups.setdefault(name, []).extend((_prefix_pattern(p, i), o) for p, o in specs)
         groups.setdefault('blocks', []).append((r'^stitch_layers\.\d+\.\d+\.(\d+)', None))
         return groups
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether route units are recomputed in the backward pass now (gradient checkpointing on, grads enabled)."""
+        return self.grad_checkpointing and torch.is_grad_enabled()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

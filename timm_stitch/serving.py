@@ -74,22 +74,16 @@ def run_route(model: StitchedNet, stitch_id: int, x: torch.Tensor, start: int = 
     """Logits of stitched route ``stitch_id`` from ``x``: images when ``start`` is 0, else the activation after the
     first ``start`` units of its front anchor. Also returns the activations after the first ``d`` units for each
     ``d`` in ``keep`` (with ``start <= d <= first_segment_length``), for routes that share them."""
-    segments = model.route_segments(stitch_id)
-    route = model.plan.routes[stitch_id]
-    kept = {}
+    run = model.route_run(stitch_id)
+    kept: dict[int, torch.Tensor] = {}
+
+    def collect(step: int, h: torch.Tensor) -> None:
+        if step in keep:
+            kept[step] = h
+
     with route_bn_stats(model, stitch_id):
-        h = model.adapters[route.anchors[0]].embed(x) if start == 0 else x
-        for i, segment in enumerate(segments):
-            first = start if i == 0 else 0
-            for depth, unit in enumerate(segment.units[first:], first):
-                if i == 0 and depth in keep:
-                    kept[depth] = h
-                h = unit(h)
-            if i == 0 and len(segment.units) in keep:
-                kept[len(segment.units)] = h
-            if segment.stitch is not None:
-                h = segment.stitch(h)
-        feats = model.adapters[route.anchors[-1]].finish(h, model.final_norm_on_stitched_routes)
+        h = run.run(run.embed(x) if start == 0 else x, start=start, collect=collect if keep else None)
+        feats = run.finish(h, model.final_norm_on_stitched_routes)
         return model.forward_head(feats, stitch_id=stitch_id), kept
 
 
@@ -142,15 +136,13 @@ def _shared_prefix_forward(model: StitchedNet, front: int, x: torch.Tensor,
                            members: list[tuple[int, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Routes starting in anchor ``front``: one embedding and one pass per common unit for the union of their
     samples; each route leaves the shared tensor (its rows sliced off) at its first stitch."""
-    adapter = model.adapters[front]
     members = sorted(members, key=lambda m: first_segment_length(model, m[0]))
     sizes = [len(pos) for _, pos in members]
-    h = adapter.embed(x[torch.cat([pos for _, pos in members])])
+    h = model.route_run(members[0][0]).embed(x[torch.cat([pos for _, pos in members])])
     done, outputs = 0, []
     for i, (stitch_id, pos) in enumerate(members):
         stop = first_segment_length(model, stitch_id)
-        for unit in adapter.units[done:stop]:
-            h = unit(h)
+        h = model.route_run(stitch_id).run(h, start=done, stop=stop)  # the units of ``front`` they share
         done = stop
         rows, h = h[:sizes[i]], h[sizes[i]:]
         outputs.append((pos, run_route(model, stitch_id, rows, start=stop)[0]))
