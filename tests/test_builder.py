@@ -98,6 +98,27 @@ def test_refuses_incompatible_anchors_naming_what_differs(anchors, message):
         timm_stitch.stitch(anchors, num_classes=10)
 
 
+@pytest.mark.parametrize('anchors, message', [
+    ([deit3(16, 2), deit3(32, 2, img_size=48)], 'different input sizes: .*32x32.*48x48'),
+    ([deit3(16, 2), deit3(32, 2, patch_size=4)], r'in stage 0: .* gives 17 tokens, .* 65 tokens'),
+])
+def test_every_build_path_checks_the_anchors(anchors, message):
+    """``StitchedNet(...)`` and ``timm.create_model('snnet', ...)`` check the anchors as ``stitch()`` does."""
+    with pytest.raises(ValueError, match=message):
+        StitchedNet(anchors, num_classes=10)
+    with pytest.raises(ValueError, match=message):
+        timm.create_model('snnet', anchors=anchors, num_classes=10)
+
+
+def test_options_object_and_flat_options_build_the_same_network():
+    options = StitchOptions(kernel_size=3, nearest=False)
+    by_object = StitchedNet(CONVNEXTS[:2], options=options, num_classes=10)
+    flat = StitchedNet(CONVNEXTS[:2], kernel_size=3, nearest=False, num_classes=10)
+    assert by_object.plan == flat.plan and by_object.options == flat.options
+    assert flat.options.stages == (0, 1, 2)  # the stages checked and planned
+    assert StitchedNet(CONVNEXTS[:2], options=options, kernel_size=2).options.kernel_size == 2  # flat wins
+
+
 def test_refuses_unsupported_families_and_bad_stages():
     with pytest.raises(TypeError, match='cannot stitch a MobileNetV3: supported anchor families are'):
         timm_stitch.stitch(['mobilenetv3_small_050', 'mobilenetv3_small_100'], num_classes=10)

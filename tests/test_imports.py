@@ -1,7 +1,9 @@
-"""The package's structure stays simple: no import cycle between its modules and no module over 500 lines.
+"""The package's structure stays simple: no import cycle between its modules, the model below everything that
+reads or serves it, and no module over 500 lines.
 
-Only imports that run when a module is imported count: ``if TYPE_CHECKING:`` blocks and imports inside functions
-are skipped (a method importing a module lazily to delegate to it is not a cycle).
+Every import counts, also inside functions (a method importing a module lazily to delegate to it depends on it just
+the same); only ``if TYPE_CHECKING:`` blocks, which never run, are skipped. Importing ``a.b.c`` also runs the
+``__init__`` of ``a.b`` (unless the importer lives inside ``a.b`` already), so that counts as importing ``a.b``.
 """
 from __future__ import annotations
 
@@ -28,25 +30,34 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == 'TYPE_CHECKING')
 
 
-def _top_level_imports(tree: ast.Module) -> list[ast.stmt]:
-    """Import statements run at import time: module level, also inside ``try``/``if`` (not ``TYPE_CHECKING``)."""
+def _all_imports(tree: ast.Module) -> list[ast.stmt]:
+    """Every import statement, at module level or inside functions, classes, ``try`` and ``if`` blocks, except those
+    under ``if TYPE_CHECKING:``."""
     found, todo = [], list(tree.body)
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
-        elif isinstance(node, ast.If) and not _is_type_checking(node):
-            todo += node.body + node.orelse
-        elif isinstance(node, ast.Try):
-            todo += node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
+        elif isinstance(node, ast.If) and _is_type_checking(node):
+            todo += node.orelse
+        else:
+            todo += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
     return found
 
 
+def _with_packages(target: str, importer: str) -> set[str]:
+    """``target`` and the packages above it whose ``__init__`` importing it runs (those not above ``importer``)."""
+    parts = target.split('.')
+    return {'.'.join(parts[:n]) for n in range(1, len(parts) + 1)
+            if not importer.startswith('.'.join(parts[:n]) + '.')}
+
+
 def _imports(name: str, path: Path) -> set[str]:
-    """The package modules ``name`` imports at import time (a ``from pkg import sub`` counts ``pkg.sub``)."""
+    """The package modules ``name`` imports (a ``from pkg import sub`` of a submodule counts ``pkg.sub``, of a name
+    defined in ``pkg`` counts ``pkg``)."""
     package = name if path.name == '__init__.py' else name.rpartition('.')[0]
     targets = set()
-    for node in _top_level_imports(ast.parse(path.read_text())):
+    for node in _all_imports(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets |= {alias.name for alias in node.names}
             continue
@@ -54,9 +65,10 @@ def _imports(name: str, path: Path) -> set[str]:
         for _ in range(node.level - 1):
             base = base.rpartition('.')[0]
         source = (f'{base}.{node.module}' if node.module else base) if node.level else node.module
-        targets.add(source)
-        targets |= {f'{source}.{alias.name}' for alias in node.names}
-    return {t for t in targets if t in MODULES and t != name}
+        for alias in node.names:
+            targets.add(f'{source}.{alias.name}' if f'{source}.{alias.name}' in MODULES else source)
+    found = set().union(*(_with_packages(t, name) for t in targets if t in MODULES)) if targets else set()
+    return {t for t in found if t in MODULES and t != name}
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -86,10 +98,25 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
+def _reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    """The modules ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
 def test_import_graph_has_no_cycle():
-    graph = {name: _imports(name, path) for name, path in MODULES.items()}
-    assert graph['timm_stitch.model'] >= {'timm_stitch.adapters', 'timm_stitch.routes'}  # the parser sees imports
-    cycle = _find_cycle(graph)
+    assert GRAPH['timm_stitch.model'] >= {'timm_stitch.adapters', 'timm_stitch.routes'}  # the parser sees imports
+    assert 'timm_stitch.features' in GRAPH['timm_stitch.model']  # ... also inside methods
+    assert _with_packages('timm_stitch.models._release', 'timm_stitch.model') == {  # ... and the packages they run
+        'timm_stitch.models', 'timm_stitch.models._release'}
+    cycle = _find_cycle(GRAPH)
     assert not cycle, 'import cycle: ' + ' -> '.join(cycle)
 
 
@@ -98,10 +125,18 @@ def test_cycle_finder_reports_a_cycle():
     assert _find_cycle({'a': {'b'}, 'b': set()}) == []
 
 
-def test_model_does_not_import_cards_profile_or_selection():
-    """The model runs routes; card annotation, latency profiles and selection import the model, not the reverse."""
-    imported = _imports('timm_stitch.model', MODULES['timm_stitch.model'])
-    assert not imported & {f'timm_stitch.{m}' for m in ('cards', 'profile', 'selection', 'macs', 'export', 'ls_init')}
+def test_parser_counts_imports_in_functions_not_type_checking():
+    tree = ast.parse('import a\nif TYPE_CHECKING:\n    import b\ndef f():\n    import c\n'
+                     'class K:\n    def m(self):\n        from d import e\n')
+    assert sorted(n.names[0].name if isinstance(n, ast.Import) else n.module for n in _all_imports(tree)) == \
+        ['a', 'c', 'd']
+
+
+def test_model_imports_nothing_above_it():
+    """The model runs routes; cards, selection, serving, export... may import it, nothing it imports does."""
+    above = {name for name in GRAPH if 'timm_stitch.model' in _reached(GRAPH, name)}
+    assert not _reached(GRAPH, 'timm_stitch.model') & (above | {'timm_stitch.model'})
+    assert {'timm_stitch.builder', 'timm_stitch.models', 'timm_stitch.models._factory'} <= above  # seen
 
 
 def test_no_module_over_500_lines():

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tiny_models import low_rank_images, tiny_images, tiny_vit_args
 
 import timm_stitch  # noqa: F401  (registers snnet_*)
-from timm_stitch import StitchedNet, stitch
+from timm_stitch import StitchedNet, StitchOptions, stitch
 from timm_stitch.card_readme import render_readme
 from timm_stitch.cards import RouteCard
 from timm_stitch.cli import main as cli_main
@@ -100,13 +100,13 @@ def test_bad_depths_raise(depths, match):
 
 def test_plan_routes_dispatches_and_refuses_what_two_way_cannot_plan():
     assert plan_routes([[12], [12]]) == plan_token_routes([12, 12])
-    assert plan_routes([[12], [24]], 'two_way') == plan_two_way_routes([12, 24])
+    assert plan_routes([[12], [24]], StitchOptions(route_space='two_way')) == plan_two_way_routes([12, 24])
     with pytest.raises(ValueError, match="route_space must be one of"):
-        plan_routes([[12], [12]], 'both')
+        StitchOptions(route_space='both')
     with pytest.raises(ValueError, match='plain token anchors'):
-        plan_routes([[2, 2, 6, 2], [2, 2, 18, 2]], 'two_way')
+        plan_routes([[2, 2, 6, 2], [2, 2, 18, 2]], StitchOptions(route_space='two_way'))
     with pytest.raises(ValueError, match='multi_anchor'):
-        plan_routes([[12], [24]], 'two_way', multi_anchor=True)
+        plan_routes([[12], [24]], StitchOptions(route_space='two_way', multi_anchor=True))
 
 
 # ---- MACs ----

@@ -7,7 +7,7 @@ from tiny_models import tiny_snnet
 from timm_stitch.cards import RouteCard
 from timm_stitch.catalogue import MissingMeasurementError
 from timm_stitch.routes import Route
-from timm_stitch.selection import mark_dominated, pareto_front, select_route
+from timm_stitch.selection import Budget, filter_routes, mark_dominated, pareto_front, select_route
 
 
 def R(i, macs=None, params=None, top1=None, latency_ms=None, top5=None):
@@ -24,6 +24,21 @@ def test_select_highest_top1_within_every_bound():
     assert select_route(ROUTES, max_macs=500, max_params=35, max_latency_ms=2.6).id == 4
     assert select_route(ROUTES, max_latency_ms=2.0).id == 0
     assert select_route(ROUTES, min_top1=80.0).id == 2
+
+
+def test_budget_is_the_one_form_of_the_bounds():
+    budget = Budget(max_macs=500, max_params=35)
+    assert select_route(ROUTES, budget) == select_route(ROUTES, max_macs=500, max_params=35)
+    assert filter_routes(ROUTES, Budget(min_top1=79.0)) == filter_routes(ROUTES, min_top1=79.0)
+    assert budget.costs == {'macs': 500, 'params': 35}
+    with pytest.raises(TypeError, match='not both'):
+        select_route(ROUTES, budget, max_macs=100)
+    with pytest.raises(TypeError, match='max_macs must be a number'):
+        Budget(max_macs=True)
+    with pytest.raises(TypeError):
+        select_route(ROUTES, max_flops=1)  # not a bound
+    with pytest.raises(ValueError, match='min_top1 must be a number'):
+        Budget(min_top1=float('nan'))
 
 
 def test_select_prefers_known_accuracy():

@@ -6,6 +6,7 @@ from . import models  # noqa: F401  (registers the architectures)
 from ._download import DownloadError
 from ._io import DiskFullError, ForeignFilesError
 from ._mismatch import WeightsMismatchError
+from ._version import __version__
 from .bn import recalibrate_bn
 from .builder import StitchOptions, stitch
 from .cards import CardError, RouteCard
@@ -19,14 +20,15 @@ from .features import StitchedFeatures
 from .hub import push_to_hub, save_pretrained
 from .ls_init import init_stitches
 from .macs import count_route_macs
-from .model import StitchedNet
+from .model import StitchedNet, register_release_loader
+from .models._release import load_release
 from .profile import device_profile, profile
 from .quantize import QuantizedLinear, quantize
 from .route_spaces import plan_routes, plan_two_way_routes
 from .routes import Route, StitchPlan, format_route_table, plan_staged_routes, plan_token_routes
 from .sampling import RouteSampler
 
-__version__ = '0.1.0'
+register_release_loader(load_release)  # pretrained=True: the model reads releases through the models package
 
 __all__ = [
     'StitchedNet', 'CompiledStitchedNet', 'compile', 'Route', 'StitchPlan', 'init_stitches', 'format_route_table',

@@ -85,7 +85,7 @@ class RouteCard:
         """A card with the structure, MACs and params of ``model`` (counted by timm-stitch); ``checkpoint``, when
         given, is the weights file whose sha256 the provenance records. A wrapped model (``torch.compile``, DDP)
         is counted as the model inside."""
-        from . import __version__
+        from ._version import __version__
         from .macs import model_input_size
         model = unwrap_stitched(model, 'RouteCard.from_model')
         routes = [

@@ -8,7 +8,6 @@ current device, dtype and batch size, also at query time, so that ``.to()`` is f
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
@@ -16,18 +15,14 @@ import torch
 
 from .fingerprint import weights_fingerprint
 from .routes import Route
-from .selection import mark_dominated, pareto_front, select_route
+from .selection import Budget, mark_dominated, pareto_front, select_route
 
 if TYPE_CHECKING:
     from .cards import RouteCard
     from .model import StitchedNet
 
 __all__ = ['RouteCatalogue', 'MissingMeasurementError', 'card_routes', 'card_key', 'model_args', 'weights_key',
-           'state_key', 'forget_weights', 'staleness']
-
-#: per model: (signature of its tensors, fingerprint), so that routes() hashes the weights only after they change
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
+           'state_key', 'staleness']
 
 #: short names of the float dtypes a model can run in, as cards record precisions
 _DTYPE_PRECISIONS = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float64: 'fp64'}
@@ -50,38 +45,17 @@ def model_args(model: StitchedNet) -> dict[str, Any]:
             'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes, 'precision': precision(model)}
 
 
-def _signature(state: dict[str, torch.Tensor]) -> Optional[tuple]:
-    """Where each tensor lives and how often it was written in place (``_version``): changes whenever a value can
-    have changed. None for inference tensors, which keep no version counter."""
-    try:
-        return tuple((k, v.data_ptr(), v._version, v.dtype, v.device) for k, v in state.items())
-    except RuntimeError:
-        return None
-
-
 def weights_key(model: StitchedNet) -> str:
-    """The fingerprint a card's accuracies are keyed to: :func:`weights_fingerprint` of the weights in float32, so
-    that a move to another device, or a cast that loses nothing (fp16 weights shipped and loaded as float32), keeps
-    it. Cached per model until a tensor is replaced or written in place."""
-    state = model.state_dict()
-    signature = _signature(state)
-    cached = _FINGERPRINTS.get(model)
-    if signature is not None and cached is not None and cached[0] == signature:
-        return cached[1]
-    key = state_key(state)
-    if signature is not None:
-        _FINGERPRINTS[model] = (signature, key)
-    return key
+    """The fingerprint a card's accuracies are keyed to: :func:`state_key` of ``model``'s state dict, cached by the
+    model until a tensor is replaced or written in place (``model.weights_key()``)."""
+    return model.weights_key()
 
 
 def state_key(state: Mapping[str, torch.Tensor]) -> str:
-    """The fingerprint :func:`weights_key` gives a model whose state dict is ``state``."""
+    """The fingerprint :func:`weights_key` gives a model whose state dict is ``state``: :func:`weights_fingerprint`
+    of the weights in float32, so that a move to another device, or a cast that loses nothing (fp16 weights shipped
+    and loaded as float32), keeps it."""
     return weights_fingerprint({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-
-
-def forget_weights(model: StitchedNet) -> None:
-    """Drop ``model``'s cached fingerprint (its weights were changed through its own API)."""
-    _FINGERPRINTS.pop(model, None)
 
 
 def card_key(model: StitchedNet) -> dict[str, Any]:
@@ -164,23 +138,18 @@ class RouteCatalogue:
                                      latency_ms=latency.get('median_ms'), extra=extra))
         return mark_dominated(annotated)
 
-    def select(
-            self,
-            max_macs: Optional[float] = None,
-            max_params: Optional[float] = None,
-            max_latency_ms: Optional[float] = None,
-            min_top1: Optional[float] = None,
-    ) -> Route:
-        """The best route meeting every bound (see :func:`timm_stitch.selection.select_route`). Raises
-        ``ValueError`` when a bound needs what the card cannot give: accuracies that are stale, or latencies of a
-        profile it does not hold."""
-        if min_top1 is not None and self.stale:
+    def select(self, budget: Optional[Budget] = None, **bounds: Optional[float]) -> Route:
+        """The best route within ``budget`` (or the :class:`~timm_stitch.selection.Budget` fields given by keyword;
+        see :func:`timm_stitch.selection.select_route`). Raises ``ValueError`` when a bound needs what the card
+        cannot give: accuracies that are stale, or latencies of a profile it does not hold."""
+        budget = Budget.of(budget, **bounds)
+        if budget.min_top1 is not None and self.stale:
             raise ValueError(f'cannot select by min_top1: the route card is stale, {self.stale}. Measure the routes '
                              'again (timm-stitch validate) and load the new card')
         routes = self.annotated()
-        if max_latency_ms is not None and self.card is not None:
+        if budget.max_latency_ms is not None and self.card is not None:
             self._require(routes, 'latency_ms', 'cannot select by max_latency_ms')
-        return select_route(routes, max_macs, max_params, max_latency_ms, min_top1)
+        return select_route(routes, budget)
 
     def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
         """The routes no other route beats on both ``x`` (lower is better) and ``y`` (higher is better), sorted by

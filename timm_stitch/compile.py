@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .serving import mixed_forward
+from .unwrap import StitchedWrapper
 
 if TYPE_CHECKING:
     from .model import StitchedNet
@@ -38,7 +39,7 @@ def _route_function(stitch_id: int) -> Callable[[StitchedNet, torch.Tensor], tor
     return types.FunctionType(code, {**_route_forward.__globals__, 'ROUTE_ID': stitch_id}, name)
 
 
-class CompiledStitchedNet:
+class CompiledStitchedNet(StitchedWrapper):
     """Calls a stitched network through one ``torch.compile``'d graph per route.
 
     ``compiled(x)`` runs the model's active route, ``compiled(x, stitch_id=k)`` route ``k``, ``compiled(x,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 import timm
 import torch
@@ -31,7 +31,9 @@ from torch import nn
 
 from ._io import file_sha256
 from .cards import RouteCard
-from .model import StitchedNet
+
+if TYPE_CHECKING:
+    from .model import StitchedNet
 
 __all__ = ['OFFICIAL_FORMATS', 'OfficialFormat', 'read_checkpoint', 'convert_official', 'add_parser']
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence, Union
 
 import torch
 from timm.models import FeatureInfo
-from timm.models._features import feature_take_indices
 from torch import nn
 
+from ._timm_compat import feature_take_indices
 from .bn import route_bn_stats
 from .runner import route_spans
 

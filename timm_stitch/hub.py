@@ -14,7 +14,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
@@ -33,10 +33,12 @@ from .card_readme import is_rendered_readme, render_readme
 from .cards import RouteCard
 from .catalogue import staleness, state_key, weights_key
 from .input_size import anchor_first_convs, filter_anchor_checkpoints, is_input_conv_mismatch
-from .model import StitchedNet
 from .quantize import quantization_args, quantize_state_dict
 from .stitching import merged_lora_state, stitch_lora_args
-from .unwrap import unwrap
+from .unwrap import is_stitched, unwrap
+
+if TYPE_CHECKING:
+    from .model import StitchedNet
 
 __all__ = [
     'save_pretrained', 'push_to_hub', 'load_pretrained_card', 'check_pretrained_state_dict', 'pretrained_errors',
@@ -80,7 +82,7 @@ def save_pretrained(
     target = Path(save_directory)
     owned = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME] + ([README_NAME] if is_rendered_readme(target / README_NAME) else [])
     with atomic_dir(target, owned, is_ours=_holds_saved_model, what='save_pretrained') as tmp:
-        if isinstance(model, StitchedNet):
+        if is_stitched(model):
             _write_stitched(model, tmp, card, dict(model_args or {}), repo_id or target.name, merge_lora)
         elif not is_model((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''):
             raise TypeError(

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import numbers
-import os
 import re
-import warnings
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -14,22 +12,23 @@ from torch import nn
 
 from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
+from .anchor_checks import stitchable_stages
 from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
 from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
+from .card_state import RouteCardMixin
 from .input_size import anchor_first_convs, set_anchors_input_size
-from .route_spaces import RouteSpace, plan_routes
-from .routes import LayerMapping, Route, StitchRef
+from .route_spaces import StitchOptions, plan_routes
+from .routes import Route, StitchRef
 from .runner import RouteRun, RouteSegment, route_segments
 from .stitching import StitchingLayer, deployed_parameters
 
 if TYPE_CHECKING:
-    from .cards import RouteCard
     from .serving import RouteIds
 
-__all__ = ['StitchedNet', 'AnchorSpec', 'RouteSegment', 'build_anchor', 'anchor_name']
+__all__ = ['StitchedNet', 'AnchorSpec', 'RouteSegment', 'build_anchor', 'anchor_name', 'register_release_loader']
 
 
-class StitchedNet(nn.Module):
+class StitchedNet(RouteCardMixin, nn.Module):
     """A stitchable network (SN-Net) over timm anchors.
 
     Anchors are ordinary timm models kept in ``self.anchors`` (smallest first); stitching layers live in
@@ -41,14 +40,10 @@ class StitchedNet(nn.Module):
         num_classes: Classes of every anchor head (default: each named anchor's own default).
         in_chans: Input channels of every anchor (default: each named anchor's own default).
         img_size: Input size passed to every anchor built by name (default: each anchor's own).
-        kernel_size: Sliding-window size used to enumerate stitch positions.
-        stride: Sliding-window stride.
-        nearest: Stitch only adjacent anchors (by size); otherwise every pair.
-        multi_anchor: Also build routes through three or more anchors.
-        stages: For hierarchical anchors, the stages stitched inside; default all but the last.
-        layer_mapping: ``'corrected'`` sharing of layers between unequal-depth anchors, or ``'official'``.
-        route_space: ``'one_way'`` (SN-Net: small to large anchors only) or ``'two_way'`` (SN-Netv2: two plain
-            token anchors stitched both ways, in the official ids; the window settings above do not apply).
+        options: Where and how the anchors are stitched (:class:`~timm_stitch.StitchOptions`: window, stages, layer
+            mapping, route space); its fields may also be given flat (``kernel_size=2``, ``route_space='two_way'``),
+            as ``config.json`` records them. The anchors are checked against it (``ValueError`` naming what
+            differs when they cannot be stitched).
         final_norm_on_stitched_routes: Apply the last anchor's final norm on stitched routes (the official DeiT
             code skips it; set False to reproduce its checkpoint).
         pretrained_anchors: Load each anchor's own timm pretrained weights.
@@ -57,6 +52,8 @@ class StitchedNet(nn.Module):
         stitch_id: The route made active (as ``set_stitch``; default: the largest anchor's), so that
             ``timm.create_model(..., stitch_id=k)`` and stock timm scripts' ``--model-kwargs stitch_id=k`` pick a route.
         device, dtype: timm's factory arguments: anchors built by name and the stitching layers are made there.
+        anchor_names: The names the anchors are known by (default: each spec's name, or a built model's
+            architecture).
         **anchor_kwargs: Passed to ``timm.create_model`` for every anchor given by name (``drop_path_rate``...);
             ``drop_path_rate`` may be a sequence with one rate per anchor (SN-Netv2 gives each anchor its own).
     """
@@ -67,13 +64,7 @@ class StitchedNet(nn.Module):
             num_classes: Optional[int] = None,
             in_chans: Optional[int] = None,
             img_size: Optional[Union[int, tuple[int, int]]] = None,
-            kernel_size: int = 2,
-            stride: int = 1,
-            nearest: bool = True,
-            multi_anchor: bool = False,
-            stages: Optional[Sequence[int]] = None,
-            layer_mapping: LayerMapping = 'corrected',
-            route_space: RouteSpace = 'one_way',
+            options: Optional[StitchOptions] = None,
             final_norm_on_stitched_routes: bool = True,
             pretrained_anchors: bool = False,
             stitch_id: Optional[int] = None,
@@ -81,9 +72,11 @@ class StitchedNet(nn.Module):
             stitch_lora_alpha: float = 1.0,
             device: Optional[Union[str, torch.device]] = None,
             dtype: Optional[torch.dtype] = None,
+            anchor_names: Optional[Sequence[str]] = None,
             **anchor_kwargs: Any,
     ):
         super().__init__()
+        options = StitchOptions.of(options, anchor_kwargs)
         if not anchors:
             raise ValueError('a stitched network needs at least one anchor')
         if img_size is not None:
@@ -93,7 +86,11 @@ class StitchedNet(nn.Module):
                   for a, kwargs in zip(anchors, per_anchor_kwargs(anchor_kwargs, len(anchors)))]
         self.anchors = nn.ModuleList(models)
         self.adapters: list[AnchorAdapter] = [adapter_for(m) for m in models]
-        self.anchor_names = [anchor_name(a, m) for a, m in zip(anchors, models)]
+        self.anchor_names = list(anchor_names or (anchor_name(a, m) for a, m in zip(anchors, models)))
+        if len(self.anchor_names) != len(models):
+            raise ValueError(f'got {len(self.anchor_names)} anchor names for {len(models)} anchors')
+        #: where and how the anchors are stitched (``stages``: those checked and planned)
+        self.options = replace(options, stages=stitchable_stages(models, self.anchor_names, options))
         self.num_classes = models[0].num_classes
         self.in_chans = self.adapters[0].in_chans
         self._traits = {'first_conv': anchor_first_convs(self.anchors)}  # timm adapts each to in_chans when loading
@@ -101,9 +98,8 @@ class StitchedNet(nn.Module):
         self.final_norm_on_stitched_routes = final_norm_on_stitched_routes
         self.grad_checkpointing = False
 
-        self.route_space = route_space
-        self.plan = plan_routes([a.stage_depths() for a in self.adapters], route_space, kernel_size, stride, nearest,
-                                multi_anchor, stages, layer_mapping)
+        self.route_space = options.route_space
+        self.plan = plan_routes([a.stage_depths() for a in self.adapters], self.options)
         self.stitch_layers = nn.ModuleDict()
         for group in self.plan.groups:
             front, end = self.adapters[group.front_anchor], self.adapters[group.end_anchor]
@@ -155,14 +151,6 @@ class StitchedNet(nn.Module):
         """Make route ``stitch_id`` the active one; on a bad id, raises and leaves the active route unchanged."""
         self._stitch_id = self.check_stitch_id(stitch_id)
 
-    def routes(self) -> list[Route]:
-        """Every route with its anchors, cuts, the parameters its forward uses and its MACs; top1/top5/latency_ms/
-        dominated come from the loaded card (see ``load_card``), read now: accuracy only while the card's weights
-        and model arguments match the model's (else ``extra['accuracy_stale']`` says why), latency of the model's
-        current device and dtype."""
-        from .catalogue import RouteCatalogue
-        return RouteCatalogue.of(self).annotated()
-
     def counted_routes(self) -> list[Route]:
         """Every route with its structure, params and MACs only (counted on first call: they depend on the
         architecture alone)."""
@@ -171,10 +159,6 @@ class StitchedNet(nn.Module):
             routes = [replace(r, params=self._route_params(r)) for r in self.plan.routes]
             self._route_cache = [replace(r, macs=m) for r, m in zip(routes, count_route_macs(self))]
         return list(self._route_cache)
-
-    def route(self, stitch_id: Optional[int] = None) -> Route:
-        """The route record of ``stitch_id`` (default: the active route)."""
-        return self.routes()[self.resolve_stitch_id(stitch_id)]
 
     def stitch_layer(self, ref: StitchRef) -> StitchingLayer:
         return self.stitch_layers[str(ref.stage)][ref.pair][ref.layer]
@@ -352,81 +336,20 @@ class StitchedNet(nn.Module):
         init_stitches(self, data, **kwargs)
         self._weights_changed()
 
-    # ---- route cards --------------------------------------------------------------------------------------------
+    # ---- quantization -------------------------------------------------------------------------------------------
 
-    _card: Optional[RouteCard] = None
-    _card_latency: tuple[Optional[str], int] = (None, 1)
     #: the quantization scheme of the weights (set by :func:`timm_stitch.quantize`), None for a float model
     quant_scheme: Optional[str] = None
     #: whether the stitching layers are quantized too (with ``quant_scheme``)
     quant_stitches: bool = False
 
-    @property
-    def card(self) -> Optional[RouteCard]:
-        """The loaded route card (accuracy and latency of the routes), or None."""
-        return self._card
-
-    @property
-    def latency_profile(self) -> str:
-        """The latency profile ``routes()`` reads: the one given to ``load_card``, else that of this model's
-        current device and dtype (or quantization scheme) at the card's batch size."""
-        from .profile import device_profile
-        pinned, batch_size = self._card_latency
-        if pinned is not None:
-            return pinned
-        param = next(p for p in self.parameters() if p.is_floating_point())
-        return device_profile(param.device, batch_size, param.dtype, self.quant_scheme)
-
-    def load_card(self, card: Union[RouteCard, str, os.PathLike], latency_profile: Optional[str] = None,
-                  batch_size: int = 1) -> None:
-        """Attach a route card (a ``RouteCard``, a ``routes.json`` path or official JSON-lines results) so that
-        ``routes()`` reports its top1/top5 (while its weights and model arguments are this model's) and the latency
-        measured under ``latency_profile`` (default: this model's device and dtype at the time of the call, at
-        ``batch_size``). A card that records no weights (older cards, official results) is keyed to this model's
-        current weights, with a warning. Raises ``ValueError`` when the card is for another model."""
-        from .cards import RouteCard, model_name
-        if not isinstance(card, RouteCard):
-            card = RouteCard.load(card, model=model_name(self))
-        card.check_model(self)
-        if card.measured_with is None and card.has_accuracy:
-            warnings.warn('the route card records no weights fingerprint: its accuracies are taken to be those of '
-                          'the weights the model has now', stacklevel=2)
-            card = card.keyed_to(self)
-        self._card, self._card_latency = card, (latency_profile, batch_size)
-
     def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
         """timm's ``custom_load`` hook (``pretrained=True`` on an official SN-Net release): load the release file
-        (converted on first load, the conversion cached beside it) or a converted safetensors file."""
-        from .models._release import load_release
-        load_release(self, checkpoint_path)
-
-    def select_stitch(
-            self,
-            max_macs: Optional[float] = None,
-            max_params: Optional[float] = None,
-            max_latency_ms: Optional[float] = None,
-            min_top1: Optional[float] = None,
-    ) -> Route:
-        """Make the route the bounds ask for active and return it: the most accurate within the budgets (``max_*``),
-        or with ``min_top1`` (percent) alone the cheapest reaching it (see :mod:`timm_stitch.selection`); raises
-        ``ValueError`` when no route fits, for a fractional ``min_top1``, or when a bound needs stale accuracies or
-        a latency profile the card lacks."""
-        from .catalogue import RouteCatalogue
-        route = RouteCatalogue.of(self).select(max_macs, max_params, max_latency_ms, min_top1)
-        self.set_stitch(route.id)
-        return route
-
-    def pareto(self, x: str = 'macs', y: str = 'top1') -> list[Route]:
-        """The routes no other route beats on both ``x`` (``'macs'``, ``'params'``, ``'latency_ms'``; lower is
-        better) and ``y`` (``'top1'``, ``'top5'``), sorted by ``x``; ``MissingMeasurementError`` (a ``ValueError``)
-        naming the profile or card needed when no route has an ``x`` or ``y`` value."""
-        from .catalogue import RouteCatalogue
-        return RouteCatalogue.of(self).pareto(x, y)
-
-    def _weights_changed(self) -> None:
-        """Forget the cached weights fingerprint, so that the card's accuracies are checked against the new ones."""
-        from .catalogue import forget_weights
-        forget_weights(self)
+        (converted on first load, the conversion cached beside it) or a converted safetensors file, with the
+        loader :mod:`timm_stitch.models` registers (see :func:`register_release_loader`)."""
+        if _RELEASE_LOADER is None:
+            raise RuntimeError('no release loader is registered: import timm_stitch (it registers its releases)')
+        _RELEASE_LOADER(self, checkpoint_path)
 
     # ---- families -----------------------------------------------------------------------------------------------
 
@@ -454,6 +377,17 @@ class StitchedNet(nn.Module):
         """Route ``stitch_id`` as a standalone module with only its weights; see :func:`timm_stitch.export`."""
         from .export import export_stitch
         return export_stitch(self, stitch_id)
+
+
+#: reads an official release file into a model; the release formats live above the model, which runs routes only
+_RELEASE_LOADER: Optional[Callable[[StitchedNet, str], None]] = None
+
+
+def register_release_loader(loader: Callable[[StitchedNet, str], None]) -> None:
+    """Make ``loader(model, path)`` what :meth:`StitchedNet.load_pretrained` calls (``timm_stitch`` registers
+    :func:`timm_stitch.models._release.load_release` when imported)."""
+    global _RELEASE_LOADER
+    _RELEASE_LOADER = loader
 
 
 def _prefix_pattern(pattern: str, anchor: int) -> str:

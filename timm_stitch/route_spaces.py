@@ -7,7 +7,9 @@ large->small->large (LSL) and small->large->small (SLS) (:func:`plan_two_way_rou
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
 
 from .routes import (
     LayerMapping,
@@ -23,10 +25,49 @@ from .routes import (
     plan_token_routes,
 )
 
-__all__ = ['RouteSpace', 'ROUTE_SPACES', 'two_way_positions', 'plan_two_way_routes', 'plan_routes']
+__all__ = ['StitchOptions', 'RouteSpace', 'ROUTE_SPACES', 'two_way_positions', 'plan_two_way_routes', 'plan_routes']
 
 RouteSpace = Literal['one_way', 'two_way']
 ROUTE_SPACES: tuple[str, ...] = ('one_way', 'two_way')
+
+
+@dataclass(frozen=True)
+class StitchOptions:
+    """Where and how anchors are stitched.
+
+    Args:
+        kernel_size: Sliding-window size over block ids (official: 2).
+        stride: Sliding-window stride (official: 1).
+        nearest: Stitch only anchors adjacent in size; otherwise every pair.
+        multi_anchor: Also build routes through three or more anchors (single-stage token models only).
+        stages: Stages of hierarchical anchors to stitch inside; default every stage but the last whose token
+            counts / spatial sizes match.
+        layer_mapping: ``'corrected'`` layer sharing between unequal-depth stages, or ``'official'`` (the released
+            code's indexing, needed for its checkpoints).
+        route_space: ``'one_way'`` (small to large anchors, with the settings above) or ``'two_way'`` (SN-Netv2:
+            two plain token anchors stitched both ways; the window settings do not apply).
+    """
+    kernel_size: int = 2
+    stride: int = 1
+    nearest: bool = True
+    multi_anchor: bool = False
+    stages: Optional[tuple[int, ...]] = None
+    layer_mapping: LayerMapping = 'corrected'
+    route_space: RouteSpace = 'one_way'
+
+    def __post_init__(self) -> None:
+        if self.route_space not in ROUTE_SPACES:
+            raise ValueError(f'route_space must be one of {ROUTE_SPACES}, got {self.route_space!r}')
+        if self.stages is not None:
+            object.__setattr__(self, 'stages', tuple(self.stages))
+
+    @classmethod
+    def of(cls, options: Optional[StitchOptions], kwargs: dict[str, Any]) -> StitchOptions:
+        """``options`` (default: the defaults) with the option fields in ``kwargs`` (flat keyword arguments, as a
+        ``config.json`` records them) taken out of ``kwargs`` and applied."""
+        given = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs}
+        return dataclasses.replace(options or cls(), **given)
+
 
 
 def two_way_positions(small_depth: int, large_depth: int) -> tuple[list[StitchPosition], list[StitchPosition]]:
@@ -83,35 +124,25 @@ def plan_two_way_routes(depths: Sequence[int]) -> StitchPlan:
     return StitchPlan(tuple(routes), groups)
 
 
-def plan_routes(
-        stage_depths: Sequence[Sequence[int]],
-        route_space: RouteSpace = 'one_way',
-        kernel_size: int = 2,
-        stride: int = 1,
-        nearest: bool = True,
-        multi_anchor: bool = False,
-        stages: Optional[Sequence[int]] = None,
-        layer_mapping: LayerMapping = 'corrected',
-) -> StitchPlan:
+def plan_routes(stage_depths: Sequence[Sequence[int]], options: StitchOptions = StitchOptions()) -> StitchPlan:
     """The routes of anchors with ``stage_depths[a][s]`` blocks in stage ``s`` (one stage: plain token models).
 
-    ``route_space='one_way'`` plans SN-Net's routes with the window / interpolation settings (hierarchical
-    anchors inside ``stages``, default all but the last); ``'two_way'`` plans SN-Netv2's two-way routes of two
-    plain token anchors (see :func:`plan_two_way_routes`; the window settings do not apply).
+    ``options.route_space='one_way'`` plans SN-Net's routes with the window / interpolation settings (hierarchical
+    anchors inside ``options.stages``, default all but the last); ``'two_way'`` plans SN-Netv2's two-way routes of
+    two plain token anchors (see :func:`plan_two_way_routes`; the window settings do not apply).
     """
-    if route_space not in ROUTE_SPACES:
-        raise ValueError(f'route_space must be one of {ROUTE_SPACES}, got {route_space!r}')
+    o = options
     single_stage = all(len(d) == 1 for d in stage_depths)
-    if route_space == 'two_way':
+    if o.route_space == 'two_way':
         if not single_stage:
             raise ValueError("route_space='two_way' stitches plain token anchors (one stage of blocks), got anchors "
                              f'with stage depths {[list(d) for d in stage_depths]}')
-        if multi_anchor or stages is not None:
+        if o.multi_anchor or o.stages is not None:
             raise ValueError("route_space='two_way' plans its own routes through two anchors: multi_anchor and "
                              'stages do not apply')
         return plan_two_way_routes([d[0] for d in stage_depths])
     if single_stage:
-        return plan_token_routes([d[0] for d in stage_depths], kernel_size, stride, nearest, multi_anchor,
-                                 layer_mapping)
-    stages = list(range(min(len(d) for d in stage_depths) - 1)) if stages is None else list(stages)
-    return plan_staged_routes(stage_depths, stages, kernel_size, stride, nearest, layer_mapping)
+        return plan_token_routes([d[0] for d in stage_depths], o.kernel_size, o.stride, o.nearest, o.multi_anchor,
+                                 o.layer_mapping)
+    stages = list(range(min(len(d) for d in stage_depths) - 1)) if o.stages is None else list(o.stages)
+    return plan_staged_routes(stage_depths, stages, o.kernel_size, o.stride, o.nearest, o.layer_mapping)

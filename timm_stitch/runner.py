@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from timm.models._manipulate import checkpoint
+from timm.models import checkpoint
 from torch import nn
 
 from .adapters import AnchorAdapter

@@ -9,12 +9,12 @@ percentages.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence
 
 from .routes import Route
 
-__all__ = ['select_route', 'filter_routes', 'pareto_front', 'mark_dominated', 'COST_FIELDS', 'QUALITY_FIELDS']
+__all__ = ['Budget', 'select_route', 'filter_routes', 'pareto_front', 'mark_dominated', 'COST_FIELDS', 'QUALITY_FIELDS']
 
 COST_FIELDS = ('macs', 'params', 'latency_ms')
 QUALITY_FIELDS = ('top1', 'top5')
@@ -35,25 +35,46 @@ def _cost_key(route: Route) -> tuple:
     return tuple(_INF if getattr(route, f) is None else getattr(route, f) for f in COST_FIELDS) + (route.id,)
 
 
-def filter_routes(
-        routes: Sequence[Route],
-        max_macs: Optional[float] = None,
-        max_params: Optional[float] = None,
-        max_latency_ms: Optional[float] = None,
-        min_top1: Optional[float] = None,
-) -> list[Route]:
-    """The routes meeting every bound, in their order. A bound excludes routes whose value for it is unknown.
+@dataclass(frozen=True)
+class Budget:
+    """The bounds a route is chosen under: upper bounds on its cost (``max_*``) and a floor on its top-1 (percent).
+    None leaves a bound out; a bound excludes routes whose value for it is unknown."""
+    max_macs: Optional[float] = None
+    max_params: Optional[float] = None
+    max_latency_ms: Optional[float] = None
+    min_top1: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            bound = getattr(self, f.name)
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
+                raise TypeError(f'{f.name} must be a number, got {bound!r}')
+            if bound is not None and bound != bound:
+                raise ValueError(f'{f.name} must be a number, got {bound!r}')
+
+    @classmethod
+    def of(cls, budget: Optional[Budget] = None, **bounds: Optional[float]) -> Budget:
+        """``budget``, or the bounds given by keyword (``max_macs=...``), not both."""
+        if budget is not None and any(v is not None for v in bounds.values()):
+            raise TypeError('give a Budget or bounds by keyword, not both')
+        return budget if budget is not None else cls(**bounds)
+
+    @property
+    def costs(self) -> dict[str, float]:
+        """The cost bounds given, by route field (``'macs'``, ``'params'``, ``'latency_ms'``)."""
+        upper = {'macs': self.max_macs, 'params': self.max_params, 'latency_ms': self.max_latency_ms}
+        return {f: b for f, b in upper.items() if b is not None}
+
+
+def filter_routes(routes: Sequence[Route], budget: Optional[Budget] = None, **bounds: Optional[float]) -> list[Route]:
+    """The routes meeting every bound of ``budget`` (or of the :class:`Budget` fields given by keyword), in their
+    order. A bound excludes routes whose value for it is unknown.
 
     Raises ``ValueError`` when none does, saying why: a value no route knows (no card loaded), or the smallest
     (largest, for ``min_top1``) available value.
     """
-    upper = {'macs': max_macs, 'params': max_params, 'latency_ms': max_latency_ms}
-    bounds = {f: b for f, b in upper.items() if b is not None}
-    for name, bound in [*(('max_' + f, b) for f, b in bounds.items()), ('min_top1', min_top1)]:
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
-            raise TypeError(f'{name} must be a number, got {bound!r}')
-        if bound is not None and bound != bound:
-            raise ValueError(f'{name} must be a number, got {bound!r}')
+    budget = Budget.of(budget, **bounds)
+    bounds, min_top1 = budget.costs, budget.min_top1
     if not routes:
         raise ValueError('there are no routes to select from')
     _check_floor_unit(routes, min_top1)
@@ -69,19 +90,14 @@ def filter_routes(
     return candidates
 
 
-def select_route(
-        routes: Sequence[Route],
-        max_macs: Optional[float] = None,
-        max_params: Optional[float] = None,
-        max_latency_ms: Optional[float] = None,
-        min_top1: Optional[float] = None,
-) -> Route:
-    """The route meeting every bound (see :func:`filter_routes`) that the bounds ask for (see the module
-    docstring): with a budget (or no bound at all), the highest top-1 (ties: lowest cost), or the lowest cost when
-    no route has a known top-1; with only ``min_top1``, the lowest cost. Cost order is MACs, then params, then
-    latency, then id."""
-    candidates = filter_routes(routes, max_macs, max_params, max_latency_ms, min_top1)
-    floor_only = min_top1 is not None and max_macs is None and max_params is None and max_latency_ms is None
+def select_route(routes: Sequence[Route], budget: Optional[Budget] = None, **bounds: Optional[float]) -> Route:
+    """The route meeting every bound of ``budget`` (or of the :class:`Budget` fields given by keyword; see
+    :func:`filter_routes`) that the bounds ask for (see the module docstring): with a budget (or no bound at all),
+    the highest top-1 (ties: lowest cost), or the lowest cost when no route has a known top-1; with only
+    ``min_top1``, the lowest cost. Cost order is MACs, then params, then latency, then id."""
+    budget = Budget.of(budget, **bounds)
+    candidates = filter_routes(routes, budget)
+    floor_only = budget.min_top1 is not None and not budget.costs
     if not floor_only and any(r.top1 is not None for r in candidates):
         return min(candidates, key=lambda r: (_INF if r.top1 is None else -r.top1, _cost_key(r)))
     return min(candidates, key=_cost_key)
