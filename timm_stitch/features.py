@@ -40,20 +40,12 @@ class _Point(NamedTuple):
     info: int  # index into the anchor's own feature_info
 
 
-def _spans(net: StitchedNet, stitch_id: int) -> list[tuple[int, int, int]]:
-    """``(anchor, start, stop)`` per anchor of the route: it runs that anchor's ``units[start:stop]``."""
-    route = net.plan.routes[stitch_id]
-    if route.is_anchor:
-        return [(route.anchors[0], 0, len(net.adapters[route.anchors[0]].units))]
-    return route_spans(route, net.adapters)
-
-
 def _points(net: StitchedNet, stitch_id: int) -> list[_Point]:
     """The intermediates of route ``stitch_id`` in index order."""
     points: list[_Point] = []
     by_stage: dict[int, int] = {}
     base = 0
-    for n, (anchor, start, stop) in enumerate(_spans(net, stitch_id)):
+    for n, (anchor, start, stop) in enumerate(route_spans(net.plan.routes[stitch_id], net.adapters)):
         for end, info, stage in net.adapters[anchor].feature_points():
             if end == -1 and n == 0:
                 point = _Point(-1, anchor, info)
@@ -82,6 +74,8 @@ def take_indices(net: StitchedNet, stitch_id: int, indices: Indices) -> list[int
                              f'intermediates, so n must be in 1..{n}')
     elif indices is not None:
         indices = list(indices)
+        if not indices:
+            return []
         for i in indices:
             if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
                 raise ValueError(f'intermediate index {i!r} out of range for route {stitch_id}: valid indices are '
@@ -138,8 +132,8 @@ def route_intermediates(
                 out[i] = net.adapters[points[i].anchor].intermediate(y, points[i].info, norm, output_fmt, img_size)
 
         run = net.route_run(stitch_id)
-        stop = max(0, max(points[i].step for i in taken)) if stop_early else None
-        stop = None if stop is not None and stop >= run.num_units else stop  # the whole route: stitches and all
+        last = max([0] + [points[i].step for i in taken])  # the last unit an index needs
+        stop = last if stop_early and last < run.num_units else None  # None: the whole route, stitches and all
         x = run.run(run.embed(x, collect), stop=stop, collect=collect, checkpointing=net.checkpointing)
         intermediates = [out[i] for i in taken]
         if intermediates_only:

@@ -98,7 +98,6 @@ class StitchedNet(RouteCardMixin, nn.Module):
         self.final_norm_on_stitched_routes = final_norm_on_stitched_routes
         self.grad_checkpointing = False
 
-        self.route_space = options.route_space
         self.plan = plan_routes([a.stage_depths() for a in self.adapters], self.options)
         self.stitch_layers = nn.ModuleDict()
         for group in self.plan.groups:
@@ -137,6 +136,11 @@ class StitchedNet(RouteCardMixin, nn.Module):
         self._route_cache = None
 
     # ---- routes -------------------------------------------------------------------------------------------------
+
+    @property
+    def route_space(self) -> str:
+        """``'one_way'`` (SN-Net) or ``'two_way'`` (SN-Netv2): the route space of ``options``."""
+        return self.options.route_space
 
     @property
     def num_routes(self) -> int:
