@@ -23,7 +23,7 @@ from tiny_models import SMALL_ARCHS as SMALL
 
 from timm_stitch.convert import OFFICIAL_FORMATS, convert_official
 from timm_stitch.fingerprint import weights_fingerprint
-from timm_stitch.models._release import converted_path
+from timm_stitch.models._loading import converted_path
 
 ARCHS = list(SMALL)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_release_loads_through_timm(arch, releases):
 
 _SECOND_LOAD = '''
 import json, sys, timm, timm_stitch
-import timm_stitch.models._release as release
+import timm_stitch.models._loading as release
 from timm_stitch.fingerprint import weights_fingerprint
 def no_conversion(*args, **kwargs):
     raise AssertionError('converted again')

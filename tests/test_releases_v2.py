@@ -17,7 +17,7 @@ import torch
 from official_layouts import official_snnetv2_state, snnetv2_to_timm_stitch
 from reported_tables import REPORTED_DIR, read_rows
 
-import timm_stitch.models._release as release
+import timm_stitch.models._loading as release
 from timm_stitch.convert import OFFICIAL_FORMATS
 from timm_stitch.routes import StitchRef
 

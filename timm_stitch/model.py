@@ -410,7 +410,7 @@ class StitchedNet(nn.Module):
     def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
         """timm's ``custom_load`` hook (``pretrained=True`` on an official SN-Net release): load the release file
         (converted on first load, the conversion cached beside it) or a converted safetensors file."""
-        from .models._release import load_release
+        from .models._loading import load_release
         load_release(self, checkpoint_path)
 
     def select_stitch(
