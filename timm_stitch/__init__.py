@@ -3,16 +3,28 @@
 Importing the package registers the ``snnet_*`` architectures in timm's model registry.
 """
 from . import models  # noqa: F401  (registers the architectures)
-from ._download import DownloadError
-from ._io import DiskFullError, ForeignFilesError
-from ._mismatch import WeightsMismatchError
 from .bn import recalibrate_bn
 from .builder import StitchOptions, stitch
-from .cards import CardError, RouteCard
+from .cards import RouteCard
 from .cascade import Cascade
-from .catalogue import MissingMeasurementError, RouteCatalogue
+from .catalogue import RouteCatalogue
 from .compile import CompiledStitchedNet, compile
 from .convert import convert_official
+from .errors import (
+    CardError,
+    DiskFullError,
+    DownloadError,
+    ForeignFilesError,
+    IncompatibleAnchorsError,
+    MissingLatencyProfileError,
+    MissingMeasurementError,
+    NoImagesError,
+    NoRouteFitsError,
+    ReleaseFormatError,
+    RouteIdError,
+    StaleCardError,
+    WeightsMismatchError,
+)
 from .explorer import explore
 from .export import StitchedRoute, export_stitch
 from .features import StitchedFeatures
@@ -36,5 +48,7 @@ __all__ = [
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
     'RouteSampler', 'Cascade', 'StitchedFeatures', 'explore', 'quantize', 'QuantizedLinear',
-    'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError',
+    'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError', 'IncompatibleAnchorsError',
+    'RouteIdError', 'ReleaseFormatError', 'StaleCardError', 'MissingLatencyProfileError', 'NoRouteFitsError',
+    'NoImagesError',
 ]

@@ -31,6 +31,7 @@ from torch import nn
 
 from ._io import file_sha256
 from .cards import RouteCard
+from .errors import ReleaseFormatError
 from .model import StitchedNet
 
 __all__ = ['OFFICIAL_FORMATS', 'OfficialFormat', 'register_release', 'deit_stitch_key', 'staged_stitch_key',
@@ -139,18 +140,20 @@ def read_checkpoint(path: PathLike, expected: str = 'an official SN-Net checkpoi
     with open(path, 'rb') as f:
         head = f.read(8)
     if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
-        raise ValueError(f'{path} is not a PyTorch checkpoint (expected {expected}, a torch.save file); it starts '
-                         f'with {head!r}')
+        raise ReleaseFormatError(
+            f'{path} is not a PyTorch checkpoint (expected {expected}, a torch.save file); it starts '
+            f'with {head!r}')
     try:
         try:
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError:  # training args/configs in the pickle: read around them
             ckpt = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_TENSOR_PICKLE)
     except Exception as e:  # torch raises RuntimeError, EOFError, zipfile/pickle errors... for damaged files
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint (expected {expected}); it is truncated or '
-                         f'corrupt: {type(e).__name__}: {e}') from e
+        raise ReleaseFormatError(
+            f'{path} is not a readable PyTorch checkpoint (expected {expected}); it is truncated or '
+            f'corrupt: {type(e).__name__}: {e}') from e
     if not isinstance(ckpt, Mapping):
-        raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict (expected {expected})')
+        raise ReleaseFormatError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict (expected {expected})')
     for key in ('model', 'state_dict'):
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
@@ -158,8 +161,9 @@ def read_checkpoint(path: PathLike, expected: str = 'an official SN-Net checkpoi
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in ckpt.items()}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad or not state:
-        raise ValueError(f'{path} has no model/state_dict entry and its top level is not a state dict (expected '
-                         f'{expected}): {", ".join(map(str, bad[:5])) or "it is empty"}')
+        raise ReleaseFormatError(
+            f'{path} has no model/state_dict entry and its top level is not a state dict (expected '
+            f'{expected}): {", ".join(map(str, bad[:5])) or "it is empty"}')
     return state
 
 
@@ -204,8 +208,9 @@ def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet,
     problems = [f'{len(keys)} {what}: {", ".join(keys[:6])}{", ..." if len(keys) > 6 else ""}'
                 for what, keys in (('unmatched', unmatched), ('missing', missing), ('mis-shaped', misshaped)) if keys]
     if problems:
-        raise ValueError(f'the checkpoint is not a {fmt.release} checkpoint for '
-                         f"{model.pretrained_cfg.get('architecture')} with these arguments: " + '; '.join(problems))
+        raise ReleaseFormatError(f'the checkpoint is not a {fmt.release} checkpoint for '
+                                 f"{model.pretrained_cfg.get('architecture')} with these arguments: "
+                                 + '; '.join(problems))
     return out
 
 

@@ -46,6 +46,7 @@ from ..convert import (
     official_card,
     read_checkpoint,
 )
+from ..errors import ReleaseFormatError
 from ..hub import CARD_NAME, WEIGHTS_NAME
 from ..input_size import adapt_first_convs, anchor_first_convs, filter_anchor_checkpoints, is_input_conv_mismatch
 from ..model import StitchedNet
@@ -131,8 +132,9 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
         try:
             state = safetensors.torch.load_file(str(path))
         except SafetensorError as e:
-            raise ValueError(f'{path} is a truncated or corrupt safetensors file ({e}); expected {expected}. Delete '
-                             'it and download it again') from e
+            raise ReleaseFormatError(
+                f'{path} is a truncated or corrupt safetensors file ({e}); expected {expected}. Delete '
+                'it and download it again') from e
         _load_native(model, state)
         return
     cached = converted_path(path, model)
@@ -148,8 +150,8 @@ def load_release(model: StitchedNet, checkpoint_path: str) -> None:
             heads = _reset_heads(model)
             state = map_official_keys(official, fmt, model, keep_mis_shaped=heads)
         except ValueError as e:
-            raise ValueError(f'cannot load {path} as the pretrained weights of {arch}: {e}. If it is a cached '
-                             'download, delete it so that it is downloaded again') from e
+            raise ReleaseFormatError(f'cannot load {path} as the pretrained weights of {arch}: {e}. If it is a cached '
+                                     'download, delete it so that it is downloaded again') from e
         own = model.state_dict()
         reset = [k for k in state if k.startswith(heads) and state[k].data_ptr() == own[k].data_ptr()] if heads else []
         _logger.info(f'converted {path} ({fmt.release}) in {time.perf_counter() - start:.1f} s')
@@ -267,8 +269,9 @@ def check_pretrained_state_dict(state_dict: Mapping[str, torch.Tensor], model: S
         return dict(state_dict)
     arch = model.pretrained_cfg.get('architecture')
     if any(_is_official_stitch_key(k) for k in unexpected):
-        raise ValueError(f'this is an official SN-Net release checkpoint, not a {arch} checkpoint: convert it first '
-                         f'with `timm-stitch convert CHECKPOINT --arch {arch} --out DIR`')
+        raise ReleaseFormatError(
+            f'this is an official SN-Net release checkpoint, not a {arch} checkpoint: convert it first '
+            f'with `timm-stitch convert CHECKPOINT --arch {arch} --out DIR`')
     mismatch = mismatch_summary(missing, unexpected, misshaped)
     raise WeightsMismatchError(f'the pretrained checkpoint holds the weights of another architecture (or of other '
                                f'model arguments) than {arch}: {mismatch}{_lora_hint(state_dict, expected)}')
