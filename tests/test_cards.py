@@ -15,7 +15,7 @@ from timm_stitch._io import atomic_write
 from timm_stitch.card_readme import render_readme, write_card_dir
 from timm_stitch.cards import SCHEMA_VERSION, RouteCard
 from timm_stitch.errors import RouteIdError
-from timm_stitch.profile import device_profile
+from timm_stitch.profiling import device_profile
 
 
 @pytest.fixture(scope='module')

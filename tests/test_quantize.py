@@ -15,7 +15,7 @@ from timm_stitch.card_readme import render_readme
 from timm_stitch.cards import RouteCard
 from timm_stitch.errors import StaleCardError
 from timm_stitch.hub import CONFIG_NAME, save_pretrained
-from timm_stitch.quantize import QuantizedLinear, quantize
+from timm_stitch.quantization import QuantizedLinear, quantize
 from timm_stitch.serving import mixed_forward
 from timm_stitch.stitching import LoRALinear
 from timm_stitch.validate import main as validate_main

@@ -8,7 +8,7 @@ from .builder import StitchOptions, stitch
 from .cards import RouteCard
 from .cascade import Cascade
 from .catalogue import RouteCatalogue
-from .compile import CompiledStitchedNet, compile
+from .compiling import CompiledStitchedNet, compile
 from .convert import convert_official
 from .errors import (
     CardError,
@@ -32,8 +32,8 @@ from .hub import push_to_hub, save_pretrained
 from .ls_init import init_stitches
 from .macs import count_route_macs
 from .model import StitchedNet
-from .profile import device_profile, profile
-from .quantize import QuantizedLinear, quantize
+from .profiling import device_profile, profile
+from .quantization import QuantizedLinear, quantize
 from .route_spaces import plan_routes, plan_two_way_routes
 from .routes import Route, StitchPlan, format_route_table, plan_staged_routes, plan_token_routes
 from .sampling import RouteSampler

@@ -45,7 +45,7 @@ def precision(model: StitchedNet) -> str:
 
 def model_args(model: StitchedNet) -> dict[str, Any]:
     """The model arguments a card's accuracies depend on besides the weights (the precision among them)."""
-    from .macs import model_input_size
+    from .input_size import model_input_size
     return {'num_classes': model.num_classes, 'in_chans': model.in_chans,
             'input_size': list(model_input_size(model)),
             'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes, 'precision': precision(model)}

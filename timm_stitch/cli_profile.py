@@ -6,8 +6,8 @@ import argparse
 import torch
 
 from .cli import add_model_args, add_shared_args, build_model, float_in, int_at_least
-from .profile import MAX_SPREAD, profile
-from .quantize import SCHEMES, quantize
+from .profiling import MAX_SPREAD, profile
+from .quantization import SCHEMES, quantize
 from .routes import format_route_table
 
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}

@@ -26,7 +26,7 @@ from .card_readme import is_rendered_readme, render_readme
 from .cards import RouteCard
 from .catalogue import staleness, state_key, weights_key
 from .model import StitchedNet
-from .quantize import quantization_args
+from .quantization import quantization_args
 from .stitching import merged_lora_state, stitch_lora_args
 from .unwrap import unwrap
 

@@ -384,7 +384,7 @@ class StitchedNet(nn.Module):
     def latency_profile(self) -> str:
         """The latency profile ``routes()`` reads: the one given to ``load_card``, else that of this model's
         current device and dtype (or quantization scheme) at the card's batch size."""
-        from .profile import device_profile
+        from .profiling import device_profile
         pinned, batch_size = self._card_latency
         if pinned is not None:
             return pinned

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 from .cards import model_name
 from .catalogue import staleness
 from .errors import MissingLatencyProfileError, NoRouteFitsError, StaleCardError
-from .profile import _dtype_name, device_profile
+from .profiling import _dtype_name, device_profile
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from .._timm_compat import resolve_pretrained_source
 from ..convert import OFFICIAL_FORMATS, OfficialFormat
 from ..features import StitchedFeatures
 from ..model import AnchorSpec, StitchedNet
-from ..quantize import check_scheme, quantize
+from ..quantization import check_scheme, quantize
 from ._loading import (
     check_pretrained_state_dict,
     load_pretrained_card,

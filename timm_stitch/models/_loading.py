@@ -50,7 +50,7 @@ from ..errors import ReleaseFormatError
 from ..hub import CARD_NAME, WEIGHTS_NAME
 from ..input_size import adapt_first_convs, anchor_first_convs, filter_anchor_checkpoints, is_input_conv_mismatch
 from ..model import StitchedNet
-from ..quantize import quantize_state_dict
+from ..quantization import quantize_state_dict
 
 __all__ = [
     'load_release', 'prepare_release_load', 'converted_path', 'load_pretrained_card', 'check_pretrained_state_dict',
