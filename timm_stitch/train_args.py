@@ -138,7 +138,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--log-interval', type=int, default=50, help='batches between log lines (default: 50)')
     g.add_argument('--checkpoint-hist', type=int, default=10, help='epoch checkpoints kept (default: 10)')
     g.add_argument('--no-prefetcher', action='store_true', help="disable timm's CUDA prefetcher")
-    g.add_argument('--out', '--output', dest='output', default='',
+    g.add_argument('--out', '--output', dest='output', default='', metavar='DIR',
                    help='output root (default: ./output/train); --output: the older spelling, timm\'s')
     g.add_argument('--experiment', default='', help='run folder name under --out')
     g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'), help='checkpoint metric')

@@ -135,9 +135,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         'weights; see timm_stitch.quantize): the card records that precision')
     p.add_argument('--routes-per-pass', type=int, default=0,
                    help='routes computed per pass over the data; each finished pass is recorded (0: all at once)')
-    p.add_argument('--out', '--output', dest='output', default='',
+    p.add_argument('--out', '--output', dest='output', default='', metavar='DIR',
                    help='output folder (default: ./validate-MODEL; --output: the older spelling)')
-    p.add_argument('--results-file', default='', help='timm-style CSV (default: OUTPUT/results.csv)')
+    p.add_argument('--results-file', default='', help='timm-style CSV (default: DIR/results.csv)')
     return p
 
 
