@@ -186,7 +186,8 @@ class RouteController:
 
     ``scale`` multiplies every card latency: :meth:`observe` moves it to the ratio of a batch's run time to its
     estimate (at once when slower, by ``adapt`` when faster), so that a machine slower than when it was profiled
-    (other jobs, a server's own overhead) is followed. It is state fed only by :meth:`observe`: the same observations give the same plans.
+    (other jobs, a server's own overhead) is followed. It is state fed only by :meth:`observe`: the same
+    observations give the same plans.
     """
 
     def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0,
