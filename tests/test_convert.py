@@ -148,8 +148,8 @@ def test_dropped_buffers(official):
 def test_cli_convert_to_hub_folder(official, tmp_path, capsys):
     torch.save({'model': official}, tmp_path / 'snnet_deit.pth')
     out = tmp_path / 'out'
-    args = ['convert', str(tmp_path / 'snnet_deit.pth'), '--arch', 'snnet_deit_tsb', '--out', str(out),
-            '--model-args', '{"depth": 3, "img_size": 32, "num_classes": 10}']
+    args = ['convert', str(tmp_path / 'snnet_deit.pth'), '--model', 'snnet_deit_tsb', '--out', str(out),
+            '--model-kwargs', 'depth=3', 'img_size=32', 'num_classes=10']
     assert main(args) == 0
     assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'model.safetensors', 'routes.json']
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True)  # config.json carries the model args
@@ -365,7 +365,7 @@ def test_levit_cli_convert_to_hub_folder(official_levit, tmp_path):
     ckpt = tmp_path / 'levit_192_256_release.pth'
     torch.save({'model': official_levit, 'epoch': 99}, ckpt)
     out = tmp_path / 'hub'
-    assert main(['convert', str(ckpt), '--arch', 'snnet_levit_192_256', '--out', str(out)]) == 0
+    assert main(['convert', str(ckpt), '--model', 'snnet_levit_192_256', '--out', str(out)]) == 0
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     ref = convert_official(ckpt, 'snnet_levit_192_256')
     ours = loaded.state_dict()

@@ -158,8 +158,8 @@ def test_validate_measures_the_quantized_network(tmp_path):
     data = make_image_folder(tmp_path / 'data', per_class=(1, 3))
     out = tmp_path / 'out'
     args = ['--model', 'snnet', '--model-kwargs', f'anchors={ANCHORS!r}', '--num-classes', '4', '--img-size', '32',
-            '--crop-pct', '1.0', '-b', '8', '-j', '0', '--no-progress', '--data-dir', str(data), '--stitch-ids', '0,3',
-            '--output', str(out), '--quantize', 'int8-wo']
+            '--crop-pct', '1.0', '-b', '8', '-j', '0', '--no-progress', '--data-dir', str(data), '--routes', '0,3',
+            '--out', str(out), '--quantize', 'int8-wo']
     assert validate_main(args) == 0
     card = RouteCard.load(out / 'routes.json')
     assert card.precision == 'int8-wo' and card.route(3).top1 is not None

@@ -14,15 +14,12 @@ flags the official code needs are set, and any unmatched, missing or mis-shaped 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pickle
 import re
 import types
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 import timm
@@ -35,7 +32,7 @@ from .errors import ReleaseFormatError
 from .model import StitchedNet
 
 __all__ = ['OFFICIAL_FORMATS', 'OfficialFormat', 'register_release', 'deit_stitch_key', 'staged_stitch_key',
-           'read_checkpoint', 'map_official_keys', 'convert_official', 'official_card', 'add_parser']
+           'read_checkpoint', 'map_official_keys', 'convert_official', 'official_card']
 
 PathLike = Union[str, os.PathLike]
 StateDict = dict[str, torch.Tensor]
@@ -272,34 +269,3 @@ def official_card(model: StitchedNet, checkpoint: Optional[PathLike] = None) -> 
         card.provenance.append({'what': 'weights', 'release': OFFICIAL_FORMATS[arch].release,
                                 'checkpoint_sha256': file_sha256(checkpoint)})
     return card.keyed_to(model)
-
-
-# ---- command line -----------------------------------------------------------------------------------------------
-
-def add_parser(subparsers: Any) -> None:
-    """Register ``timm-stitch convert CHECKPOINT --arch ARCH --out DIR``."""
-    parser = subparsers.add_parser(
-        'convert', help='convert an official SN-Net checkpoint to a Hub-ready folder',
-        description='Convert an official SN-Net release checkpoint (ziplab/SN-Net) into a Hub-ready folder that '
-                    "timm.create_model('local-dir:DIR', pretrained=True) loads. The file is read without running "
-                    'pickled code. timm.create_model(ARCH, pretrained=True) downloads and converts the releases '
-                    'itself; this command is for files you already have.')
-    parser.add_argument('checkpoint', help='the official release file, e.g. snnet_deit.pth')
-    parser.add_argument('--arch', default='snnet_deit_tsb', choices=sorted(OFFICIAL_FORMATS),
-                        help='the architecture of the release: ' + '; '.join(
-                            f'{arch} for {fmt.release}' for arch, fmt in OFFICIAL_FORMATS.items())
-                        + ' (default: %(default)s)')
-    parser.add_argument('--out', required=True, help='output folder (config.json, model.safetensors, routes.json, '
-                                                     'README.md); replaced atomically')
-    parser.add_argument('--repo-id', default=None, help='the Hub repo id the model card names')
-    parser.add_argument('--model-args', type=json.loads, default={},
-                        help='JSON architecture arguments describing the checkpoint, e.g. \'{"num_classes": 100}\'')
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .hub import save_pretrained
-    model = convert_official(args.checkpoint, args.arch, **args.model_args)
-    folder = save_pretrained(model, args.out, repo_id=args.repo_id or f'timm-stitch/{args.arch}')
-    print(f'converted {args.checkpoint} ({args.arch}, {model.num_routes} routes) -> {Path(folder)}')
-    return 0

@@ -164,13 +164,15 @@ class RouteController:
         table: The routes to serve.
         max_batch_size: The most requests per batch (default and at most: the table's largest batch size).
         margin_ms: Time added to every estimated batch (the server's own overhead per batch).
-        adapt: Weight of each observed batch in ``scale`` (0: keep the card's latencies as they are).
+        adapt: Weight of each observed faster-than-estimated batch in ``scale``; slower batches set it at once (0:
+            keep the card's latencies as they are).
         horizon: How many batches ahead the queue is simulated (the rest is planned when it comes nearer; keeps a
             plan to about a millisecond when a burst has queued thousands of requests).
 
-    ``scale`` multiplies every card latency: :meth:`observe` moves it towards the ratio of a batch's run time to
-    its estimate, so that a machine slower than when it was profiled (other jobs, a server's own overhead) is
-    followed. It is state fed only by :meth:`observe`: the same observations give the same plans.
+    ``scale`` multiplies every card latency: :meth:`observe` moves it to the ratio of a batch's run time to its
+    estimate (at once when slower, by ``adapt`` when faster), so that a machine slower than when it was profiled
+    (other jobs, a server's own overhead) is followed. It is state fed only by :meth:`observe`: the same
+    observations give the same plans.
     """
 
     def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0,
@@ -232,12 +234,14 @@ class RouteController:
         return sum(self.table.latency(r, n) for r, n in counts.items()) * self.scale + self.margin_ms
 
     def observe(self, plan: Plan, actual_ms: float) -> None:
-        """Record that ``plan``'s batch took ``actual_ms``: ``scale`` moves by ``adapt`` towards actual / card
-        estimate (kept within [0.5, 20])."""
+        """Record that ``plan``'s batch took ``actual_ms``. ``scale`` rises at once to actual / card estimate when
+        the batch ran slower than estimated (an underestimate costs deadlines: a burst planned on a quiet minute's
+        profile queues more than can be served), and falls by ``adapt`` towards it when faster (kept within
+        [0.5, 20])."""
         if self.adapt and plan.routes:
             card_ms = (self._batch_ms(plan.routes) - self.margin_ms) / self.scale
             ratio = min(max((actual_ms - self.margin_ms) / card_ms, 0.5), 20.0)
-            self.scale += self.adapt * (ratio - self.scale)
+            self.scale = ratio if ratio > self.scale else self.scale + self.adapt * (ratio - self.scale)
 
     def plan(self, queue: Sequence[Pending], now: float) -> Plan:
         """The next batch for ``queue`` at time ``now`` (seconds, the deadlines' clock). Raises

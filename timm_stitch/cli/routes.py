@@ -1,4 +1,4 @@
-"""``timm-stitch routes MODEL``: the route table, sorted and filtered by budget."""
+"""``timm-stitch routes --model MODEL``: the route table, sorted and filtered by budget."""
 from __future__ import annotations
 
 import argparse
@@ -6,11 +6,12 @@ import json
 from dataclasses import asdict
 from typing import Sequence
 
-from .catalogue import RouteCatalogue
-from .cli import add_model_args, build_model, float_in, parse_count
-from .errors import StaleCardError
-from .routes import Route, format_route_table
-from .selection import COST_FIELDS, QUALITY_FIELDS, filter_routes, select_route
+from ..arguments import float_in, parse_count
+from ..catalogue import RouteCatalogue
+from ..errors import StaleCardError
+from ..routes import Route, format_route_table
+from ..selection import COST_FIELDS, QUALITY_FIELDS, filter_routes, select_route
+from ._model import add_model_args, build_model
 
 SORT_KEYS = ('id', *COST_FIELDS, *QUALITY_FIELDS)
 
