@@ -90,11 +90,11 @@ def main(argv=None) -> None:
                 *data_args, *TRAIN, '--model', 'snnet_vit_fmnist_tsb', '--initial-checkpoint', str(start),
                 '--freeze-anchors', '--stitch-init-samples', str(INIT_SAMPLES), '--epochs', str(epochs),
                 '--lr', str(args.lr), '--warmup-epochs', '0', '--val-routes', 'none', *distill,
-                '--output', str(work / 'runs'), '--experiment', name,
+                '--out', str(work / 'runs'), '--experiment', name,
             ], work, weights)
         run(f'eval_{name}', 'timm_stitch.validate', [
             *data_args, '--split', 'test', '--model', 'snnet_vit_fmnist_tsb', '--checkpoint', str(weights),
-            '--stitch-ids', 'all', '--output', str(work / f'eval_{name}'), '-b', '500',
+            '--routes', 'all', '--out', str(work / f'eval_{name}'), '-b', '500',
         ], work, work / f'eval_{name}' / 'routes.json')
         minutes = json.loads((work / 'minutes.json').read_text()).get(name, 0.0) if epochs else 0.0
         rows.append((f'fast fit, {epochs} epoch(s){" + KD from B" if distill and epochs else ""}', minutes,

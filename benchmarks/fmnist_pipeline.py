@@ -146,7 +146,7 @@ def main(argv=None) -> None:
             '--train-routes', TI_S_ROUTES, '--epochs', str(args.refine_epochs), '--lr', '1e-4',
             '--stitch-lr-scale', '10', '--anchor-lr-scale', '0.3', '--warmup-epochs', '0', *distill,
             '--val-routes', 'none',
-            '--output', str(runs), '--experiment', 'refined',
+            '--out', str(runs), '--experiment', 'refined',
         ], work, runs / 'refined' / 'last.safetensors')
         stitched = runs / 'refined' / 'last.safetensors'
 
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         write_fp16(stitched, shipped)
     run('evaluation', 'timm_stitch.validate', [
         *data_args, '--split', 'test', '--model', 'snnet_vit_fmnist_tsb', '--checkpoint', str(shipped),
-        '--stitch-ids', 'all', '--output', str(work / 'evaluation'), '-b', '500',
+        '--routes', 'all', '--out', str(work / 'evaluation'), '-b', '500',
     ], work, work / 'evaluation' / 'routes.json')
 
     model.load_state_dict(load_file(shipped))
@@ -196,7 +196,7 @@ def train_stitched(args: argparse.Namespace, model, work: Path, data_args: list[
     for (name, _, _), epochs in zip(FMNIST_ANCHORS, args.anchor_epochs):
         run(name, 'timm_stitch.train', [
             *data_args, *TRAIN, '--model', 'snnet', '--anchors', name, '--epochs', str(epochs), '--lr', '1e-3',
-            '--warmup-epochs', '1', '--warmup-lr', '1e-4', '--output', str(runs), '--experiment', name,
+            '--warmup-epochs', '1', '--warmup-lr', '1e-4', '--out', str(runs), '--experiment', name,
         ], work, runs / name / 'last.safetensors')
         anchor_top1[name] = last_top1(work / 'logs' / f'{name}.log')
         print(f'[{name}] test top-1 {anchor_top1[name]:.2f}', flush=True)
@@ -217,7 +217,7 @@ def train_stitched(args: argparse.Namespace, model, work: Path, data_args: list[
         '--lr', str(args.stitch_lr), '--stitch-lr-scale', str(args.stitch_lr_scale), '--anchor-lr-scale',
         str(args.anchor_lr_scale), '--anchor-route-weight', str(args.anchor_route_weight), '--warmup-epochs', '0',
         *distill, '--val-routes', '0-2,3,13,19,32',
-        '--output', str(runs), '--experiment', 'stitched',
+        '--out', str(runs), '--experiment', 'stitched',
     ], work, runs / 'stitched' / 'last.safetensors')
 
     return runs / 'stitched' / 'last.safetensors', anchor_top1

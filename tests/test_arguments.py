@@ -9,13 +9,14 @@ from timm_stitch.arguments import DATA_OPTIONS, MODEL_OPTIONS, RUNTIME_OPTIONS
 from timm_stitch.cli import build_parser
 
 SHARED = (*MODEL_OPTIONS, *DATA_OPTIONS, *RUNTIME_OPTIONS, 'checkpoint')
-CLI_SHARED = ('pretrained', 'checkpoint', 'device')  # the other subcommands' --batch-size is another option
+# the model options are every subcommand's; the other subcommands' --batch-size is another option
+CLI_SHARED = (*MODEL_OPTIONS, 'checkpoint', 'device')
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     return {'train': train_args.build_parser(), 'validate': validate.build_parser(),
-            **{f'cli {name}': subcommands[name] for name in ('routes', 'profile', 'card')}}
+            **{f'cli {name}': subcommands[name] for name in ('routes', 'profile', 'card', 'export')}}
 
 
 def _definition(action: argparse.Action) -> tuple:

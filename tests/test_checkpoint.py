@@ -34,7 +34,7 @@ def _argv(tmp_path: Path, data: Path, name: str) -> list[str]:
     cfg = write_config(tmp_path / f'{name}.yaml', epochs=EPOCHS, batch_size=8, log_interval=100)
     run = tmp_path / name
     where = ['--resume', str(run / 'last.state.pth')] if (run / 'last.state.pth').exists() else \
-        ['--output', str(tmp_path), '--experiment', name]
+        ['--out', str(tmp_path), '--experiment', name]
     return ['-c', str(cfg), '--data-dir', str(data), *where, *EXTRA]
 
 

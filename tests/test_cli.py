@@ -15,8 +15,9 @@ import torch
 from timm.models import register_model
 from tiny_models import TINY_WIDTHS, tiny_vit_args
 
+from timm_stitch.arguments import parse_count
 from timm_stitch.cards import RouteCard
-from timm_stitch.cli import SUBCOMMANDS, main, parse_count
+from timm_stitch.cli import SUBCOMMANDS, main
 from timm_stitch.models._factory import create_snnet, snnet_cfg
 
 TINY = 'snnet_test_tiny_cli'
@@ -31,7 +32,7 @@ if TINY not in timm.list_models(TINY):
 
 
 def test_subcommands_are_modules_with_add_parser():
-    assert SUBCOMMANDS[:3] == ['timm_stitch.cli_routes', 'timm_stitch.cli_profile', 'timm_stitch.cli_card']
+    assert SUBCOMMANDS[:3] == ['timm_stitch.cli.routes', 'timm_stitch.cli.profile', 'timm_stitch.cli.card']
     assert all(callable(importlib.import_module(path).add_parser) for path in SUBCOMMANDS)
 
 
@@ -105,7 +106,7 @@ def _error_line(err: str) -> str:
 def test_bad_values_are_usage_errors(capsys, tmp_path, monkeypatch):
     cases = {
         ('routes', 'snnet_nope'): ["unknown model 'snnet_nope'", 'snnet_deit_tsb'],
-        ('profile', TINY, '--routes', '0', '99', '--out', str(tmp_path / 'r.json')): ['stitch_id 99', '0..22'],
+        ('profile', TINY, '--routes', '0', '99', '--out', str(tmp_path / 'r.json')): ['route ids [99]', '0..22'],
         ('profile', TINY, '--batch-size', '0'): ['--batch-size', "'0'", '>= 1'],
         ('profile', TINY, '--repeats', 'many'): ['--repeats', "'many'", '>= 1'],
         ('routes', TINY, '--checkpoint', str(tmp_path / 'missing.pth')): ['--checkpoint', 'missing.pth'],
@@ -182,7 +183,7 @@ def test_entry_point(tmp_path):
     assert 'timm-stitch: error: no route meets the bounds: no route has a known top1' in debug.stderr
 
 
-@pytest.mark.parametrize('command', ['routes', 'profile', 'card', 'convert', 'train', 'validate'])
+@pytest.mark.parametrize('command', ['routes', 'profile', 'card', 'export', 'convert', 'train', 'validate'])
 def test_help_is_plain_text_and_complete(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, '--help'])
@@ -206,7 +207,7 @@ def test_routes_select_with_a_floor_prints_the_cheapest_route_reaching_it(capsys
 
 
 def test_profile_on_a_busy_machine_warns_and_leaves_the_unstable_route_out(tmp_path, monkeypatch):
-    profile_module = importlib.import_module('timm_stitch.profile')
+    profile_module = importlib.import_module('timm_stitch.profiling')
     busy = iter([2.0, 466.0] * 1000)  # route 2's calls alternate quiet and loaded
     monkeypatch.setattr(profile_module, '_timed_call', lambda model, k, images: next(busy) if k == 2 else 2.0)
     out = tmp_path / 'routes.json'

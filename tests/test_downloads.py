@@ -150,7 +150,7 @@ try:
 except timm_stitch.DiskFullError as e:
     print(e)
 resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
-sys.exit(main(['train', '-c', args['cfg'], '--data-dir', args['data'], '--output', args['out'], '--experiment', 'run']))
+sys.exit(main(['train', '-c', args['cfg'], '--data-dir', args['data'], '--out', args['out'], '--experiment', 'run']))
 ''', file=str(root / 'rel' / NAME), stem=str(root / 'ckpt' / 'last'), limit=2**30, cfg=str(cfg), data=str(data),
                 out=str(root / 'out'))
     return done, root

@@ -218,7 +218,7 @@ def test_cli_explore(monkeypatch, capsys):
     assert served['model'].card is not None and served['model'].pretrained_cfg['architecture'] == MODEL
     assert main(['explore', MODEL, '--host', '127.0.0.2']) == 0 and served['host'] == '127.0.0.2'
     assert main(['explore']) == 2
-    assert 'timm-stitch: error: no model given: pass MODEL or --model MODEL' in capsys.readouterr().err
+    assert 'timm-stitch: error: no model given: pass --model MODEL (or MODEL)' in capsys.readouterr().err
     assert main(['explore', MODEL, '--model', 'snnet_deit_tsb']) == 2
     assert 'two models given' in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:  # refused by argparse, before the model is built

@@ -28,8 +28,8 @@ def folders(tmp_path_factory):
 
 def _validate(tmp_path: Path, data: Path, model_args: list, *extra: str) -> dict:
     out = tmp_path / f'out-{data.name}'
-    assert validate_main([*model_args, *COMMON, '--data-dir', str(data), '--stitch-ids', '0,34' if
-                          model_args is FMNIST else '0,2', '--output', str(out), *extra]) == 0
+    assert validate_main([*model_args, *COMMON, '--data-dir', str(data), '--routes', '0,34' if
+                          model_args is FMNIST else '0,2', '--out', str(out), *extra]) == 0
     return {r['stitch_id']: r for r in map(json.loads, (out / 'routes.jsonl').read_text().splitlines())}
 
 
@@ -60,7 +60,7 @@ def test_input_img_mode_overrides_and_is_checked(tmp_path, folders):
 ])
 def test_train_reads_files_in_the_models_mode(tmp_path, folders, model_args, data_key):
     assert train_main([*model_args, *COMMON, '--warmup-epochs', '0', '--data-dir', str(folders[data_key]),
-                       '--output', str(tmp_path), '--experiment', 'run', '--stitch-init-samples', '8']) == 0
+                       '--out', str(tmp_path), '--experiment', 'run', '--stitch-init-samples', '8']) == 0
     assert (tmp_path / 'run' / 'last.safetensors').is_file()
 
 
@@ -75,14 +75,14 @@ def test_torchvision_datasets_are_converted_too(tmp_path):
     root = prepare_fashion_mnist(tmp_path / 'fmnist', source)
     out = tmp_path / 'out'
     assert validate_main([*TINY_RGB, *COMMON, '--dataset', 'torch/fashion_mnist', '--data-dir', str(root),
-                          '--split', 'test', '--stitch-ids', '0', '--output', str(out)]) == 0
+                          '--split', 'test', '--routes', '0', '--out', str(out)]) == 0
     assert json.loads((out / 'routes.jsonl').read_text())['count'] == 8
 
     # a split timm would silently read as the test split, and IDX files not in torchvision's layout
     with pytest.raises(ValueError, match="split 'bogus' is not a split of torch/fashion_mnist: expected one of train"):
         validate_main([*TINY_RGB, *COMMON, '--dataset', 'torch/fashion_mnist', '--data-dir', str(root),
-                       '--split', 'bogus', '--output', str(out)])
+                       '--split', 'bogus', '--out', str(out)])
     with pytest.raises(FileNotFoundError, match=r'not in --data-dir .*idx.* prepare_fashion_mnist'):
         validate_main([*TINY_RGB, *COMMON, '--dataset', 'torch/fashion_mnist', '--data-dir', str(source),
-                       '--split', 'test', '--output', str(tmp_path / 'out2')])
+                       '--split', 'test', '--out', str(tmp_path / 'out2')])
     assert not (tmp_path / 'out2').exists()

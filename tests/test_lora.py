@@ -259,7 +259,7 @@ def test_save_merged_reloads_as_plain_layers_computing_the_same(hub, lora_model,
 def test_training_updates_the_low_rank_parts_only(tmp_path, caplog):
     data = make_image_folder(tmp_path / 'images', per_class=(8, 2))
     cfg = write_config(tmp_path / 'run.yaml', epochs=1)
-    assert train_main(['-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path), '--experiment', 'run',
+    assert train_main(['-c', str(cfg), '--data-dir', str(data), '--out', str(tmp_path), '--experiment', 'run',
                        '--stitch-lora-rank', str(RANK), '--freeze-anchors', '--val-routes', 'none']) == 0
     # without LS init the frozen base weights stay random: said, since it is rarely meant
     assert 'neither --stitch-init-samples nor loaded weights set them' in caplog.text

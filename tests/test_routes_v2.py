@@ -255,7 +255,7 @@ def test_trainer_builds_the_two_way_route_space_and_samples_it_by_flops(tmp_path
     """``--route-space two_way`` reaches the model; flops-grouped sampling and LS init run on its routes."""
     data = make_image_folder(tmp_path / 'images', per_class=(8, 2))
     config = write_config(tmp_path / 'c.yaml', epochs=1)
-    assert train_main(['-c', str(config), '--data-dir', str(data), '--output', str(tmp_path), '--experiment', 'run',
+    assert train_main(['-c', str(config), '--data-dir', str(data), '--out', str(tmp_path), '--experiment', 'run',
                        '--route-space', 'two_way', '--route-sampling', 'flops-grouped', '--route-group-gap', '1e-4',
                        '--stitch-init-samples', '16', '--val-routes', 'none']) == 0
     model = timm.create_model('snnet', anchors=ANCHORS, num_classes=4, route_space='two_way')

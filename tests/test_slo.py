@@ -8,7 +8,7 @@ import pytest
 from tiny_models import tiny_snnet
 
 from timm_stitch.cards import RouteCard
-from timm_stitch.profile import device_profile
+from timm_stitch.profiling import device_profile
 from timm_stitch.slo import (
     Bounds,
     MissingLatencyProfileError,
@@ -188,7 +188,9 @@ def test_observed_batches_scale_the_card_latencies():
     controller = RouteController(TABLE, adapt=0.5)
     plan = controller.plan([Pending(0.015)], 0.0)
     assert plan.routes == (LARGE,)  # 10 ms on the card
-    controller.observe(plan, 30.0)  # the machine is 3x slower than when profiled
-    assert controller.scale == 2.0
-    assert controller.plan([Pending(0.015)], 0.0).routes == (MID,)  # LARGE now estimated at 20 ms
+    controller.observe(plan, 30.0)  # the machine is 3x slower than when profiled: followed at once
+    assert controller.scale == 3.0
+    assert controller.plan([Pending(0.015)], 0.0).routes == (MID,)  # LARGE now estimated at 30 ms
+    controller.observe(controller.plan([Pending(0.015)], 0.0), 0.0)  # faster again (clamped to 0.5): by adapt
+    assert controller.scale == 1.75
     assert RouteController(TABLE).plan([Pending(0.015)], 0.0).routes == (LARGE,)  # adapt=0: the card as it is

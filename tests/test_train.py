@@ -13,6 +13,7 @@ from image_folders import ANCHORS, make_image_folder, write_config
 from safetensors.torch import load_file
 
 import timm_stitch  # noqa: F401
+from timm_stitch.errors import RouteIdError
 from timm_stitch.train import main, param_groups, parse_args
 
 
@@ -23,7 +24,7 @@ def data(tmp_path_factory) -> Path:
 
 def _train(tmp_path, data, *extra, name='run', **config) -> Path:
     cfg = write_config(tmp_path / f'{name}.yaml', **config)
-    assert main(['-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path), '--experiment', name,
+    assert main(['-c', str(cfg), '--data-dir', str(data), '--out', str(tmp_path), '--experiment', name,
                  *extra]) == 0
     return tmp_path / name
 
@@ -109,7 +110,7 @@ def test_train_routes_limit_what_is_trained(tmp_path, data):
     assert sampled('--train-routes', '0-3', '--freeze-anchors') == [2, 3]
     with pytest.raises(ValueError, match='names only anchor routes'):
         sampled('--train-routes', '1', '--freeze-anchors')
-    with pytest.raises(ValueError, match=r'out of range: valid ids are 0\.\.'):
+    with pytest.raises(RouteIdError, match=r'out of range: valid ids are 0\.\.'):
         sampled('--train-routes', '99')
 
 
@@ -191,7 +192,7 @@ def test_torchrun_two_ranks_agree_and_loss_falls(tmp_path, data):
     cfg = write_config(tmp_path / 'ddp.yaml', epochs=3, batch_size=8)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
-           '-m', 'timm_stitch.train', '-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path),
+           '-m', 'timm_stitch.train', '-c', str(cfg), '--data-dir', str(data), '--out', str(tmp_path),
            '--experiment', 'ddp', '--stitch-init-samples', '32', '--route-sync', 'per-rank']
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -205,7 +206,7 @@ def test_torchrun_two_ranks_agree_and_loss_falls(tmp_path, data):
 def test_cli_subcommand_reads_the_config_and_the_command_line_wins(tmp_path, data):
     from timm_stitch.cli import main as cli_main
     cfg = write_config(tmp_path / 'cli.yaml')
-    assert cli_main(['train', '-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path), '--experiment',
+    assert cli_main(['train', '-c', str(cfg), '--data-dir', str(data), '--out', str(tmp_path), '--experiment',
                      'cli', '--epochs', '1', '--lr', '0.001', '--val-routes', 'none']) == 0
     saved = yaml.safe_load((tmp_path / 'cli' / 'args.yaml').read_text())
     assert saved['epochs'] == 1 and saved['lr'] == 0.001 and saved['opt'] == 'adamw' and saved['batch_size'] == 16
@@ -213,10 +214,10 @@ def test_cli_subcommand_reads_the_config_and_the_command_line_wins(tmp_path, dat
 
 def test_bad_data_fails_before_the_output_folder_is_made(tmp_path, data):
     with pytest.raises(ValueError, match='the model takes 1'):
-        main(['--model', 'snnet_vit_fmnist_tsb', '--data-dir', str(data), '--input-img-mode', 'RGB', '--output',
+        main(['--model', 'snnet_vit_fmnist_tsb', '--data-dir', str(data), '--input-img-mode', 'RGB', '--out',
               str(tmp_path / 'out'), '--experiment', 'run'])
     with pytest.raises(ValueError, match='less than one batch'):
-        main(['-c', str(write_config(tmp_path / 'c.yaml', batch_size=1000)), '--data-dir', str(data), '--output',
+        main(['-c', str(write_config(tmp_path / 'c.yaml', batch_size=1000)), '--data-dir', str(data), '--out',
               str(tmp_path / 'out'), '--experiment', 'run'])
     assert not (tmp_path / 'out').exists()
 
@@ -227,7 +228,7 @@ def test_setup_then_the_loop_is_a_run(tmp_path, data):
     from timm_stitch.fingerprint import weights_fingerprint
     from timm_stitch.train import setup, train_loop
     args = parse_args(['-c', str(write_config(tmp_path / 'c.yaml', epochs=1)), '--data-dir', str(data),
-                       '--output', str(tmp_path), '--experiment', 'run', '--val-routes', 'none'])
+                       '--out', str(tmp_path), '--experiment', 'run', '--val-routes', 'none'])
     with contextlib.ExitStack() as locks:
         run = setup(args, locks)
         assert (run.start_epoch, run.num_updates, run.loader_eval) == (0, 0, None)

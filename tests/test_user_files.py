@@ -139,7 +139,7 @@ def test_the_trainer_refuses_an_output_folder_of_user_files(tmp_path):
     cfg = write_config(tmp_path / 'c.yaml', epochs=1, batch_size=4)
     with pytest.raises(ForeignFilesError, match=r"holds files that are not a training run's \(notes.txt, src\): "
                                                 'nothing was written'):
-        timm_stitch.train.main(['-c', str(cfg), '--data-dir', str(data), '--output', str(tmp_path / 'out'),
+        timm_stitch.train.main(['-c', str(cfg), '--data-dir', str(data), '--out', str(tmp_path / 'out'),
                                 '--experiment', 'run'])
     _intact(folder)
     with output_lock(str(tmp_path / 'new')):  # a new folder (and later the run's own) is fine
@@ -153,7 +153,7 @@ def test_validate_and_fashion_mnist_keep_user_files(tmp_path):
     out = _user_folder(tmp_path / 'val')
     assert validate_main(['--model', 'snnet', '--model-kwargs', f'anchors={ANCHORS!r}', '--num-classes', '4',
                           '--img-size', '32', '-b', '8', '-j', '0', '--no-progress', '--data-dir', str(data),
-                          '--stitch-ids', '0', '--output', str(out)]) == 0
+                          '--routes', '0', '--out', str(out)]) == 0
     _intact(out, {'routes.json', 'routes.jsonl', 'results.csv'})
     source = tmp_path / 'idx'
     source.mkdir()

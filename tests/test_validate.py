@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from timm_stitch.cards import RouteCard
 from timm_stitch.cli import main as cli_main
+from timm_stitch.errors import RouteIdError
 from timm_stitch.evaluation import NoImagesError, data_config_for, evaluate_routes, parse_ids
 from timm_stitch.validate import main
 
@@ -48,7 +49,7 @@ def test_every_route_matches_a_plain_forward_and_card_is_written(tmp_path, setup
     data, weights, model = setup
     out = tmp_path / 'out'
     assert cli_main(['validate', *MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights),
-                     '--output', str(out)]) == 0
+                     '--out', str(out)]) == 0
     records = _records(out)
     assert sorted(records) == list(range(model.num_routes))
     # reference: a plain loop over routes with timm's own eval transform and accuracy
@@ -75,13 +76,13 @@ def test_every_route_matches_a_plain_forward_and_card_is_written(tmp_path, setup
 def test_rerun_skips_recorded_routes(tmp_path, setup):
     data, weights, _ = setup
     out = tmp_path / 'out'
-    args = [*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights), '--output', str(out)]
-    assert main([*args, '--stitch-ids', '0-2', '--routes-per-pass', '2']) == 0
+    args = [*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights), '--out', str(out)]
+    assert main([*args, '--routes', '0-2', '--routes-per-pass', '2']) == 0
     first = _records(out)
     assert sorted(first) == [0, 1, 2]
     marked = dict(first[1], top1=12.345)  # as if written by an earlier, interrupted run
     (out / 'routes.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (first[0], marked)))
-    assert main([*args, '--stitch-ids', 'all']) == 0
+    assert main([*args, '--routes', 'all']) == 0
     records = _records(out)
     assert records[1]['top1'] == 12.345  # kept, not recomputed
     assert records[2] == first[2]  # recomputed, same result
@@ -96,18 +97,18 @@ def test_errors(tmp_path, setup):
         main(['--model', 'resnet_nope', '--data-dir', str(data)])
     with pytest.raises(ValueError, match='not a stitched network'):
         main(['--model', 'resnet18', '--data-dir', str(data)])
-    with pytest.raises(ValueError, match='out of range'):
-        main([*MODEL_ARGS, '--data-dir', str(data), '--stitch-ids', '99', '--output', str(tmp_path / 'o')])
+    with pytest.raises(RouteIdError, match='out of range'):
+        main([*MODEL_ARGS, '--data-dir', str(data), '--routes', '99', '--out', str(tmp_path / 'o')])
 
 
 @pytest.mark.integration
 def test_torchrun_shards_give_the_single_process_result(tmp_path, setup):
     data, weights, model = setup
     args = [*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(weights)]
-    assert main([*args, '--output', str(tmp_path / 'one')]) == 0
+    assert main([*args, '--out', str(tmp_path / 'one')]) == 0
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
-           '-m', 'timm_stitch.validate', *args, '--output', str(tmp_path / 'two')]
+           '-m', 'timm_stitch.validate', *args, '--out', str(tmp_path / 'two')]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _records(tmp_path / 'one'), _records(tmp_path / 'two')
@@ -134,7 +135,7 @@ def ema_run(tmp_path_factory, setup):
     root = tmp_path_factory.mktemp('ema')
     assert train_main([*MODEL_ARGS, '-b', '4', '--data-dir', str(data), '--epochs', '2', '--warmup-epochs', '0',
                        '--opt', 'adamw', '--lr', '1e-2', '--model-ema', '--model-ema-decay', '0.5',
-                       '--val-routes', 'none', '--output', str(root), '--experiment', 'run']) == 0
+                       '--val-routes', 'none', '--out', str(root), '--experiment', 'run']) == 0
     return root / 'run'
 
 
@@ -155,8 +156,8 @@ def _own_losses(weights: Path, data: Path) -> dict[int, float]:
 def test_use_ema_loads_the_ema_weights(tmp_path, setup, ema_run):
     data, _, _ = setup
     args = [*MODEL_ARGS, '--data-dir', str(data), '--checkpoint', str(ema_run / 'last.safetensors')]
-    assert main([*args, '--output', str(tmp_path / 'plain')]) == 0
-    assert main([*args, '--use-ema', '--output', str(tmp_path / 'ema')]) == 0
+    assert main([*args, '--out', str(tmp_path / 'plain')]) == 0
+    assert main([*args, '--use-ema', '--out', str(tmp_path / 'ema')]) == 0
     plain, ema = _records(tmp_path / 'plain'), _records(tmp_path / 'ema')
     own_plain, own_ema = _own_losses(ema_run / 'last.safetensors', data), _own_losses(
         ema_run / 'last_ema.safetensors', data)
@@ -169,7 +170,7 @@ def test_use_ema_loads_the_ema_weights(tmp_path, setup, ema_run):
 def test_use_ema_of_a_pth_and_without_ema_weights(tmp_path, setup, ema_run):
     from safetensors.torch import load_file
     data, weights, _ = setup
-    args = [*MODEL_ARGS, '--data-dir', str(data), '--output', str(tmp_path / 'o')]
+    args = [*MODEL_ARGS, '--data-dir', str(data), '--out', str(tmp_path / 'o')]
     with pytest.raises(FileNotFoundError, match=r'no EMA weights beside it \(expected .*w_ema.safetensors'):
         main([*args, '--checkpoint', str(weights), '--use-ema'])
     plain = load_file(ema_run / 'last.safetensors')
@@ -180,7 +181,7 @@ def test_use_ema_of_a_pth_and_without_ema_weights(tmp_path, setup, ema_run):
         main([*args, '--use-ema'])
     torch.save({'state_dict': plain, 'state_dict_ema': load_file(ema_run / 'last_ema.safetensors')},
                tmp_path / 'both.pth')
-    assert main([*args, '--checkpoint', str(tmp_path / 'both.pth'), '--use-ema', '--stitch-ids', '0']) == 0
+    assert main([*args, '--checkpoint', str(tmp_path / 'both.pth'), '--use-ema', '--routes', '0']) == 0
     assert _records(tmp_path / 'o')[0]['loss'] == pytest.approx(_own_losses(ema_run / 'last_ema.safetensors',
                                                                              data)[0], abs=1e-6)
 
@@ -210,12 +211,12 @@ def test_a_rerun_with_other_weights_or_arguments_measures_again(tmp_path, setup,
     weights_b = _biased_copy(weights_a, tmp_path / 'b.safetensors')
     args = [*MODEL_ARGS, '--data-dir', str(data)]
     out, fresh = tmp_path / 'out', tmp_path / 'fresh'
-    assert main([*args, '--checkpoint', str(weights_b), '--output', str(fresh)]) == 0
-    assert main([*args, '--checkpoint', str(weights_a), '--output', str(out)]) == 0
+    assert main([*args, '--checkpoint', str(weights_b), '--out', str(fresh)]) == 0
+    assert main([*args, '--checkpoint', str(weights_a), '--out', str(out)]) == 0
     first = _records(out)
     caplog.clear()
     with caplog.at_level('INFO', logger='timm_stitch.validate'):
-        assert main([*args, '--checkpoint', str(weights_b), '--output', str(out)]) == 0
+        assert main([*args, '--checkpoint', str(weights_b), '--out', str(out)]) == 0
     card, own_card = RouteCard.load(out / 'routes.json'), RouteCard.load(fresh / 'routes.json')
     assert [r.top1 for r in card.routes] == [r.top1 for r in own_card.routes] == [25.0] * model.num_routes
     records, own = _records(out), _records(fresh)
@@ -225,14 +226,14 @@ def test_a_rerun_with_other_weights_or_arguments_measures_again(tmp_path, setup,
     assert f'{model.num_routes} measured other weights' in caplog.text
     caplog.clear()
     with caplog.at_level('INFO', logger='timm_stitch.validate'):  # another crop: every route measured again
-        assert main([*args, '--checkpoint', str(weights_b), '--output', str(out), '--crop-pct', '0.5',
-                     '--stitch-ids', '0-1']) == 0
+        assert main([*args, '--checkpoint', str(weights_b), '--out', str(out), '--crop-pct', '0.5',
+                     '--routes', '0-1']) == 0
     assert '0 of 2 routes reused' in caplog.text and "2 measured with other settings (crop_pct)" in caplog.text
     caplog.clear()
     with caplog.at_level('INFO', logger='timm_stitch.validate'):  # a copy of the same tensors: reused
         copy = _biased_copy(weights_a, tmp_path / 'copy.safetensors')
-        assert main([*args, '--checkpoint', str(copy), '--output', str(out), '--crop-pct', '0.5',
-                     '--stitch-ids', '0-1']) == 0
+        assert main([*args, '--checkpoint', str(copy), '--out', str(out), '--crop-pct', '0.5',
+                     '--routes', '0-1']) == 0
     assert '2 of 2 routes reused' in caplog.text
 
 
@@ -241,7 +242,7 @@ def test_an_empty_image_folder_is_an_input_error(tmp_path, capsys, command):
     """Exit status 2 like every other bad input (it was 1, timm's RuntimeError), naming the folder."""
     (tmp_path / 'validation').mkdir()
     (tmp_path / 'train').mkdir()
-    extra = ['--epochs', '1', '--output', str(tmp_path / 'out')] if command == 'train' else []
+    extra = ['--epochs', '1', '--out', str(tmp_path / 'out')] if command == 'train' else []
     assert cli_main([command, *MODEL_ARGS, '--data-dir', str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert f"timm-stitch: error: no images in '{tmp_path}'" in err and 'Found 0 images' in err

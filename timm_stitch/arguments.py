@@ -14,9 +14,11 @@ from .route_spaces import ROUTE_SPACES
 
 __all__ = [
     'parse_count', 'int_at_least', 'float_in', 'existing_file', 'parse_device', 'stitched_model_name',
-    'default_workers', 'add_shared_args', 'MODEL_OPTIONS', 'DATA_OPTIONS', 'RUNTIME_OPTIONS',
+    'default_workers', 'add_shared_args', 'route_token', 'route_text', 'add_routes_arg',
+    'MODEL_OPTIONS', 'DATA_OPTIONS', 'RUNTIME_OPTIONS',
 ]
 
+_ROUTE_TOKEN = re.compile(r'(all|anchors|none|\d+(-\d+)?)(,(all|anchors|none|\d+(-\d+)?))*,?')
 _SUFFIXES = {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12}
 
 
@@ -103,6 +105,27 @@ def stitched_model_name(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(f"unknown model {text!r}: expected a registered stitched architecture, one of "
                                      f"{', '.join(timm.list_models('snnet*'))}")
+
+
+def route_token(text: str) -> str:
+    """An argument type: route ids in the one route-list syntax (``all``, ``anchors``, ``3``, ``5-9`` and comma
+    lists of them), checked against the model later, when it is built."""
+    if not _ROUTE_TOKEN.fullmatch(text.replace(' ', '')):
+        raise argparse.ArgumentTypeError(f"expected route ids such as 'all', 'anchors' or '0,3,5-9', got {text!r}")
+    return text
+
+
+def route_text(value: object) -> str:
+    """The route list of an option given as one string or as several tokens, as one comma list."""
+    return value if isinstance(value, str) else ','.join(value)
+
+
+def add_routes_arg(parser: Any, default: Optional[str], what: str, *aliases: str) -> None:
+    """``--routes`` (and ``aliases``, older spellings kept working): route ids in the one route-list syntax."""
+    older = f"; {', '.join(aliases)}: the older spelling" if aliases else ''
+    parser.add_argument('--routes', *aliases, dest='routes', type=route_token, nargs='+', default=default,
+                        metavar='IDS', help=f"{what}: ids such as '0,3,5-9' (or 0 3 5-9), 'all' or 'anchors' "
+                                        f"(default: {default or 'all'}{older})")
 
 
 # ---- the model and data options ----

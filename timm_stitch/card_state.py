@@ -15,7 +15,7 @@ import torch
 
 from .cards import RouteCard, model_name
 from .catalogue import RouteCatalogue, state_key
-from .profile import device_profile
+from .profiling import device_profile
 from .routes import Route
 from .selection import Budget
 

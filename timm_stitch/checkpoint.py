@@ -56,7 +56,7 @@ def output_lock(output_dir: str) -> Iterator[None]:
             raise ForeignFilesError(
                 f"the output folder {output_dir} holds files that are not a training run's ({listing(theirs)}): "
                 'nothing was written. Give the run a new or empty folder '
-                '(another --output or --experiment)')
+                '(another --out or --experiment)')
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -66,7 +66,7 @@ def output_lock(output_dir: str) -> Iterator[None]:
         except BlockingIOError:
             raise RuntimeError(
                 f'the output folder {output_dir} is in use by another training run (it holds {path}); wait for it '
-                'to finish, or give this run another --output/--experiment') from None
+                'to finish, or give this run another --out/--experiment') from None
         for entry in os.listdir(output_dir):  # the lock is ours: no writer uses the temps a killed run left
             if is_temp_name(entry) and os.path.isfile(os.path.join(output_dir, entry)):
                 os.unlink(os.path.join(output_dir, entry))

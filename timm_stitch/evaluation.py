@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ._mismatch import WeightsMismatchError, torch_mismatch
+from .errors import NoImagesError, RouteIdError
 
-__all__ = ['load_weights', 'parse_ids', 'eval_loader', 'image_mode', 'create_image_dataset', 'evaluate_routes',
+__all__ = ['load_weights', 'parse_ids', 'model_route_ids', 'eval_loader', 'image_mode', 'create_image_dataset',
+           'evaluate_routes',
            'create_stitched_model', 'check_data_dir', 'resolve_amp_dtype', 'resolve_device', 'data_config_for',
            'NoImagesError']
 
@@ -24,22 +26,35 @@ __all__ = ['load_weights', 'parse_ids', 'eval_loader', 'image_mode', 'create_ima
 _IMAGE_MODES = {1: 'L', 3: 'RGB'}
 
 
-def parse_ids(text: str, num_routes: int) -> list[int]:
-    """Route ids from ``'all'``, ``'anchors'`` handled by the caller, or ``'0,3,5-9'``; raises ``ValueError`` on ids
-    outside ``0..num_routes-1``."""
-    if text == 'all':
-        return list(range(num_routes))
+def parse_ids(text: str, num_routes: int, anchor_ids: Optional[Sequence[int]] = None,
+              allow_none: bool = False) -> list[int]:
+    """Route ids from the one route-list syntax: a comma list of ids (``'0,3,5-9'``), ``'all'`` and, given the
+    anchor routes' ``anchor_ids``, ``'anchors'``; ``'none'`` alone gives no ids where ``allow_none``. Raises
+    ``ValueError`` on other text or ids outside ``0..num_routes-1``."""
+    tokens = [p.strip() for p in text.split(',') if p.strip()]
+    if allow_none and tokens == ['none']:
+        return []
     ids: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(','))):
-        try:
-            lo, _, hi = part.partition('-')
-            ids.extend(range(int(lo), int(hi or lo) + 1))
-        except ValueError:
-            raise ValueError(f"route ids must look like 'all' or '0,3,5-9', got {text!r}") from None
+    for part in tokens:
+        if part == 'all':
+            ids.extend(range(num_routes))
+        elif part == 'anchors' and anchor_ids is not None:
+            ids.extend(anchor_ids)
+        else:
+            try:
+                lo, _, hi = part.partition('-')
+                ids.extend(range(int(lo), int(hi or lo) + 1))
+            except ValueError:
+                raise ValueError(f"route ids must look like 'all', 'anchors' or '0,3,5-9', got {text!r}") from None
     bad = [i for i in ids if not 0 <= i < num_routes]
     if bad or not ids:
-        raise ValueError(f'route ids {bad or text!r} are out of range: valid ids are 0..{num_routes - 1}')
+        raise RouteIdError(f'route ids {bad or text!r} are out of range: valid ids are 0..{num_routes - 1}')
     return sorted(set(ids))
+
+
+def model_route_ids(text: str, model: nn.Module, allow_none: bool = False) -> list[int]:
+    """The routes of ``model`` a route list names (:func:`parse_ids`, with ``'anchors'`` its anchor routes)."""
+    return parse_ids(text, model.num_routes, [r.id for r in model.plan.routes if r.is_anchor], allow_none)
 
 
 def eval_loader(
@@ -96,10 +111,6 @@ class _ConvertedDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
-class NoImagesError(FileNotFoundError, RuntimeError):
-    """A dataset folder holds no images (timm's ``RuntimeError``, as a missing-input error)."""
-
-
 def data_config_for(args: argparse.Namespace, model: nn.Module, verbose: bool = False) -> dict[str, Any]:
     """timm's ``resolve_data_config`` for ``args`` and ``model``, with the model's input channels: timm takes 3
     unless the arguments say otherwise, so ``--img-size 32`` on a 1-channel model would give (3, 32, 32)."""
@@ -142,8 +153,6 @@ def create_image_dataset(args: argparse.Namespace, split: str, in_chans: int, **
     return _ConvertedDataset(dataset, mode) if is_torch else dataset
 
 
-
-
 @torch.no_grad()
 def evaluate_routes(
         model: nn.Module,
@@ -179,14 +188,15 @@ def evaluate_routes(
             for i, k in enumerate(route_ids)}
 
 
-
 def create_stitched_model(args: argparse.Namespace, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(args.model, ...)`` with a clear error for an unknown name or a non-stitched model."""
+    """The one model builder of the command line: ``timm.create_model(args.model, ...)`` with the shared model
+    options (``--anchors``, ``--route-space``, ``--model-kwargs``, ``--num-classes``, ``--img-size``,
+    ``--pretrained``) and ``kwargs``, and a clear error for an unknown name or a non-stitched model."""
     import timm
 
     from . import models  # noqa: F401  (registers the architectures)
     from .model import StitchedNet
-    if not timm.is_model(args.model):
+    if ':' not in args.model and not timm.is_model(args.model):
         raise ValueError(f'unknown model {args.model!r}: expected a registered snnet_* architecture '
                          f"(see timm.list_models('snnet*')) or 'snnet' with --anchors")
     model_kwargs = dict(args.model_kwargs or {})
@@ -224,7 +234,6 @@ def resolve_amp_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
     if args.amp_dtype and not args.amp:
         raise ValueError(f'--amp-dtype {args.amp_dtype} needs --amp')
     return getattr(torch, args.amp_dtype or 'float16') if args.amp else None
-
 
 
 def resolve_device(name: Optional[str]) -> str:

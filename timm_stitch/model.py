@@ -16,6 +16,7 @@ from .anchor_checks import stitchable_stages
 from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
 from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
 from .card_state import RouteCardMixin
+from .errors import RouteIdError
 from .input_size import anchor_first_convs, set_anchors_input_size
 from .route_spaces import StitchOptions, plan_routes
 from .routes import Route, StitchRef
@@ -178,7 +179,7 @@ class StitchedNet(RouteCardMixin, nn.Module):
             raise TypeError(f'stitch_id must be an int, got {type(stitch_id).__name__} {stitch_id!r}')
         stitch_id = int(stitch_id)
         if not 0 <= stitch_id < self.num_routes:
-            raise ValueError(
+            raise RouteIdError(
                 f'stitch_id {stitch_id} is out of range: valid ids are 0..{self.num_routes - 1} '
                 f'({self.num_routes} routes)')
         return stitch_id

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from .cards import model_name
 from .catalogue import staleness
-from .profile import _dtype_name, device_profile
+from .errors import MissingLatencyProfileError, NoRouteFitsError, StaleCardError
+from .profiling import _dtype_name, device_profile
 
 if TYPE_CHECKING:
     import torch
@@ -31,22 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ['Bounds', 'RouteCost', 'RouteTable', 'Pending', 'Plan', 'RouteController', 'StaleCardError',
            'MissingLatencyProfileError', 'NoRouteFitsError']
-
-
-class StaleCardError(ValueError):
-    """The card's accuracies do not hold for the model's weights or arguments (or it has none)."""
-
-
-class MissingLatencyProfileError(ValueError):
-    """The card holds no latency profile for this device, dtype and batch size."""
-
-
-class NoRouteFitsError(ValueError):
-    """A request's bounds exclude every route; ``field`` names the bound."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -179,13 +164,15 @@ class RouteController:
         table: The routes to serve.
         max_batch_size: The most requests per batch (default and at most: the table's largest batch size).
         margin_ms: Time added to every estimated batch (the server's own overhead per batch).
-        adapt: Weight of each observed batch in ``scale`` (0: keep the card's latencies as they are).
+        adapt: Weight of each observed faster-than-estimated batch in ``scale``; slower batches set it at once (0:
+            keep the card's latencies as they are).
         horizon: How many batches ahead the queue is simulated (the rest is planned when it comes nearer; keeps a
             plan to about a millisecond when a burst has queued thousands of requests).
 
-    ``scale`` multiplies every card latency: :meth:`observe` moves it towards the ratio of a batch's run time to
-    its estimate, so that a machine slower than when it was profiled (other jobs, a server's own overhead) is
-    followed. It is state fed only by :meth:`observe`: the same observations give the same plans.
+    ``scale`` multiplies every card latency: :meth:`observe` moves it to the ratio of a batch's run time to its
+    estimate (at once when slower, by ``adapt`` when faster), so that a machine slower than when it was profiled
+    (other jobs, a server's own overhead) is followed. It is state fed only by :meth:`observe`: the same
+    observations give the same plans.
     """
 
     def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0,
@@ -247,12 +234,14 @@ class RouteController:
         return sum(self.table.latency(r, n) for r, n in counts.items()) * self.scale + self.margin_ms
 
     def observe(self, plan: Plan, actual_ms: float) -> None:
-        """Record that ``plan``'s batch took ``actual_ms``: ``scale`` moves by ``adapt`` towards actual / card
-        estimate (kept within [0.5, 20])."""
+        """Record that ``plan``'s batch took ``actual_ms``. ``scale`` rises at once to actual / card estimate when
+        the batch ran slower than estimated (an underestimate costs deadlines: a burst planned on a quiet minute's
+        profile queues more than can be served), and falls by ``adapt`` towards it when faster (kept within
+        [0.5, 20])."""
         if self.adapt and plan.routes:
             card_ms = (self._batch_ms(plan.routes) - self.margin_ms) / self.scale
             ratio = min(max((actual_ms - self.margin_ms) / card_ms, 0.5), 20.0)
-            self.scale += self.adapt * (ratio - self.scale)
+            self.scale = ratio if ratio > self.scale else self.scale + self.adapt * (ratio - self.scale)
 
     def plan(self, queue: Sequence[Pending], now: float) -> Plan:
         """The next batch for ``queue`` at time ``now`` (seconds, the deadlines' clock). Raises

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,11 +33,10 @@ from ._io import atomic_write, full_disk_named
 from .checkpoint import keep_history, load_state, plain_args, save_checkpoint, trim_summary
 from .evaluation import evaluate_routes
 from .fingerprint import weights_fingerprint
-from .sampling import RouteSampler
 from .train_args import build_parser, mixup_active, parse_args
 from .train_setup import TrainRun, param_groups, setup
 
-__all__ = ['build_parser', 'parse_args', 'main', 'add_parser', 'run', 'setup', 'train_loop', 'train_one_epoch',
+__all__ = ['build_parser', 'parse_args', 'main', 'run', 'setup', 'train_loop', 'train_one_epoch',
            'param_groups', 'save_checkpoint', 'load_state']
 
 _logger = logging.getLogger('timm_stitch.train')
@@ -57,51 +56,36 @@ def check_ranks_agree(model: nn.Module) -> str:
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
 
-def train_one_epoch(
-        epoch: int,
-        model: nn.Module,
-        loader: Any,
-        optimizer: torch.optim.Optimizer,
-        criterion: nn.Module,
-        takes_images: bool,
-        sampler: RouteSampler,
-        route_ids: Sequence[int],
-        args: argparse.Namespace,
-        device: torch.device,
-        lr_scheduler: Any,
-        num_updates: int,
-        amp_dtype: Optional[torch.dtype] = None,
-        loss_scaler: Any = None,
-        model_ema: Optional[nn.Module] = None,
-        mixup_fn: Any = None,
-) -> tuple[dict[str, float], int]:
-    """One epoch, one route per step (drawn by ``sampler``); returns the metrics and the update count."""
+def train_one_epoch(run: TrainRun, epoch: int) -> dict[str, float]:
+    """One epoch of ``run``, one route per step (drawn by its sampler); advances ``run.num_updates`` and returns
+    the metrics (the mean loss over every rank)."""
     from timm.utils import AverageMeter, dispatch_clip_grad, unwrap_model
+    args, model, loader, optimizer, device = run.args, run.train_model, run.loader_train, run.optimizer, run.device
     model.train()
     losses, batch_time = AverageMeter(), AverageMeter()
     params = [p for p in model.parameters() if p.requires_grad]
     end = time.time()
     for batch_idx, (images, target) in enumerate(loader):
         images, target = images.to(device), target.to(device)
-        if mixup_fn is not None:
-            images, target = mixup_fn(images, target)
-        stitch_id = route_ids[sampler()]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        if run.mixup_fn is not None:
+            images, target = run.mixup_fn(images, target)
+        stitch_id = run.route_ids[run.sampler()]
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             output = model(images, stitch_id=stitch_id)
-            loss = criterion(images, output, target) if takes_images else criterion(output, target)
+            loss = run.criterion(images, output, target) if run.takes_images else run.criterion(output, target)
         optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode, parameters=params)
+        if run.loss_scaler is not None:
+            run.loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode, parameters=params)
         else:
             loss.backward()
             if args.clip_grad is not None:
                 dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
             optimizer.step()
-        num_updates += 1
-        if model_ema is not None:
-            model_ema.update(unwrap_model(model), step=num_updates)
+        run.num_updates += 1
+        if run.model_ema is not None:
+            run.model_ema.update(unwrap_model(model), step=run.num_updates)
         if args.sched_on_updates:
-            lr_scheduler.step_update(num_updates)
+            run.lr_scheduler.step_update(run.num_updates)
         losses.update(loss.item(), images.shape[0])
         batch_time.update(time.time() - end)
         end = time.time()
@@ -114,7 +98,7 @@ def train_one_epoch(
     loss_avg = torch.tensor([losses.sum, losses.count], dtype=torch.float64, device=device)
     if args.distributed:
         dist.all_reduce(loss_avg)
-    return OrderedDict(loss=(loss_avg[0] / loss_avg[1].clamp(min=1)).item()), num_updates
+    return OrderedDict(loss=(loss_avg[0] / loss_avg[1].clamp(min=1)).item())
 
 
 def _evaluate(run: TrainRun) -> dict[str, float]:
@@ -176,10 +160,7 @@ def train_loop(run: TrainRun) -> str:
                 run.mixup_fn.mixup_enabled = False
             elif hasattr(run.loader_train, 'mixup_enabled'):
                 run.loader_train.mixup_enabled = False
-        train_metrics, run.num_updates = train_one_epoch(
-            epoch, run.train_model, run.loader_train, run.optimizer, run.criterion, run.takes_images, run.sampler,
-            run.route_ids, args, run.device, run.lr_scheduler, run.num_updates, run.amp_dtype, run.loss_scaler,
-            run.model_ema, run.mixup_fn)
+        train_metrics = train_one_epoch(run, epoch)
         if args.distributed and args.dist_bn and has_bn:
             distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
         eval_metrics = _evaluate(run)
@@ -208,23 +189,6 @@ def run(args: argparse.Namespace) -> int:
     if args.distributed:
         dist.destroy_process_group()
     return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``timm-stitch train``: the same arguments as ``python -m timm_stitch.train``."""
-    parent = build_parser(add_help=False)
-    for action in parent._actions:  # keep only what the command line gives, so the config file can fill the rest
-        action.default = argparse.SUPPRESS
-    p = subparsers.add_parser('train', help='train a stitched network (torchrun-ready)', parents=[parent],
-                              description=__doc__.split('\n')[0])
-    p.set_defaults(func=_run_subcommand)
-
-
-def _run_subcommand(namespace: argparse.Namespace) -> int:
-    given = {k: v for k, v in vars(namespace).items() if k not in ('command', 'func')}
-    args = parse_args(['-c', given['config']] if given.get('config') else [])
-    vars(args).update(given)
-    return run(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

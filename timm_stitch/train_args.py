@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any, Callable, Optional, Sequence
 
-from .arguments import MODEL_OPTIONS, RUNTIME_OPTIONS, add_shared_args
+from .arguments import MODEL_OPTIONS, RUNTIME_OPTIONS, add_shared_args, route_token
 from .evaluation import check_data_dir, resolve_amp_dtype
 from .sampling import SAMPLING_MODES, SYNC_MODES
 
@@ -138,8 +138,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument('--log-interval', type=int, default=50, help='batches between log lines (default: 50)')
     g.add_argument('--checkpoint-hist', type=int, default=10, help='epoch checkpoints kept (default: 10)')
     g.add_argument('--no-prefetcher', action='store_true', help="disable timm's CUDA prefetcher")
-    g.add_argument('--output', default='', help='output root (default: ./output/train)')
-    g.add_argument('--experiment', default='', help='run folder name under --output')
+    g.add_argument('--out', '--output', dest='output', default='', metavar='DIR',
+                   help='output root (default: ./output/train); --output: the older spelling, timm\'s')
+    g.add_argument('--experiment', default='', help='run folder name under --out')
     g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'), help='checkpoint metric')
     g.add_argument('--dist-backend', default=None, help='torch.distributed backend (default: by device)')
     g.add_argument('--dist-url', default='env://', help='torch.distributed init url')
@@ -168,10 +169,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help='how much more often an anchor route is drawn than a stitched one (default: 1, uniform)')
     g.add_argument('--route-sync', default='synced', choices=SYNC_MODES,
                    help="'synced': one route per step on every rank; 'per-rank': each its own (official)")
-    g.add_argument('--train-routes', default='all',
-                   help="routes the sampler draws from: 'all' or ids like '0-18' (e.g. to refine one segment)")
-    g.add_argument('--val-routes', default='anchors',
-                   help="routes validated each epoch: 'anchors', 'all', 'none' or ids like '0,3,5-9'")
+    g.add_argument('--train-routes', default='all', type=route_token, metavar='IDS',
+                   help="routes the sampler draws from, in the --routes syntax: 'all', 'anchors' or ids like "
+                        "'0-18' (e.g. to refine one segment)")
+    g.add_argument('--val-routes', default='anchors', type=route_token, metavar='IDS',
+                   help="routes validated each epoch, in the --routes syntax: 'anchors', 'all', ids like "
+                        "'0,3,5-9', or 'none'")
     g.add_argument('--kd-model', default='', help='timm teacher model for distillation (e.g. regnety_160)')
     g.add_argument('--kd-checkpoint', default=None, help='teacher weights file')
     g.add_argument('--kd-pretrained', action=argparse.BooleanOptionalAction, default=None,

@@ -29,7 +29,7 @@ from .evaluation import (
     data_config_for,
     eval_loader,
     load_weights,
-    parse_ids,
+    model_route_ids,
     resolve_amp_dtype,
     resolve_device,
 )
@@ -102,15 +102,6 @@ def _build_criterion(args: argparse.Namespace, use_mixup: bool, num_classes: int
     if args.kd_checkpoint:
         load_weights(teacher, args.kd_checkpoint)
     return DistillationLoss(base, teacher, args.kd_type, args.kd_alpha, args.kd_tau).to(device), True
-
-
-def _val_route_ids(text: str, model: nn.Module) -> list[int]:
-    """The routes ``--val-routes`` names: 'none', 'anchors', 'all' or ids."""
-    if text == 'none':
-        return []
-    if text == 'anchors':
-        return [r.id for r in model.plan.routes if r.is_anchor]
-    return parse_ids(text, model.num_routes)
 
 
 @dataclass
@@ -191,7 +182,7 @@ def _output_dir(args: argparse.Namespace) -> str:
 
 def _create_sampler(model: nn.Module, args: argparse.Namespace) -> tuple[RouteSampler, list[int]]:
     """The route sampler and the ids of the routes it draws from."""
-    allowed = set(parse_ids(args.train_routes, model.num_routes))
+    allowed = set(model_route_ids(args.train_routes, model))
     route_ids = [r.id for r in model.plan.routes if r.id in allowed and not (args.freeze_anchors and r.is_anchor)]
     if not route_ids:
         raise ValueError(f'--train-routes {args.train_routes!r} names only anchor routes, which --freeze-anchors '
@@ -267,7 +258,7 @@ def setup(args: argparse.Namespace, locks: contextlib.ExitStack) -> TrainRun:
 
     # the data before the output folder: a bad dataset or image mode fails before anything is written
     loader_train, mixup_fn = _create_train_loader(model, args, data_config, device)
-    val_ids = _val_route_ids(args.val_routes, model)
+    val_ids = model_route_ids(args.val_routes, model, allow_none=True)
     loader_eval = None
     if val_ids:
         dataset_eval = create_image_dataset(args, args.val_split, model.in_chans)

@@ -2,7 +2,7 @@
 
 Each pass over the data computes a chunk of routes (``--routes-per-pass``, default all) on every batch; the data is
 sharded across ranks under ``torchrun`` (each sample counted once, no padding) and the counts summed. Every finished
-route is recorded in ``routes.jsonl`` in ``--output`` (rewritten atomically, so an interruption leaves whole records
+route is recorded in ``routes.jsonl`` in ``--out`` (rewritten atomically, so an interruption leaves whole records
 only), keyed by the weights' fingerprint and the model and data settings: a rerun into the same folder reuses the
 records of the same weights and settings and measures the other routes again, saying which and why. At the end
 ``routes.json`` (a route card with the measured accuracy) and ``results.csv`` (timm-style rows, one per route) are
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._io import atomic_write
-from .arguments import MODEL_OPTIONS, RUNTIME_OPTIONS, add_shared_args
+from .arguments import MODEL_OPTIONS, RUNTIME_OPTIONS, add_routes_arg, add_shared_args, route_text
 from .evaluation import (
     check_data_dir,
     create_image_dataset,
@@ -33,14 +33,14 @@ from .evaluation import (
     eval_loader,
     evaluate_routes,
     load_weights,
-    parse_ids,
+    model_route_ids,
     resolve_amp_dtype,
     resolve_device,
 )
 from .fingerprint import weights_fingerprint
-from .quantize import SCHEMES, quantize
+from .quantization import SCHEMES, quantize
 
-__all__ = ['load_weights', 'record_key', 'main', 'add_parser']
+__all__ = ['load_weights', 'record_key', 'build_parser', 'run', 'main']
 
 _logger = logging.getLogger('timm_stitch.validate')
 
@@ -129,14 +129,15 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     add_shared_args(p, ('crop_pct', 'mean', 'std', 'interpolation', 'batch_size', 'workers', 'pin_mem'),
                     batch_size={'default': 256})
     add_shared_args(p, RUNTIME_OPTIONS)
-    p.add_argument('--stitch-ids', default='all', help="routes to evaluate: 'all' or e.g. '0,3,5-9'")
+    add_routes_arg(p, 'all', 'routes to evaluate', '--stitch-ids')
     p.add_argument('--quantize', default=None, choices=tuple(SCHEMES),
                    help='measure the routes of the network quantized once with this scheme (after loading the '
                         'weights; see timm_stitch.quantize): the card records that precision')
     p.add_argument('--routes-per-pass', type=int, default=0,
                    help='routes computed per pass over the data; each finished pass is recorded (0: all at once)')
-    p.add_argument('--output', default='', help='output folder (default: ./validate-MODEL)')
-    p.add_argument('--results-file', default='', help='timm-style CSV (default: OUTPUT/results.csv)')
+    p.add_argument('--out', '--output', dest='output', default='', metavar='DIR',
+                   help='output folder (default: ./validate-MODEL; --output: the older spelling)')
+    p.add_argument('--results-file', default='', help='timm-style CSV (default: DIR/results.csv)')
     return p
 
 
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f'--quantize int8-dyn runs on CPU only, got --device {device}: add --device cpu')
         quantize(model, args.quantize, inplace=True)
     model.to(device).eval()
-    route_ids = parse_ids(args.stitch_ids, model.num_routes)
+    route_ids = model_route_ids(route_text(args.routes), model)
     data_config = data_config_for(args, model, verbose=args.rank == 0)
     dataset = create_image_dataset(args, args.split, model.in_chans)
     loader = eval_loader(dataset, data_config, args.batch_size, args.workers, args.rank, args.world_size,
@@ -213,14 +214,6 @@ def run(args: argparse.Namespace) -> int:
     if args.distributed:
         dist.destroy_process_group()
     return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``timm-stitch validate``."""
-    p = subparsers.add_parser('validate', help='top-1/top-5 of every route on a dataset (torchrun-ready)',
-                              description=__doc__.split('\n')[0])
-    build_parser(p)
-    p.set_defaults(func=run)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,14 +1,16 @@
-"""``timm-stitch profile MODEL``: measure every route's latency on a device and write a route card."""
+"""``timm-stitch profile --model MODEL``: measure every route's latency on a device and write a route card."""
 from __future__ import annotations
 
 import argparse
 
 import torch
 
-from .cli import add_model_args, add_shared_args, build_model, float_in, int_at_least
-from .profile import MAX_SPREAD, profile
-from .quantize import SCHEMES, quantize
-from .routes import format_route_table
+from ..arguments import add_routes_arg, add_shared_args, float_in, int_at_least, route_text
+from ..evaluation import model_route_ids
+from ..profiling import MAX_SPREAD, profile
+from ..quantization import SCHEMES, quantize
+from ..routes import format_route_table
+from ._model import add_model_args, build_model
 
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -29,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         'go under a profile named after it')
     p.add_argument('--warmup', type=int_at_least(0), default=2, help='untimed calls per route (default: 2)')
     p.add_argument('--repeats', type=int_at_least(1), default=10, help='timed calls per route (default: 10)')
-    p.add_argument('--routes', type=int_at_least(0), nargs='+', default=None, help='route ids to time (default: all)')
+    add_routes_arg(p, None, 'routes to time')
     p.add_argument('--max-spread', type=float_in(0), default=MAX_SPREAD,
                    help='largest relative interquartile range of a route\'s timings accepted; a route above it is '
                         'timed again, and left out of the card with a warning if it stays above '
@@ -42,13 +44,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = build_model(args)
+    route_ids = None if args.routes is None else model_route_ids(route_text(args.routes), model)
     if args.quantize:
         quantize(model, args.quantize, inplace=True)
     profile(model, device=args.device, batch_size=args.batch_size, dtype=DTYPES[args.dtype], warmup=args.warmup,
-            repeats=args.repeats, routes=args.routes, out=args.out, max_spread=args.max_spread, retries=args.retries)
+            repeats=args.repeats, routes=route_ids, out=args.out, max_spread=args.max_spread, retries=args.retries)
     routes = model.routes()
-    if args.routes is not None:
-        routes = [routes[i] for i in args.routes]
+    if route_ids is not None:
+        routes = [routes[i] for i in route_ids]
     print(format_route_table(routes, model.anchor_names))
     print(f'wrote {args.out}')
     return 0

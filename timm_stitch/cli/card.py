@@ -1,12 +1,13 @@
-"""``timm-stitch card MODEL --out DIR``: write a model card folder (routes.json, README.md, MACs-accuracy plot)."""
+"""``timm-stitch card --model MODEL --out DIR``: a model card folder (routes.json, README.md, MACs-accuracy plot)."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from .card_readme import write_card_dir
-from .cards import RouteCard
-from .cli import add_model_args, build_model, existing_file
+from ..arguments import existing_file
+from ..card_readme import write_card_dir
+from ..cards import RouteCard
+from ._model import add_model_args, build_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -1,4 +1,4 @@
-"""``timm-stitch serve MODEL``: serve a stitched network with Ray Serve under a latency SLO (``[serve]`` extra)."""
+"""``timm-stitch serve --model MODEL``: serve a stitched network with Ray Serve under an SLO (``[serve]`` extra)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,8 @@ import signal
 import sys
 import time
 
-from .cli import add_model_args, build_model, float_in, int_at_least
+from ..arguments import float_in, int_at_least
+from ._model import add_model_args, build_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .ray_serve import build_app, start_local_ray
+    from ..ray_serve import build_app, start_local_ray
 
     args.pretrained = args.pretrained or args.checkpoint is None
     model = build_model(args)
