@@ -136,7 +136,8 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     ids = served_routes(model, args.routes)
     started = time.perf_counter()
     for b in cfg['batch_sizes']:
-        profile(model, batch_size=b, routes=ids, warmup=1, repeats=args.repeats, progress=False)
+        # timings spread by the other load are kept (max_spread=None): the trace runs under that same load
+        profile(model, batch_size=b, routes=ids, warmup=1, repeats=args.repeats, progress=False, max_spread=None)
     print(f'{name}: profiled {len(ids)} routes at batch sizes {cfg["batch_sizes"]} in '
           f'{time.perf_counter() - started:.0f} s')
     table = RouteTable.from_model(model, cfg['batch_sizes'], routes=ids, statistic=args.statistic)
@@ -149,7 +150,8 @@ def bench(name: str, args: argparse.Namespace) -> dict:
           f'{len(arrivals)} requests over {duration:.0f} s at {args.low:g}x / {args.high:g}x that rate')
     rows, controller_run = {}, None
     policies = [(f'route {i}', RouteController(RouteTable([table.routes[i]]), margin_ms=args.margin_ms))
-                for i in ids] + [('controller', RouteController(table, margin_ms=args.margin_ms, adapt=args.adapt))]
+                for i in ids] + [('controller', RouteController(table, margin_ms=args.margin_ms, adapt=args.adapt,
+                                                     reserve_ms=args.reserve * slo_ms))]
     for label, controller in policies:
         result = run_policy(model, controller, images, arrivals, slo_ms, args.grace)
         rows[label] = summarise(result, table)
@@ -182,6 +184,9 @@ def main() -> None:
                    help='SLO, times the largest route latency at the largest batch (default: 2)')
     p.add_argument('--margin-ms', type=float, default=1.0, help='per-batch overhead the controller adds')
     p.add_argument('--adapt', type=float, default=0.2, help="controller's weight of each observed batch (0: card only)")
+    p.add_argument('--reserve', type=float, default=0.25,
+                   help="controller's reserve, times the SLO: it plans every deadline that much early (a stall's "
+                        'room)')
     p.add_argument('--grace', type=float, default=3.0, help='seconds after the trace before counting misses')
     p.add_argument('--repeats', type=int, default=5, help='profiling repeats per route and batch size')
     p.add_argument('--seed', type=int, default=0)
