@@ -281,38 +281,46 @@ class RouteController:
             return Plan((), (), 0.0, 0.0)
         b = min(len(queue), self.max_batch_size)
         latency = {r: self.table.latency(r, b) for r in self.table.routes}
-        kinds: dict[Bounds, tuple[tuple[int, ...], int]] = {}  # per distinct bounds: allowed routes, the fastest
+        kinds: dict[Bounds, int] = {}  # distinct bounds, numbered; per number: the allowed routes and the fastest
+        allowed, fast = [], []
         for bounds in {q.bounds for q in queue}:
-            ids = self.allowed(bounds)
-            kinds[bounds] = ids, min(ids, key=lambda i: (latency[i], -self.table.routes[i].top1, i))
-        fastest = [kinds[q.bounds][1] for q in queue]
-        feasible = self._feasible(queue, fastest, b, now)
+            kinds[bounds] = len(allowed)
+            allowed.append(self.allowed(bounds))
+            fast.append(min(allowed[-1], key=lambda i: (latency[i], -self.table.routes[i].top1, i)))
+        kind = [kinds[q.bounds] for q in queue]
+        edf = sorted(range(len(queue)), key=lambda i: (queue[i].deadline, i))
+        feasible = self._feasible(queue, edf, [fast[k] for k in kind], b, now)
         # requests that can still make their deadline, earliest first, then the hopeless ones (they run their
         # fastest route and hold no one back)
-        order = sorted(range(len(queue)), key=lambda i: (not feasible[i], queue[i].deadline, i))[:b * self.horizon]
-        caps = sorted({latency[r] for ids, _ in kinds.values() for r in ids}, reverse=True)
+        order = ([i for i in edf if feasible[i]] + [i for i in edf if not feasible[i]])[:b * self.horizon]
+        caps = sorted({latency[r] for ids in allowed for r in ids}, reverse=True)
         for cap in caps:  # the most accurate cap first; the last (fastest) is taken when none drains in time
-            pick = {k: next((r for r in ids if latency[r] <= cap), fast) for k, (ids, fast) in kinds.items()}
-            routes = [pick[queue[i].bounds] if feasible[i] else fastest[i] for i in order]
+            pick = [next((r for r in ids if latency[r] <= cap), f) for ids, f in zip(allowed, fast)]
+            routes = [pick[kind[i]] if feasible[i] else fast[kind[i]] for i in order]
             if self._drains(queue, order, routes, feasible, b, now + self.reserve_ms / 1e3):
                 break
         take = order[:b]
         return Plan(tuple(take), tuple(routes[:b]), self._batch_ms(routes[:b]), cap, tuple(feasible[i] for i in take))
 
-    def _feasible(self, queue: Sequence[Pending], fastest: Sequence[int], b: int, now: float) -> list[bool]:
-        """Which requests can make their deadline when the queue runs earliest deadline first on its fastest
-        routes in batches of ``b``, the hopeless ones left out: a request that would finish late (or make an
-        earlier one of its batch late) is hopeless, and served after the others it cannot push them past their
+    def _feasible(self, queue: Sequence[Pending], edf: Sequence[int], fastest: Sequence[int], b: int,
+                  now: float) -> list[bool]:
+        """Which requests can make their deadline when the queue runs earliest deadline first (``edf``) on its
+        fastest routes in batches of ``b``, the hopeless ones left out: a request that would finish late (or make
+        an earlier one of its batch late) is hopeless, and served after the others it cannot push them past their
         deadlines one after another when a stall has queued more than can be served in time. Each batch is
         costed full (the plan fills it). ``horizon`` batches are checked, later requests when they come nearer."""
-        feasible = [True] * len(queue)
+        feasible, full_ms = [True] * len(queue), {}
         t, counts, members = now, {}, []  # the end of the last batch; the routes and requests of the one filling
-        for i in sorted(range(len(queue)), key=lambda i: (queue[i].deadline, i)):
+        for i in edf:
             if len(members) == b * self.horizon:
                 break
             trial = {**counts, fastest[i]: counts.get(fastest[i], 0) + 1}
-            end = t + self._group_ms({**trial, fastest[i]: trial[fastest[i]] + b - sum(trial.values())}) / 1e3
-            if any(end > queue[j].deadline for j in (*members[len(members) // b * b:], i)):
+            key = (*sorted(trial.items()), fastest[i])
+            if key not in full_ms:
+                full_ms[key] = self._group_ms({**trial, fastest[i]: trial[fastest[i]] + b - sum(trial.values())})
+            end = t + full_ms[key] / 1e3
+            first = members[len(members) // b * b] if len(members) % b else i  # the earliest deadline of the batch
+            if end > queue[first].deadline:
                 feasible[i] = False
                 continue
             counts = trial
@@ -323,12 +331,14 @@ class RouteController:
 
     def _drains(self, queue: Sequence[Pending], order: Sequence[int], routes: Sequence[int],
                 feasible: Sequence[bool], b: int, start: float) -> bool:
-        """Whether serving the queue from ``start`` in batches of ``b`` in ``order`` with ``routes`` meets every
-        feasible deadline."""
+        """Whether serving the queue from ``start`` in batches of ``b`` in ``order`` (the feasible requests first,
+        earliest deadline first) with ``routes`` meets every feasible deadline."""
         t = start
         for first in range(0, len(order), b):
+            if not feasible[order[first]]:  # the rest are hopeless
+                return True
             t += self._batch_ms(routes[first:first + b]) / 1e3
-            if any(feasible[i] and t > queue[i].deadline for i in order[first:first + b]):
+            if t > queue[order[first]].deadline:
                 return False
         return True
 
