@@ -222,6 +222,15 @@ def test_a_stall_costs_only_the_requests_it_made_hopeless():
 
 
 @pytest.mark.parametrize('at', [1.1, 1.2, 1.25, 1.3, 1.4])
+def test_a_backlog_of_late_requests_waits_behind_those_still_in_time():
+    queue = [Pending(-1.0 + i * 1e-4) for i in range(5000)] + [Pending(0.05)] * 8
+    plan = RouteController(TABLE).plan(queue, 0.0)
+    assert plan.take == tuple(range(5000, 5008)) and plan.feasible == (True,) * 8
+    plan = RouteController(TABLE).plan(queue[:5000], 0.0)  # none in time: the earliest late ones, fastest route
+    assert plan.take == tuple(range(8)) and plan.routes == (SMALL,) * 8 and plan.feasible == (False,) * 8
+
+
+@pytest.mark.parametrize('at', [1.1, 1.2, 1.25, 1.3, 1.4])
 def test_a_burst_the_smallest_route_absorbs_is_met_through_a_stall(at):
     arrivals, _ = _bursty()
     stall = (at, 0.04)  # in the burst, one batch takes 40 ms longer (ten of SMALL's full batches)

@@ -17,8 +17,9 @@ shrinks it rises back. The same queue, time and observed batches always give the
 """
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from .cards import model_name
@@ -280,6 +281,18 @@ class RouteController:
         if not queue:
             return Plan((), (), 0.0, 0.0)
         b = min(len(queue), self.max_batch_size)
+        live = [i for i, q in enumerate(queue) if q.deadline > now]
+        if len(live) == len(queue):
+            return self._plan(queue, now, b)
+        # requests already late are hopeless and served earliest first after the others: only the first few can be
+        # in this plan's horizon, so that a backlog of thousands (a long stall) costs no more planning than the
+        # requests still in time (planning time taken from the batches would make the backlog grow)
+        late = [(q.deadline, i) for i, q in enumerate(queue) if q.deadline <= now]
+        keep = live + [i for _, i in heapq.nsmallest(b * self.horizon, late)]
+        plan = self._plan([queue[i] for i in keep], now, b)
+        return replace(plan, take=tuple(keep[i] for i in plan.take))
+
+    def _plan(self, queue: Sequence[Pending], now: float, b: int) -> Plan:
         latency = {r: self.table.latency(r, b) for r in self.table.routes}
         kinds: dict[Bounds, int] = {}  # distinct bounds, numbered; per number: the allowed routes and the fastest
         allowed, fast = [], []
@@ -311,13 +324,14 @@ class RouteController:
         costed full (the plan fills it). ``horizon`` batches are checked, later requests when they come nearer."""
         feasible, full_ms = [True] * len(queue), {}
         t, counts, members = now, {}, []  # the end of the last batch; the routes and requests of the one filling
+        one = len(set(fastest)) == 1  # (the usual case: no bounds) every batch costs the same
         for i in edf:
             if len(members) == b * self.horizon:
                 break
-            trial = {**counts, fastest[i]: counts.get(fastest[i], 0) + 1}
-            key = (*sorted(trial.items()), fastest[i])
+            trial = counts if one else {**counts, fastest[i]: counts.get(fastest[i], 0) + 1}
+            key = () if one else (*sorted(trial.items()), fastest[i])
             if key not in full_ms:
-                full_ms[key] = self._group_ms({**trial, fastest[i]: trial[fastest[i]] + b - sum(trial.values())})
+                full_ms[key] = self._group_ms({**trial, fastest[i]: trial.get(fastest[i], 0) + b - sum(trial.values())})
             end = t + full_ms[key] / 1e3
             first = members[len(members) // b * b] if len(members) % b else i  # the earliest deadline of the batch
             if end > queue[first].deadline:
