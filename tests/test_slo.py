@@ -221,7 +221,6 @@ def test_a_stall_costs_only_the_requests_it_made_hopeless():
     # served first, the hopeless ones would make the next 8 late as well (0 of 16 met instead of 8)
 
 
-@pytest.mark.parametrize('at', [1.1, 1.2, 1.25, 1.3, 1.4])
 def test_a_backlog_of_late_requests_waits_behind_those_still_in_time():
     queue = [Pending(-1.0 + i * 1e-4) for i in range(5000)] + [Pending(0.05)] * 8
     plan = RouteController(TABLE).plan(queue, 0.0)
