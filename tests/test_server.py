@@ -85,6 +85,16 @@ def test_each_batch_is_recorded_with_its_plan_and_timings(model):
     assert all(r.scale == controller.scale and r.plan.feasible == (True,) * len(r.plan.take) for r in records)
 
 
+def test_stop_can_cancel_the_backlog(model):
+    server = StitchServer(model, _controller(model), clock=FakeClock())
+    futures = [server.submit(x) for x in tiny_images(6)]
+    server.step()
+    server.stop(cancel=True)
+    assert [f.cancelled() for f in futures] == [False] * 4 + [True] * 2 and server.metrics()['queue_length'] == 0
+    with pytest.raises(RuntimeError, match='the server is stopped'):
+        server.submit(tiny_images(1)[0])
+
+
 def test_the_worker_thread_answers_every_request(model):
     with StitchServer(model, _controller(model), slo_ms=1e4) as server:
         futures = [server.submit(x) for x in tiny_images(12)]

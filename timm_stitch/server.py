@@ -133,10 +133,15 @@ class StitchServer:
                 self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Serve what is queued, then stop the worker thread."""
+    def stop(self, cancel: bool = False) -> None:
+        """Serve what is queued, then stop the worker thread. ``cancel``: stop after the batch running now, the
+        queued requests' futures cancelled (a backlog left behind would go on taking the machine)."""
         with self._cv:
             self._stop = True
+            if cancel:
+                for r in self._queue:
+                    r.future.cancel()
+                self._queue = []
             self._cv.notify()
             thread, self._thread = self._thread, None
         if thread is not None:
