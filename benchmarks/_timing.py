@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from timm_stitch.profile import latency_stats
+from timm_stitch.profiling import latency_stats
 
 __all__ = ['Stats', 'interleaved', 'time_calls', 'ratio_line', 'setup_torch']
 

@@ -23,7 +23,7 @@ from explorer_page import ExplorerPage, answered, find_browser, wait_idle  # noq
 import timm_stitch  # noqa: E402, F401
 from timm_stitch.arguments import parse_count  # noqa: E402
 from timm_stitch.explorer import build_app, launch  # noqa: E402
-from timm_stitch.profile import latency_stats  # noqa: E402
+from timm_stitch.profiling import latency_stats  # noqa: E402
 
 
 def _median(values: list[float]) -> str:

@@ -84,7 +84,7 @@ def compare_backends(model: timm_stitch.StitchedNet, stitch_id: int, batch_sizes
 def compare_kernels(repeats: int) -> None:
     """One DeiT-B MLP layer (768 -> 3072) at batch 1 and 8 (197 and 1576 token rows): float32 against each int8
     candidate, and PyTorch's int4 weight-only CPU kernel (bf16 activations, the only fast path it has)."""
-    from timm_stitch.quantize import QuantizedLinear
+    from timm_stitch.quantization import QuantizedLinear
     linear = torch.nn.Linear(768, 3072).eval()
     layers = {'fp32': linear, **{f'timm-stitch {s}': QuantizedLinear.from_float(linear, s) for s in SCHEMES}}
     try:

@@ -29,7 +29,7 @@ import torch
 from bench_memory import tensor_bytes
 from bench_slo import load_model
 
-from timm_stitch.macs import model_input_size
+from timm_stitch.input_size import model_input_size
 
 _CHILD = '''
 import json, sys, warnings

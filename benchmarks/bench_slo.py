@@ -28,8 +28,8 @@ import timm
 import torch
 from _timing import setup_torch
 
-from timm_stitch.macs import model_input_size
-from timm_stitch.profile import profile
+from timm_stitch.input_size import model_input_size
+from timm_stitch.profiling import profile
 from timm_stitch.server import StitchServer
 from timm_stitch.slo import RouteController, RouteTable
 

@@ -11,6 +11,7 @@ from tiny_models import tiny_eva_args
 
 import timm_stitch
 from timm_stitch import StitchedNet, StitchOptions
+from timm_stitch.errors import IncompatibleAnchorsError
 from timm_stitch.routes import plan_staged_routes, plan_token_routes
 
 
@@ -94,7 +95,7 @@ def test_stitch_layer_and_ls_init_for_convnext():
      'different input channels'),
 ])
 def test_refuses_incompatible_anchors_naming_what_differs(anchors, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(IncompatibleAnchorsError, match=message):
         timm_stitch.stitch(anchors, num_classes=10)
 
 

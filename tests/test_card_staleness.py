@@ -11,6 +11,7 @@ from tiny_models import tiny_snnet
 import timm_stitch
 from timm_stitch.cards import RouteCard
 from timm_stitch.convert import OFFICIAL_FORMATS, convert_official
+from timm_stitch.errors import StaleCardError
 from timm_stitch.hub import CARD_NAME, README_NAME, save_pretrained
 
 FMNIST = 'snnet_vit_fmnist_tsb'
@@ -32,9 +33,9 @@ def test_shipped_card_only_for_the_shipped_weights():
     other = timm.create_model(FMNIST, pretrained=True, num_classes=5)  # the failing input of the issue
     assert other.card is not None and other.route(2).top1 is None
     assert 'num_classes=10 (the model has 5)' in _stale(other)
-    with pytest.raises(ValueError, match='cannot select by min_top1: the route card is stale, .*num_classes=10'):
+    with pytest.raises(StaleCardError, match='cannot select by min_top1: the route card is stale, .*num_classes=10'):
         other.select_stitch(min_top1=50)
-    with pytest.raises(ValueError, match='the route card is stale'):
+    with pytest.raises(StaleCardError, match='the route card is stale'):
         other.pareto()
     assert other.select_stitch(max_macs=2e7).top1 is None  # cost bounds still work
 
@@ -55,7 +56,7 @@ def test_changing_the_weights_invalidates_accuracy_at_once(change):
         model(torch.randn(2, 1, 28, 28), stitch_id=2).sum().backward()
         optimizer.step()
     assert model.route(2).top1 is None and 'measured on other weights' in _stale(model)
-    with pytest.raises(ValueError, match='route card is stale, the card was measured on other weights'):
+    with pytest.raises(StaleCardError, match='route card is stale, the card was measured on other weights'):
         model.select_stitch(min_top1=80)
     model.load_state_dict(shipped)  # the measured weights again: the card holds again
     assert model.route(2).top1 == 89.74

@@ -14,7 +14,8 @@ import timm_stitch
 from timm_stitch._io import atomic_write
 from timm_stitch.card_readme import render_readme, write_card_dir
 from timm_stitch.cards import SCHEMA_VERSION, RouteCard
-from timm_stitch.profile import device_profile
+from timm_stitch.errors import RouteIdError
+from timm_stitch.profiling import device_profile
 
 
 @pytest.fixture(scope='module')
@@ -116,7 +117,7 @@ def test_profile_validates_arguments():
     model = tiny_snnet()
     with pytest.raises(ValueError, match='batch_size must be a positive integer'):
         timm_stitch.profile(model, batch_size=0)
-    with pytest.raises(ValueError, match='stitch_id 99 is out of range'):
+    with pytest.raises(RouteIdError, match='stitch_id 99 is out of range'):
         timm_stitch.profile(model, routes=[99])
 
 

@@ -19,6 +19,7 @@ from timm_stitch.cascade import (
     stage_macs_of,
     sweep_thresholds,
 )
+from timm_stitch.errors import RouteIdError, StaleCardError
 from timm_stitch.macs import count_anchor_macs
 from timm_stitch.serving import cascade_stage_macs, first_segment_length, prefix_macs
 
@@ -90,7 +91,7 @@ def test_bad_cascades_raise(model):
         Cascade(model, [0, 1], [0.5, 0.6])
     with pytest.raises(ValueError, match="unknown confidence 'entropy'"):
         Cascade(model, [0, 1], 0.5, confidence='entropy')
-    with pytest.raises(ValueError, match='out of range'):
+    with pytest.raises(RouteIdError, match='out of range'):
         Cascade(model, [0, 99], 0.5)
 
 
@@ -177,7 +178,7 @@ def test_shipped_fmnist_card_selects_a_cascade():
     with pytest.raises(ValueError, match='no route card'):
         Cascade.select(tiny_snnet(), 1e9)
     other_heads = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True, num_classes=5).eval()
-    with pytest.raises(ValueError, match='route card is stale .*num_classes=10'):
+    with pytest.raises(StaleCardError, match='route card is stale .*num_classes=10'):
         Cascade.select(other_heads, max_macs=26e6)
 
 

@@ -207,7 +207,7 @@ def test_routes_select_with_a_floor_prints_the_cheapest_route_reaching_it(capsys
 
 
 def test_profile_on_a_busy_machine_warns_and_leaves_the_unstable_route_out(tmp_path, monkeypatch):
-    profile_module = importlib.import_module('timm_stitch.profile')
+    profile_module = importlib.import_module('timm_stitch.profiling')
     busy = iter([2.0, 466.0] * 1000)  # route 2's calls alternate quiet and loaded
     monkeypatch.setattr(profile_module, '_timed_call', lambda model, k, images: next(busy) if k == 2 else 2.0)
     out = tmp_path / 'routes.json'

@@ -26,6 +26,7 @@ from tiny_models import SMALL_ARCHS
 
 from timm_stitch.cli import main
 from timm_stitch.convert import convert_official, read_checkpoint
+from timm_stitch.errors import ReleaseFormatError
 from timm_stitch.hub import CARD_NAME
 
 
@@ -127,12 +128,12 @@ def test_reads_wrappers_without_running_pickled_code(official, wrapper, tmp_path
 def test_bad_keys_fail_loudly(official, change, message):
     state = dict(official)
     change(state)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ReleaseFormatError, match=message):
         convert_official(state, 'snnet_deit_tsb', **TINY)
 
 
 def test_checkpoint_of_another_configuration(official):
-    with pytest.raises(ValueError, match='not a ziplab/SN-Net v1.0 snnet_deit.pth checkpoint.*unmatched'):
+    with pytest.raises(ReleaseFormatError, match='not a ziplab/SN-Net v1.0 snnet_deit.pth checkpoint.*unmatched'):
         convert_official(official, 'snnet_deit_tsb', **{**TINY, 'depth': 2})
     with pytest.raises(ValueError, match="no official checkpoint format for 'snnet_deit_ts'"):
         convert_official(official, 'snnet_deit_ts')
@@ -356,7 +357,7 @@ def test_levit_routes_run_and_anchors_match_timm(official_levit):
 def test_levit_bad_keys_fail_loudly(official_levit, change, message):
     sd = dict(official_levit)
     change(sd)
-    with pytest.raises(ValueError, match=message.replace('.', r'\.')):
+    with pytest.raises(ReleaseFormatError, match=message.replace('.', r'\.')):
         convert_official(sd, 'snnet_levit_192_256')
 
 
@@ -388,7 +389,8 @@ def test_legacy_and_unreadable_files(official, kind, tmp_path):
     else:
         path.write_bytes(os.urandom(2048) if kind == 'random' else b'{"model": {"anchors.0.cls_token": [0.1]}}')
     what = 'is not a readable PyTorch checkpoint' if kind == 'truncated' else 'is not a PyTorch checkpoint'
-    with pytest.raises(ValueError, match=rf'{path} {what} \(expected the ziplab/SN-Net v1.0 snnet_deit.pth release'):
+    expected = rf'{path} {what} \(expected the ziplab/SN-Net v1.0 snnet_deit.pth release'
+    with pytest.raises(ReleaseFormatError, match=expected):
         convert_official(path, 'snnet_deit_tsb', **TINY)
 
 

@@ -8,6 +8,7 @@ import timm
 import torch
 from tiny_models import tiny_images, tiny_snnet
 
+from timm_stitch.errors import RouteIdError
 from timm_stitch.export import StitchedRoute
 from timm_stitch.hub import save_pretrained
 
@@ -96,5 +97,5 @@ def test_stitched_route_cannot_be_saved_as_a_timm_model(tmp_path):
 
 
 def test_bad_route_id():
-    with pytest.raises(ValueError, match='out of range'):
+    with pytest.raises(RouteIdError, match='out of range'):
         tiny_snnet().export_stitch(99)

@@ -10,6 +10,7 @@ import torch
 from tiny_models import SMALL_ARCHS
 
 import timm_stitch
+from timm_stitch.errors import RouteIdError
 from timm_stitch.features import StitchedFeatures, route_feature_info
 
 pytestmark = pytest.mark.filterwarnings('ignore:route .* BatchNorm layers after its stitch')
@@ -186,7 +187,7 @@ def test_create_model_features_only(arch):
             feats = backbone(x)
         assert [f.shape[1] for f in feats] == backbone.feature_info.channels()
         assert [f.shape[-1] for f in feats] == [size // r for r in backbone.feature_info.reduction()]
-    with pytest.raises(ValueError, match=re.escape('stitch_id')):
+    with pytest.raises(RouteIdError, match=re.escape('stitch_id')):
         backbone.set_stitch(net.num_routes)
 
 

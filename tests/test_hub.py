@@ -16,7 +16,6 @@ import timm
 import torch
 from huggingface_hub import ModelCard
 
-import timm_stitch
 from timm_stitch._mismatch import WeightsMismatchError
 from timm_stitch.cards import RouteCard
 from timm_stitch.hub import CARD_NAME, CONFIG_NAME, README_NAME, WEIGHTS_NAME, push_to_hub, save_pretrained
@@ -100,7 +99,7 @@ def test_offline_without_cache(hub):
 
 def test_unreachable_hub(hub, monkeypatch):
     monkeypatch.setattr('huggingface_hub.utils._http.time.sleep', lambda seconds: None)  # skip retry back-off
-    monkeypatch.setattr(timm_stitch.hub.constants, 'ENDPOINT', 'http://127.0.0.1:9')
+    monkeypatch.setattr('huggingface_hub.constants.ENDPOINT', 'http://127.0.0.1:9')
     monkeypatch.setattr('huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE',
                         'http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}')
     with pytest.raises(OSError, match=r'Hub \(http://127.0.0.1:9\) is unreachable.*HF_HUB_OFFLINE=1'):

@@ -4,6 +4,7 @@ import torch
 from tiny_models import low_rank_images, tiny_images, tiny_snnet, tiny_vits
 
 from timm_stitch import StitchedNet
+from timm_stitch.errors import IncompatibleAnchorsError
 from timm_stitch.stitching import LeastSquaresFit
 
 
@@ -24,7 +25,7 @@ def test_accumulated_fit_equals_pinv_on_stacked_data():
 
 def test_fit_rejects_mismatched_rows_and_empty_solve():
     fit = LeastSquaresFit(4, 4)
-    with pytest.raises(ValueError, match='different row counts'):
+    with pytest.raises(IncompatibleAnchorsError, match='different row counts'):
         fit.add(torch.zeros(3, 4), torch.zeros(5, 4))
     with pytest.raises(RuntimeError, match='no data'):
         fit.solve()

@@ -8,6 +8,7 @@ from timm.optim import create_optimizer_v2
 from tiny_models import TINY_IMG, TINY_WIDTHS, tiny_images, tiny_snnet, tiny_vit_args
 
 from timm_stitch import StitchedNet
+from timm_stitch.errors import RouteIdError
 
 
 @pytest.fixture(scope='module')
@@ -131,8 +132,8 @@ def test_per_call_stitch_id_is_thread_safe(model, images):
 
 
 @pytest.mark.parametrize('bad, error, message', [
-    (23, ValueError, r'stitch_id 23 is out of range: valid ids are 0\.\.22'),
-    (-1, ValueError, r'stitch_id -1 is out of range: valid ids are 0\.\.22'),
+    (23, RouteIdError, r'stitch_id 23 is out of range: valid ids are 0\.\.22'),
+    (-1, RouteIdError, r'stitch_id -1 is out of range: valid ids are 0\.\.22'),
     (1.5, TypeError, r'stitch_id must be an int, got float 1\.5'),
     ('3', TypeError, r"got str '3'"),
     (True, TypeError, r'got bool True'),

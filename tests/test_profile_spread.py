@@ -1,6 +1,5 @@
 """``profile`` on a busy machine: timings that spread widely are measured again, and a route whose timings stay
 unstable gets no latency in the card, with a warning (a fake timer makes the load deterministic)."""
-import importlib
 import itertools
 import warnings
 
@@ -8,9 +7,8 @@ import pytest
 import torch
 from tiny_models import tiny_snnet
 
-from timm_stitch.profile import UnstableTimingWarning, profile, timing_spread, unstable_routes
-
-profile_module = importlib.import_module('timm_stitch.profile')  # the package's `profile` is the function
+import timm_stitch.profiling as profile_module
+from timm_stitch.profiling import UnstableTimingWarning, profile, timing_spread, unstable_routes
 
 
 def test_spread_is_the_relative_interquartile_range():

@@ -13,8 +13,9 @@ from tiny_models import SMALL_ARCHS, tiny_images, tiny_snnet
 import timm_stitch
 from timm_stitch.card_readme import render_readme
 from timm_stitch.cards import RouteCard
+from timm_stitch.errors import StaleCardError
 from timm_stitch.hub import CONFIG_NAME, save_pretrained
-from timm_stitch.quantize import QuantizedLinear, quantize
+from timm_stitch.quantization import QuantizedLinear, quantize
 from timm_stitch.serving import mixed_forward
 from timm_stitch.stitching import LoRALinear
 from timm_stitch.validate import main as validate_main
@@ -119,7 +120,7 @@ def test_cards_of_another_precision_are_stale_with_the_reason():
     stale = quantized.route(0).extra['accuracy_stale']
     assert quantized.route(0).top1 is None
     assert "precision='fp32' (the model has 'int8-dyn')" in stale and 'validate --quantize int8-dyn' in stale
-    with pytest.raises(ValueError, match="route card is stale, the card was measured with precision='fp32'"):
+    with pytest.raises(StaleCardError, match="route card is stale, the card was measured with precision='fp32'"):
         quantized.select_stitch(min_top1=10)
     model.load_card(int8_card)
     assert "precision='int8-dyn' (the model has 'fp32')" in model.route(0).extra['accuracy_stale']

@@ -22,8 +22,9 @@ from official_layouts import official_levit_state, official_state, save_release
 from tiny_models import SMALL_ARCHS as SMALL
 
 from timm_stitch.convert import OFFICIAL_FORMATS, convert_official
+from timm_stitch.errors import ReleaseFormatError
 from timm_stitch.fingerprint import weights_fingerprint
-from timm_stitch.models._release import converted_path
+from timm_stitch.models._loading import converted_path
 
 ARCHS = list(SMALL)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_release_loads_through_timm(arch, releases):
 
 _SECOND_LOAD = '''
 import json, sys, timm, timm_stitch
-import timm_stitch.models._release as release
+import timm_stitch.models._loading as release
 from timm_stitch.fingerprint import weights_fingerprint
 def no_conversion(*args, **kwargs):
     raise AssertionError('converted again')
@@ -191,7 +192,8 @@ def test_damaged_or_foreign_file_names_file_and_release(damage, releases, tmp_pa
             'other checkpoint': (tmp_path / 'other.pth').read_bytes() if damage == 'other checkpoint' else b''}[damage]
     url = server.put(f'/damaged/{damage.replace(" ", "-")}/snnet_deit.pth', body)
     cached = tmp_path / 'torch' / 'hub' / 'checkpoints' / 'snnet_deit.pth'
-    with pytest.raises(ValueError, match=rf'cannot load {cached} .*ziplab/SN-Net v1.0 snnet_deit.pth.*delete it'):
+    with pytest.raises(ReleaseFormatError,
+                       match=rf'cannot load {cached} .*ziplab/SN-Net v1.0 snnet_deit.pth.*delete it'):
         _create('snnet_deit_tsb', url)
 
 

@@ -17,8 +17,9 @@ import torch
 from official_layouts import official_snnetv2_state, snnetv2_to_timm_stitch
 from reported_tables import REPORTED_DIR, read_rows
 
-import timm_stitch.models._release as release
+import timm_stitch.models._loading as release
 from timm_stitch.convert import OFFICIAL_FORMATS
+from timm_stitch.errors import ReleaseFormatError
 from timm_stitch.routes import StitchRef
 
 #: architecture -> anchor depths (small, large)
@@ -153,8 +154,8 @@ def test_missing_and_unexpected_keys_are_named(hub):
     del state['anchors.1.blocks.3.gamma_2']
     state['stitch_layers.1.11.transform.weight'] = torch.zeros(16, 16)  # large->small has 11 layers, not 12
     _serve(hub, 'snnet_deit3_sl', state)
-    with pytest.raises(ValueError, match=re.escape('1 unmatched: stitch_layers.1.11.transform.weight; 1 missing: '
-                                                   'anchors.1.blocks.3.ls2.gamma')) as error:
+    with pytest.raises(ReleaseFormatError, match=re.escape('1 unmatched: stitch_layers.1.11.transform.weight; '
+                                                           '1 missing: anchors.1.blocks.3.ls2.gamma')) as error:
         timm.create_model('snnet_deit3_sl', pretrained=True, **TINY)
     assert 'ziplab/SN-Netv2 1.0 snnetv2_deit3_s_l.pth' in str(error.value)
     assert not list(hub.cache_dir.rglob('*.safetensors'))  # no conversion cached
@@ -164,16 +165,16 @@ def test_truncated_download_names_the_file_and_the_hub_repo(hub):
     repo, filename = OFFICIAL_FORMATS['snnet_deit3_sl'].hf_hub
     data = _file_bytes(_tiny_state('snnet_deit3_sl'), 'model')
     hub.put(repo, {filename: data[:len(data) // 2]})
-    with pytest.raises(ValueError, match=r'cannot load .*/snnetv2_deit3_s_l\.pth as the pretrained weights of '
-                                         r'snnet_deit3_sl: .*also Hub ziplab/snnetv2_deit3_s_l_imagenet_1k '
-                                         r'snnetv2_deit3_s_l\.pth.*truncated or corrupt.*delete it'):
+    with pytest.raises(ReleaseFormatError, match=r'cannot load .*/snnetv2_deit3_s_l\.pth as the pretrained weights of '
+                                                 r'snnet_deit3_sl: .*also Hub ziplab/snnetv2_deit3_s_l_imagenet_1k '
+                                                 r'snnetv2_deit3_s_l\.pth.*truncated or corrupt.*delete it'):
         timm.create_model('snnet_deit3_sl', pretrained=True, **TINY)
 
 
 def test_another_lora_rank_is_named_as_mis_shaped(hub):
     _serve(hub, 'snnet_deit3_sb', _tiny_state('snnet_deit3_sb', lora_rank=8))
-    with pytest.raises(ValueError, match=r'mis-shaped: stitch_layers\.0\.0\.0\.transform\.lora_A \(8, 16\) '
-                                         r'\(expected \(4, 16\)\)'):
+    with pytest.raises(ReleaseFormatError, match=r'mis-shaped: stitch_layers\.0\.0\.0\.transform\.lora_A \(8, 16\) '
+                                                 r'\(expected \(4, 16\)\)'):
         timm.create_model('snnet_deit3_sb', pretrained=True, **TINY)
 
 

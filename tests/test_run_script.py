@@ -12,6 +12,7 @@ from image_folders import ANCHORS
 from safetensors.torch import save_file
 
 import timm_stitch
+from timm_stitch.errors import RouteIdError
 from timm_stitch.run_script import main
 
 # a stand-in for timm's validate.py/benchmark.py: timm's argument style (--model-kwargs parsed by ParseKwargs),
@@ -52,7 +53,7 @@ def test_stitch_id_kwarg_makes_the_route_active():
     assert timm.create_model('snnet', anchors=ANCHORS).stitch_id == 1  # default: the largest anchor
     assert timm_stitch.stitch(ANCHORS, stitch_id=0).stitch_id == 0
     for bad in (6, -1):
-        with pytest.raises(ValueError, match=f'stitch_id {bad} is out of range: valid ids are 0..5'):
+        with pytest.raises(RouteIdError, match=f'stitch_id {bad} is out of range: valid ids are 0..5'):
             timm.create_model('snnet', anchors=ANCHORS, stitch_id=bad)
     with pytest.raises(TypeError, match="stitch_id must be an int, got str '1'"):
         timm.create_model('snnet', anchors=ANCHORS, stitch_id='1')
@@ -64,7 +65,7 @@ def test_stitch_id_survives_pretrained_and_checkpoint_loading(tmp_path):
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert model.stitch_id == 7 and torch.equal(model(x), reference(x, stitch_id=7))
-    with pytest.raises(ValueError, match='stitch_id 35 is out of range: valid ids are 0..34'):
+    with pytest.raises(RouteIdError, match='stitch_id 35 is out of range: valid ids are 0..34'):
         timm.create_model('snnet_vit_fmnist_tsb', pretrained=True, stitch_id=35)
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / 'w.safetensors')
     loaded = timm.create_model('snnet_vit_fmnist_tsb', checkpoint_path=str(tmp_path / 'w.safetensors'), stitch_id=3)
@@ -89,7 +90,7 @@ def test_launcher_as_a_module_propagates_the_exit_status(script):
 
 
 def test_launcher_errors(script, tmp_path, capsys):
-    with pytest.raises(ValueError, match='stitch_id 99 is out of range: valid ids are 0..34'):
+    with pytest.raises(RouteIdError, match='stitch_id 99 is out of range: valid ids are 0..34'):
         main([str(script), '--model', 'snnet_vit_fmnist_tsb', '--model-kwargs', 'stitch_id=99'])
     assert sys.argv[0] != str(script)  # restored after the script
     missing = tmp_path / 'no_such_script.py'

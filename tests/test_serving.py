@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import tiny_images, tiny_snnet
 
+from timm_stitch.errors import RouteIdError
 from timm_stitch.serving import check_route_ids, group_by_route, mixed_forward
 
 #: families whose shared prefix is bit-exact on CPU; elsewhere (convolutions, LeViT's batched GEMMs) the kernels
@@ -79,8 +80,8 @@ def test_forward_dispatches_sequences_and_tensors():
 
 @pytest.mark.parametrize('ids, error, match', [
     ([0, 1, 2], ValueError, r'3 stitch ids for a batch of 4'),
-    ([0, 1, 23, -1], ValueError, r'stitch_id\[2\] = 23 is out of range: valid ids are 0\.\.22'),
-    ([0, -1, 2, 3], ValueError, r'stitch_id\[1\] = -1'),
+    ([0, 1, 23, -1], RouteIdError, r'stitch_id\[2\] = 23 is out of range: valid ids are 0\.\.22'),
+    ([0, -1, 2, 3], RouteIdError, r'stitch_id\[1\] = -1'),
     ([0, 1, 2.0, 3], TypeError, r'stitch_id\[2\] must be an int.*valid ids are 0\.\.22'),
     (torch.zeros(4), TypeError, r'integer dtype, got torch\.float32'),
     (torch.zeros(2, 2, dtype=torch.long), ValueError, r'must be 1-D'),

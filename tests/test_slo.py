@@ -8,7 +8,7 @@ import pytest
 from tiny_models import tiny_snnet
 
 from timm_stitch.cards import RouteCard
-from timm_stitch.profile import device_profile
+from timm_stitch.profiling import device_profile
 from timm_stitch.slo import (
     Bounds,
     MissingLatencyProfileError,

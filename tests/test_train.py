@@ -13,6 +13,7 @@ from image_folders import ANCHORS, make_image_folder, write_config
 from safetensors.torch import load_file
 
 import timm_stitch  # noqa: F401
+from timm_stitch.errors import RouteIdError
 from timm_stitch.train import main, param_groups, parse_args
 
 
@@ -109,7 +110,7 @@ def test_train_routes_limit_what_is_trained(tmp_path, data):
     assert sampled('--train-routes', '0-3', '--freeze-anchors') == [2, 3]
     with pytest.raises(ValueError, match='names only anchor routes'):
         sampled('--train-routes', '1', '--freeze-anchors')
-    with pytest.raises(ValueError, match=r'out of range: valid ids are 0\.\.'):
+    with pytest.raises(RouteIdError, match=r'out of range: valid ids are 0\.\.'):
         sampled('--train-routes', '99')
 
 

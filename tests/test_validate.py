@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from timm_stitch.cards import RouteCard
 from timm_stitch.cli import main as cli_main
+from timm_stitch.errors import RouteIdError
 from timm_stitch.evaluation import NoImagesError, data_config_for, evaluate_routes, parse_ids
 from timm_stitch.validate import main
 
@@ -96,7 +97,7 @@ def test_errors(tmp_path, setup):
         main(['--model', 'resnet_nope', '--data-dir', str(data)])
     with pytest.raises(ValueError, match='not a stitched network'):
         main(['--model', 'resnet18', '--data-dir', str(data)])
-    with pytest.raises(ValueError, match='out of range'):
+    with pytest.raises(RouteIdError, match='out of range'):
         main([*MODEL_ARGS, '--data-dir', str(data), '--routes', '99', '--out', str(tmp_path / 'o')])
 
 

@@ -3,16 +3,28 @@
 Importing the package registers the ``snnet_*`` architectures in timm's model registry.
 """
 from . import models  # noqa: F401  (registers the architectures)
-from ._download import DownloadError
-from ._io import DiskFullError, ForeignFilesError
-from ._mismatch import WeightsMismatchError
 from .bn import recalibrate_bn
 from .builder import StitchOptions, stitch
-from .cards import CardError, RouteCard
+from .cards import RouteCard
 from .cascade import Cascade
-from .catalogue import MissingMeasurementError, RouteCatalogue
-from .compile import CompiledStitchedNet, compile
+from .catalogue import RouteCatalogue
+from .compiling import CompiledStitchedNet, compile
 from .convert import convert_official
+from .errors import (
+    CardError,
+    DiskFullError,
+    DownloadError,
+    ForeignFilesError,
+    IncompatibleAnchorsError,
+    MissingLatencyProfileError,
+    MissingMeasurementError,
+    NoImagesError,
+    NoRouteFitsError,
+    ReleaseFormatError,
+    RouteIdError,
+    StaleCardError,
+    WeightsMismatchError,
+)
 from .explorer import explore
 from .export import StitchedRoute, export_stitch
 from .features import StitchedFeatures
@@ -20,8 +32,8 @@ from .hub import push_to_hub, save_pretrained
 from .ls_init import init_stitches
 from .macs import count_route_macs
 from .model import StitchedNet
-from .profile import device_profile, profile
-from .quantize import QuantizedLinear, quantize
+from .profiling import device_profile, profile
+from .quantization import QuantizedLinear, quantize
 from .route_spaces import plan_routes, plan_two_way_routes
 from .routes import Route, StitchPlan, format_route_table, plan_staged_routes, plan_token_routes
 from .sampling import RouteSampler
@@ -36,5 +48,7 @@ __all__ = [
     'stitch', 'StitchOptions', 'recalibrate_bn',
     'save_pretrained', 'push_to_hub', 'export_stitch', 'StitchedRoute', 'convert_official',
     'RouteSampler', 'Cascade', 'StitchedFeatures', 'explore', 'quantize', 'QuantizedLinear',
-    'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError',
+    'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError', 'IncompatibleAnchorsError',
+    'RouteIdError', 'ReleaseFormatError', 'StaleCardError', 'MissingLatencyProfileError', 'NoRouteFitsError',
+    'NoImagesError',
 ]

@@ -18,12 +18,9 @@ from urllib.request import Request, urlopen
 from huggingface_hub import constants
 
 from ._io import atomic_path
+from .errors import DownloadError
 
 __all__ = ['DownloadError', 'download_url', 'download_timeout']
-
-
-class DownloadError(OSError):
-    """A download failed (dropped, stalled, reset, refused); nothing was written to the cache file."""
 
 
 def download_timeout() -> float:

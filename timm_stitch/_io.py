@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
+from .errors import DiskFullError, ForeignFilesError
+
 __all__ = [
     'atomic_path', 'atomic_write', 'atomic_dir', 'fsync_path', 'file_sha256', 'temp_name', 'plain_permissions',
     'ForeignFilesError', 'is_temp_name', 'clean_stale_temps', 'listing', 'DiskFullError', 'disk_full',
@@ -99,23 +101,10 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
-class ForeignFilesError(FileExistsError):
-    """The folder (or file) a writer was given holds files timm-stitch did not write: nothing was written, nothing
-    removed."""
-
-
 def listing(names: Sequence[str], shown: int = 5) -> str:
     """The first ``shown`` of ``names`` (sorted), and how many more."""
     names = sorted(names)
     return ', '.join(names[:shown]) + (f' and {len(names) - shown} more' if len(names) > shown else '')
-
-
-class DiskFullError(OSError):
-    """A write failed for want of space (``ENOSPC``, a quota, or a file size limit): the message names the path,
-    the folder's free space, and that the old version of the file is kept."""
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -8,16 +8,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .errors import WeightsMismatchError
+
 __all__ = ['WeightsMismatchError', 'mismatch_summary', 'state_dict_mismatch', 'torch_mismatch']
 
 SHOWN = 3
 
 _SIZE = re.compile(r'size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from checkpoint, '
                    r'the shape in current model is torch\.Size\(\[([^\]]*)\]\)')
-
-
-class WeightsMismatchError(ValueError):
-    """A checkpoint holds the weights of another architecture (or of other model arguments) than the model's."""
 
 
 def mismatch_summary(missing: Sequence[str] = (), unexpected: Sequence[str] = (), misshaped: Sequence[str] = (),

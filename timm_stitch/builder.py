@@ -16,6 +16,7 @@ from torch import nn
 from ._modes import eval_mode
 from .adapters import AnchorAdapter, adapter_for
 from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
+from .errors import IncompatibleAnchorsError
 from .model import StitchedNet
 from .route_spaces import RouteSpace
 from .routes import LayerMapping
@@ -106,7 +107,7 @@ def stitchable_stages(
     _check_same(adapters, names, 'input channels', lambda a: a.in_chans)
     fixed = [(n, a.input_size()) for n, a in zip(names, adapters) if a.input_size() is not None]
     if len({size for _, size in fixed}) > 1:
-        raise ValueError('anchors need different input sizes: ' + _listing(
+        raise IncompatibleAnchorsError('anchors need different input sizes: ' + _listing(
             [(n, f'{h}x{w}') for n, (h, w) in fixed]) + '; build them with one img_size')
     num_stages = _check_same(
         adapters, names, 'numbers of stages', lambda a: len(a.stage_depths()),
@@ -124,7 +125,7 @@ def stitchable_stages(
     for a, b in pairs:
         front, end = adapters[a], adapters[b]
         if (front.layout, end.layout) not in _LAYOUT_CHANGES:
-            raise ValueError(
+            raise IncompatibleAnchorsError(
                 f'cannot stitch {names[a]} ({front.layout} activations) into {names[b]} ({end.layout}): '
                 f'the smaller anchor must produce a layout the larger accepts '
                 f'({", ".join(f"{x}->{y}" for x, y in _LAYOUT_CHANGES)})')
@@ -156,7 +157,7 @@ def _pairs(num_anchors: int, nearest: bool) -> list[tuple[int, int]]:
 def _check_same(adapters: Sequence[AnchorAdapter], names: Sequence[str], what: str, value, hint: str = '') -> Any:
     values = [(n, value(a)) for n, a in zip(names, adapters)]
     if len({v for _, v in values}) > 1:
-        raise ValueError(f'anchors have different {what}: {_listing(values)}{hint}')
+        raise IncompatibleAnchorsError(f'anchors have different {what}: {_listing(values)}{hint}')
     return values[0][1]
 
 
@@ -203,7 +204,7 @@ def _raise_mismatch(stage: int, pairs: list[tuple[int, int]], names: Sequence[st
     def describe(g) -> str:
         return f'{g} tokens' if isinstance(g, int) else f'{g[0]}x{g[1]} maps'
 
-    raise ValueError(
+    raise IncompatibleAnchorsError(
         f'cannot stitch {names[a]} into {names[b]} in stage {stage}: {names[a]} gives {describe(grids[a][stage])}, '
         f'{names[b]} {describe(grids[b][stage])}; stitched anchors need matching token counts / spatial sizes '
         '(choose other stages, or build the anchors for matching input sizes)')

@@ -12,14 +12,12 @@ import math
 import numbers
 from typing import Any, Mapping, Optional
 
+from .errors import CardError
+
 __all__ = ['CardError', 'check_route_fields', 'check_routes', 'check_number']
 
 #: top-1/top-5 are percentages
 ACCURACY_RANGE = (0.0, 100.0)
-
-
-class CardError(ValueError):
-    """A route card holds a value of the wrong type or out of range; the message names the route and the field."""
 
 
 def check_number(value: Any, what: str, low: float = 0.0, high: float = math.inf, integer: bool = False) -> None:

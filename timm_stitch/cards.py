@@ -86,7 +86,7 @@ class RouteCard:
         given, is the weights file whose sha256 the provenance records. A wrapped model (``torch.compile``, DDP)
         is counted as the model inside."""
         from . import __version__
-        from .macs import model_input_size
+        from .input_size import model_input_size
         model = unwrap_stitched(model, 'RouteCard.from_model')
         routes = [
             CardRoute(id=r.id, anchors=list(r.anchors), stage=r.stage, cuts=[list(c) for c in r.cuts],

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._modes import eval_mode
+from .errors import StaleCardError
 from .serving import cascade_resume, cascade_stage_macs, first_segment_length, run_route
 from .unwrap import unwrap_stitched
 
@@ -105,7 +106,8 @@ class Cascade:
             raise ValueError('the model has no route card: load one with model.load_card(...)')
         stale = staleness(model.card, model)
         if stale:
-            raise ValueError(f'the route card is stale ({stale}): its cascade curves were measured on other weights')
+            raise StaleCardError(
+                f'the route card is stale ({stale}): its cascade curves were measured on other weights')
         point = select_cascade(model.card, max_macs)
         return cls(model, point['routes'], point['threshold'], confidence=point['confidence'])
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
+from .errors import MissingMeasurementError, StaleCardError
 from .fingerprint import weights_fingerprint
 from .routes import Route
 from .selection import mark_dominated, pareto_front, select_route
@@ -44,7 +45,7 @@ def precision(model: StitchedNet) -> str:
 
 def model_args(model: StitchedNet) -> dict[str, Any]:
     """The model arguments a card's accuracies depend on besides the weights (the precision among them)."""
-    from .macs import model_input_size
+    from .input_size import model_input_size
     return {'num_classes': model.num_classes, 'in_chans': model.in_chans,
             'input_size': list(model_input_size(model)),
             'final_norm_on_stitched_routes': model.final_norm_on_stitched_routes, 'precision': precision(model)}
@@ -115,10 +116,6 @@ def staleness(card: Optional[RouteCard], model: StitchedNet) -> Optional[str]:
     return None
 
 
-class MissingMeasurementError(ValueError):
-    """A query needs route values the model's card does not hold for it (latencies of its profile, accuracies)."""
-
-
 class RouteCatalogue:
     """Routes (structure, params, MACs) annotated with a card's accuracy and the latency of one profile.
 
@@ -175,8 +172,9 @@ class RouteCatalogue:
         ``ValueError`` when a bound needs what the card cannot give: accuracies that are stale, or latencies of a
         profile it does not hold."""
         if min_top1 is not None and self.stale:
-            raise ValueError(f'cannot select by min_top1: the route card is stale, {self.stale}. Measure the routes '
-                             'again (timm-stitch validate) and load the new card')
+            raise StaleCardError(
+                f'cannot select by min_top1: the route card is stale, {self.stale}. Measure the routes '
+                'again (timm-stitch validate) and load the new card')
         routes = self.annotated()
         if max_latency_ms is not None and self.card is not None:
             self._require(routes, 'latency_ms', 'cannot select by max_latency_ms')
@@ -188,7 +186,7 @@ class RouteCatalogue:
         :class:`MissingMeasurementError` when no route has an ``x`` or ``y`` value (no latency for the model's
         profile, no accuracies), naming what to measure."""
         if self.stale and y in ('top1', 'top5'):
-            raise ValueError(f'no {y} Pareto front: the route card is stale, {self.stale}')
+            raise StaleCardError(f'no {y} Pareto front: the route card is stale, {self.stale}')
         routes = self.annotated()
         pareto_front(routes, x, y)  # checks the field names first
         for field in (x, y):

@@ -1,5 +1,8 @@
-"""Converters from the official SN-Net release checkpoints (ziplab/SN-Net v1.0-v1.2, and the SN-Netv2 DeiT-3 pairs
-of ziplab/SN-Netv2 1.0, also on the Hugging Face Hub) to timm-stitch models.
+"""The generic reader and key mapper of the official SN-Net release checkpoints (ziplab/SN-Net v1.0-v1.2, and the
+SN-Netv2 DeiT-3 pairs of ziplab/SN-Netv2 1.0, also on the Hugging Face Hub), and the registry of those releases.
+
+Each release's URL, compat settings, stitching-layer key map and anchor filters are an :class:`OfficialFormat`
+defined beside its entry point in ``timm_stitch/models/snnet_*.py`` and registered here (:func:`register_release`).
 
 The checkpoints (zip or legacy ``torch.save`` files) are read without running pickled code:
 ``torch.load(weights_only=True)``, or, when the pickle also holds training arguments or configs (argparse/yacs
@@ -16,21 +19,20 @@ import pickle
 import re
 import types
 from dataclasses import dataclass, field
-from functools import partial
 from importlib import resources
 from typing import Any, Callable, Mapping, Optional, Union
 
 import timm
 import torch
-from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
-from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
 from torch import nn
 
 from ._io import file_sha256
 from .cards import RouteCard
+from .errors import ReleaseFormatError
 from .model import StitchedNet
 
-__all__ = ['OFFICIAL_FORMATS', 'OfficialFormat', 'read_checkpoint', 'convert_official']
+__all__ = ['OFFICIAL_FORMATS', 'OfficialFormat', 'register_release', 'deit_stitch_key', 'staged_stitch_key',
+           'read_checkpoint', 'map_official_keys', 'convert_official', 'official_card']
 
 PathLike = Union[str, os.PathLike]
 StateDict = dict[str, torch.Tensor]
@@ -43,7 +45,7 @@ DROPPED_PARTS = ('aux_bn', 'relative_position_index', 'attn_mask', 'attention_bi
 class OfficialFormat:
     """How one official release maps onto a registered architecture.
 
-    ``url`` is the release file (relative to ``RELEASE_URL``); ``model_kwargs`` are the compat settings its weights
+    ``url`` is the release file's URL; ``model_kwargs`` are the compat settings its weights
     need; ``stitch_key`` maps the indices after ``stitch_layers.`` (official order) to ours; ``anchor_filters``
     convert an anchor's official keys (prefix stripped) to timm's; ``hf_hub`` is the (repo id, file name) the
     authors publish the same file under on the Hugging Face Hub, if they do. The authors' per-route results ship
@@ -58,95 +60,27 @@ class OfficialFormat:
     hf_hub: Optional[tuple[str, str]] = None
 
 
-def _deit_stitch(idx: tuple[int, ...]) -> Optional[tuple[int, int, int]]:
-    return (0, *idx) if len(idx) == 2 else None  # stitch_layers.{pair}.{layer}: one token stage
+def deit_stitch_key(idx: tuple[int, ...]) -> Optional[tuple[int, int, int]]:
+    """``stitch_layers.{pair}.{layer}`` of a one-token-stage release (DeiT) to ours (stage 0)."""
+    return (0, *idx) if len(idx) == 2 else None
 
 
-def _staged_stitch(offset: int) -> Callable[[tuple[int, ...]], Optional[tuple[int, int, int]]]:
+def staged_stitch_key(offset: int) -> Callable[[tuple[int, ...]], Optional[tuple[int, int, int]]]:
+    """``stitch_layers.{stage}.{pair}.{layer}`` of a staged release to ours, its stages counted from ``offset``."""
     def mapping(idx: tuple[int, ...]) -> Optional[tuple[int, int, int]]:
         return (idx[0] + offset, idx[1], idx[2]) if len(idx) == 3 else None
     return mapping
 
 
-_LEVIT_UNIT = {  # official (FB LeViT) child -> timm child, inside one flat ``blocks`` entry
-    'attn': {'m.qkv': 'qkv', 'm.proj.1': 'proj.ln', 'm.attention_biases': 'attention_biases'},
-    'mlp': {'m.0': 'ln1', 'm.2': 'ln2'},
-    'attn_downsample': {'kv': 'kv', 'q.1': 'q.ln', 'proj.1': 'proj.ln', 'attention_biases': 'attention_biases'},
-}
-#: Conv2d_BN / Linear_BN / BN_Linear children -> ConvNorm / LinearNorm / NormLinear children
-_LEVIT_PARTS = {'c': 'linear', 'bn': 'bn', 'l': 'linear'}
+#: the official release format of each registered architecture that has one, filled by the ``models/snnet_*.py``
+#: files (each release beside its entry point and ``default_cfgs``) through :func:`register_release`
+OFFICIAL_FORMATS: dict[str, OfficialFormat] = {}
 
 
-def levit_filter(state: StateDict, model: nn.Module) -> StateDict:
-    """Facebook LeViT keys (``patch_embed.{0,2,4,6}``, one flat ``blocks`` Sequential, ``head{,_dist}.{bn,l}``) to
-    timm's (``stem.conv{1-4}``, ``stages.{s}.[downsample.]``, ``head{,_dist}.{bn,linear}``).
-
-    The flat block index is mapped by walking timm's stages in order: a stage's downsample (AttentionSubsample +
-    Residual(MLP), 2 entries) comes first, then 2 entries (attention, MLP) per block. A key that fits none of
-    the patterns is passed through unchanged, so that the caller reports it as unmatched; shapes are checked there.
-    """
-    units: list[tuple[str, str]] = []  # flat official index -> (timm prefix, unit kind)
-    for s, stage in enumerate(model.stages):
-        if not isinstance(stage.downsample, nn.Identity):
-            units += [(f'stages.{s}.downsample.attn_downsample.', 'attn_downsample'),
-                      (f'stages.{s}.downsample.mlp.', 'mlp')]
-        for b in range(len(stage.blocks)):
-            units += [(f'stages.{s}.blocks.{b}.attn.', 'attn'), (f'stages.{s}.blocks.{b}.mlp.', 'mlp')]
-    out: StateDict = {}
-    for key, value in state.items():
-        new = key
-        if m := re.fullmatch(r'patch_embed\.([0246])\.(c|bn)\.(.+)', key):
-            new = f'stem.conv{int(m.group(1)) // 2 + 1}.{_LEVIT_PARTS[m.group(2)]}.{m.group(3)}'
-        elif m := re.fullmatch(r'(head|head_dist)\.(bn|l)\.(.+)', key):
-            new = f'{m.group(1)}.{_LEVIT_PARTS[m.group(2)]}.{m.group(3)}'
-        elif (m := re.fullmatch(r'blocks\.(\d+)\.(.+)', key)) and int(m.group(1)) < len(units):
-            prefix, kind = units[int(m.group(1))]
-            rest = m.group(2)
-            for src, dst in _LEVIT_UNIT[kind].items():
-                if rest == src:
-                    new = prefix + dst
-                elif rest.startswith(src + '.') and (p := re.fullmatch(r'(c|bn)\.(.+)', rest[len(src) + 1:])):
-                    new = f'{prefix}{dst}.{_LEVIT_PARTS[p.group(1)]}.{p.group(2)}'
-        out[new] = value
-    return out
-
-
-#: where the official SN-Net releases are published
-RELEASE_URL = 'https://github.com/ziplab/SN-Net/releases/download/'
-RELEASE_URL_V2 = 'https://github.com/ziplab/SN-Netv2/releases/download/'
-
-#: DeiT-3 (FB ``vit_models``) keys to timm's: ``blocks.N.gamma_{1,2}`` become ``blocks.N.ls{1,2}.gamma``
-deit3_filter = partial(vit_filter, adapt_layer_scale=True)
-
-
-def _snnetv2_deit3(pair: str) -> OfficialFormat:
-    """The SN-Netv2 DeiT-3 release of ``pair`` (``s_l``...): two anchors, ``stitch_layers.{0,1}.{layer}`` for the
-    small->large and large->small layers (our pairs 0 and 1 of the one token stage)."""
-    name = f'snnetv2_deit3_{pair}'
-    return OfficialFormat(f'ziplab/SN-Netv2 1.0 {name}.pth', f'{RELEASE_URL_V2}1.0/{name}.pth', {}, _deit_stitch,
-                          {i: deit3_filter for i in range(2)}, hf_hub=(f'ziplab/{name}_imagenet_1k', f'{name}.pth'))
-
-
-OFFICIAL_FORMATS: dict[str, OfficialFormat] = {
-    'snnet_deit_tsb': OfficialFormat(
-        'ziplab/SN-Net v1.0 snnet_deit.pth', RELEASE_URL + 'v1.0/snnet_deit.pth',
-        dict(final_norm_on_stitched_routes=False), _deit_stitch),
-    'snnet_swin_tsb': OfficialFormat(
-        'ziplab/SN-Net v1.0 snnet_swin.pth', RELEASE_URL + 'v1.0/snnet_swin.pth', dict(layer_mapping='official'),
-        _staged_stitch(0), {i: swin_filter for i in range(3)}),
-    'snnet_resnet_18_50': OfficialFormat(
-        'ziplab/SN-Net v1.1 resnet_18_50.pth', RELEASE_URL + 'v1.1/resnet_18_50.pth', dict(layer_mapping='official'),
-        _staged_stitch(1)),
-    'snnet_resnet18_swin_ti': OfficialFormat(
-        'ziplab/SN-Net v1.1 resnet18_swin_ti.pth', RELEASE_URL + 'v1.1/resnet18_swin_ti.pth',
-        dict(layer_mapping='official'), _staged_stitch(1), {1: swin_filter}),
-    'snnet_levit_192_256': OfficialFormat(
-        'ziplab/SN-Net v1.2 levit_192_256_release.pth', RELEASE_URL + 'v1.2/levit_192_256_release.pth', {},
-        _staged_stitch(0), {i: levit_filter for i in range(2)}),
-    'snnet_deit3_sb': _snnetv2_deit3('s_b'),
-    'snnet_deit3_sl': _snnetv2_deit3('s_l'),
-    'snnet_deit3_bl': _snnetv2_deit3('b_l'),
-}
+def register_release(arch: str, fmt: OfficialFormat) -> OfficialFormat:
+    """Record ``fmt`` as the official release format of the architecture ``arch``; returns ``fmt``."""
+    OFFICIAL_FORMATS[arch] = fmt
+    return fmt
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------
@@ -203,18 +137,20 @@ def read_checkpoint(path: PathLike, expected: str = 'an official SN-Net checkpoi
     with open(path, 'rb') as f:
         head = f.read(8)
     if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
-        raise ValueError(f'{path} is not a PyTorch checkpoint (expected {expected}, a torch.save file); it starts '
-                         f'with {head!r}')
+        raise ReleaseFormatError(
+            f'{path} is not a PyTorch checkpoint (expected {expected}, a torch.save file); it starts '
+            f'with {head!r}')
     try:
         try:
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError:  # training args/configs in the pickle: read around them
             ckpt = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_TENSOR_PICKLE)
     except Exception as e:  # torch raises RuntimeError, EOFError, zipfile/pickle errors... for damaged files
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint (expected {expected}); it is truncated or '
-                         f'corrupt: {type(e).__name__}: {e}') from e
+        raise ReleaseFormatError(
+            f'{path} is not a readable PyTorch checkpoint (expected {expected}); it is truncated or '
+            f'corrupt: {type(e).__name__}: {e}') from e
     if not isinstance(ckpt, Mapping):
-        raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict (expected {expected})')
+        raise ReleaseFormatError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict (expected {expected})')
     for key in ('model', 'state_dict'):
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
@@ -222,8 +158,9 @@ def read_checkpoint(path: PathLike, expected: str = 'an official SN-Net checkpoi
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in ckpt.items()}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad or not state:
-        raise ValueError(f'{path} has no model/state_dict entry and its top level is not a state dict (expected '
-                         f'{expected}): {", ".join(map(str, bad[:5])) or "it is empty"}')
+        raise ReleaseFormatError(
+            f'{path} has no model/state_dict entry and its top level is not a state dict (expected '
+            f'{expected}): {", ".join(map(str, bad[:5])) or "it is empty"}')
     return state
 
 
@@ -268,8 +205,9 @@ def map_official_keys(state: StateDict, fmt: OfficialFormat, model: StitchedNet,
     problems = [f'{len(keys)} {what}: {", ".join(keys[:6])}{", ..." if len(keys) > 6 else ""}'
                 for what, keys in (('unmatched', unmatched), ('missing', missing), ('mis-shaped', misshaped)) if keys]
     if problems:
-        raise ValueError(f'the checkpoint is not a {fmt.release} checkpoint for '
-                         f"{model.pretrained_cfg.get('architecture')} with these arguments: " + '; '.join(problems))
+        raise ReleaseFormatError(f'the checkpoint is not a {fmt.release} checkpoint for '
+                                 f"{model.pretrained_cfg.get('architecture')} with these arguments: "
+                                 + '; '.join(problems))
     return out
 
 

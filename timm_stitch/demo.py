@@ -18,7 +18,7 @@ from timm.data import resolve_data_config
 from .data import FASHION_MNIST_CLASSES, GreyImageDataset, load_fashion_mnist, load_fashion_mnist_sample
 from .data.fashion_mnist import SAMPLE_FILE, find_source
 from .evaluation import eval_loader, evaluate_routes
-from .profile import latency_stats, profile
+from .profiling import latency_stats, profile
 from .routes import format_route_table
 
 MODEL = 'snnet_vit_fmnist_tsb'

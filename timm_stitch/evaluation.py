@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ._mismatch import WeightsMismatchError, torch_mismatch
+from .errors import NoImagesError, RouteIdError
 
 __all__ = ['load_weights', 'parse_ids', 'model_route_ids', 'eval_loader', 'image_mode', 'create_image_dataset',
            'evaluate_routes',
@@ -47,7 +48,7 @@ def parse_ids(text: str, num_routes: int, anchor_ids: Optional[Sequence[int]] = 
                 raise ValueError(f"route ids must look like 'all', 'anchors' or '0,3,5-9', got {text!r}") from None
     bad = [i for i in ids if not 0 <= i < num_routes]
     if bad or not ids:
-        raise ValueError(f'route ids {bad or text!r} are out of range: valid ids are 0..{num_routes - 1}')
+        raise RouteIdError(f'route ids {bad or text!r} are out of range: valid ids are 0..{num_routes - 1}')
     return sorted(set(ids))
 
 
@@ -110,10 +111,6 @@ class _ConvertedDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
-class NoImagesError(FileNotFoundError, RuntimeError):
-    """A dataset folder holds no images (timm's ``RuntimeError``, as a missing-input error)."""
-
-
 def data_config_for(args: argparse.Namespace, model: nn.Module, verbose: bool = False) -> dict[str, Any]:
     """timm's ``resolve_data_config`` for ``args`` and ``model``, with the model's input channels: timm takes 3
     unless the arguments say otherwise, so ``--img-size 32`` on a 1-channel model would give (3, 32, 32)."""
@@ -156,8 +153,6 @@ def create_image_dataset(args: argparse.Namespace, split: str, in_chans: int, **
     return _ConvertedDataset(dataset, mode) if is_torch else dataset
 
 
-
-
 @torch.no_grad()
 def evaluate_routes(
         model: nn.Module,
@@ -191,7 +186,6 @@ def evaluate_routes(
     return {k: {'loss': sums[i, 0].item() / n, 'top1': 100 * sums[i, 1].item() / n,
                 'top5': 100 * sums[i, 2].item() / n, 'count': int(count.item())}
             for i, k in enumerate(route_ids)}
-
 
 
 def create_stitched_model(args: argparse.Namespace, **kwargs: Any) -> nn.Module:
@@ -240,7 +234,6 @@ def resolve_amp_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
     if args.amp_dtype and not args.amp:
         raise ValueError(f'--amp-dtype {args.amp_dtype} needs --amp')
     return getattr(torch, args.amp_dtype or 'float16') if args.amp else None
-
 
 
 def resolve_device(name: Optional[str]) -> str:

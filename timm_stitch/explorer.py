@@ -26,7 +26,7 @@ from .explorer_logic import (
     route_table,
     shipped_image_count,
 )
-from .profile import MAX_SPREAD, UnstableTimingWarning, profile
+from .profiling import MAX_SPREAD, UnstableTimingWarning, profile
 
 if TYPE_CHECKING:
     import gradio

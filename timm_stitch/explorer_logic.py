@@ -24,8 +24,8 @@ from .card_readme import describe_route
 from .catalogue import RouteCatalogue
 from .data import FASHION_MNIST_CLASSES, load_fashion_mnist_sample
 from .evaluation import image_mode
-from .macs import model_input_size
-from .profile import latency_stats
+from .input_size import model_input_size
+from .profiling import latency_stats
 from .routes import Route, macs_unit
 from .selection import pareto_front
 

@@ -1,4 +1,5 @@
-"""Pretrained stitched networks at another input size, patch size or channel count.
+"""Input sizes of stitched networks: the size a network is costed, profiled and served at
+(:func:`model_input_size`), and pretrained stitched networks at another input size, patch size or channel count.
 
 Each anchor's part of a checkpoint goes through the anchor's own timm ``checkpoint_filter_fn`` (position embeddings,
 Swin's relative-position tables and patch embeddings resampled exactly as timm does when it loads that anchor alone),
@@ -8,14 +9,30 @@ plain model's.
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
+if TYPE_CHECKING:
+    from .model import StitchedNet
+
 __all__ = ['adapt_first_convs', 'anchor_first_convs', 'filter_anchor_checkpoints', 'is_input_conv_mismatch',
-           'set_anchors_input_size']
+           'set_anchors_input_size', 'model_input_size']
+
+
+def model_input_size(model: StitchedNet) -> tuple[int, int, int]:
+    """The (C, H, W) a stitched network is costed at: its fixed input size, else the ``img_size`` it was built or
+    resized to (``dynamic_img_size``), else its (or its first anchor's) cfg."""
+    size = model.fixed_input_size or (getattr(model, '_traits', None) or {}).get('img_size')
+    if size is not None:
+        return (model.in_chans, *size)
+    for source in (model, model.anchors[0]):
+        cfg = getattr(source, 'pretrained_cfg', None) or {}
+        if cfg.get('input_size'):
+            return (model.in_chans, *cfg['input_size'][-2:])
+    return (model.in_chans, 224, 224)
 
 
 def _anchor_first_conv(anchor: nn.Module) -> Union[str, tuple[str, ...], None]:

@@ -30,13 +30,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ._modes import eval_mode
+from .input_size import model_input_size
 from .routes import Route, StitchRef
 from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
     from .model import StitchedNet
 
-__all__ = ['AnchorMacs', 'count_macs', 'count_anchor_macs', 'count_route_macs', 'route_macs', 'model_input_size']
+__all__ = ['AnchorMacs', 'count_macs', 'count_anchor_macs', 'count_route_macs', 'route_macs']
 
 aten = torch.ops.aten
 
@@ -146,19 +147,6 @@ def _resume_unit(block_units: Sequence[int], end: int) -> int:
     """The unit a route resumes at when it enters a stage at block ``end``; ``end`` equal to the stage depth (a
     two-way route that runs none of the end anchor's blocks) resumes after the stage's last block."""
     return block_units[-1] + 1 if end == len(block_units) else block_units[end]
-
-
-def model_input_size(model: StitchedNet) -> tuple[int, int, int]:
-    """The (C, H, W) a stitched network is costed at: its fixed input size, else the ``img_size`` it was built or
-    resized to (``dynamic_img_size``), else its (or its first anchor's) cfg."""
-    size = model.fixed_input_size or (getattr(model, '_traits', None) or {}).get('img_size')
-    if size is not None:
-        return (model.in_chans, *size)
-    for source in (model, model.anchors[0]):
-        cfg = getattr(source, 'pretrained_cfg', None) or {}
-        if cfg.get('input_size'):
-            return (model.in_chans, *cfg['input_size'][-2:])
-    return (model.in_chans, 224, 224)
 
 
 def _param_like(module: nn.Module) -> torch.Tensor:

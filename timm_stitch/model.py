@@ -17,6 +17,7 @@ from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
 from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
 from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
+from .errors import RouteIdError
 from .input_size import anchor_first_convs, set_anchors_input_size
 from .route_spaces import RouteSpace, plan_routes
 from .routes import LayerMapping, Route, StitchRef
@@ -195,7 +196,7 @@ class StitchedNet(nn.Module):
             raise TypeError(f'stitch_id must be an int, got {type(stitch_id).__name__} {stitch_id!r}')
         stitch_id = int(stitch_id)
         if not 0 <= stitch_id < self.num_routes:
-            raise ValueError(
+            raise RouteIdError(
                 f'stitch_id {stitch_id} is out of range: valid ids are 0..{self.num_routes - 1} '
                 f'({self.num_routes} routes)')
         return stitch_id
@@ -383,7 +384,7 @@ class StitchedNet(nn.Module):
     def latency_profile(self) -> str:
         """The latency profile ``routes()`` reads: the one given to ``load_card``, else that of this model's
         current device and dtype (or quantization scheme) at the card's batch size."""
-        from .profile import device_profile
+        from .profiling import device_profile
         pinned, batch_size = self._card_latency
         if pinned is not None:
             return pinned
@@ -410,7 +411,7 @@ class StitchedNet(nn.Module):
     def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
         """timm's ``custom_load`` hook (``pretrained=True`` on an official SN-Net release): load the release file
         (converted on first load, the conversion cached beside it) or a converted safetensors file."""
-        from .models._release import load_release
+        from .models._loading import load_release
         load_release(self, checkpoint_path)
 
     def select_stitch(

@@ -53,7 +53,7 @@ def _build_server(model: Union[str, torch.nn.Module], card: Optional[str], check
     import timm
 
     from .model import StitchedNet
-    from .profile import profile
+    from .profiling import profile
 
     if isinstance(model, str):
         model = timm.create_model(model, pretrained=checkpoint is None)
@@ -104,7 +104,7 @@ class StitchDeployment:
         from timm.data import create_transform, resolve_data_config
 
         from .evaluation import image_mode
-        from .macs import model_input_size
+        from .input_size import model_input_size
 
         self.server = _build_server(model, card, checkpoint, batch_sizes, slo_ms, profile_missing, profile_repeats,
                                     adapt)

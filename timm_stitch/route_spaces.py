@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Sequence
 
+from .errors import IncompatibleAnchorsError
 from .routes import (
     LayerMapping,
     Route,
@@ -40,11 +41,13 @@ def two_way_positions(small_depth: int, large_depth: int) -> tuple[list[StitchPo
     """
     _check_positive(small_depth=small_depth, large_depth=large_depth)
     if large_depth < small_depth:
-        raise ValueError(f'two-way routes need the smaller (shallower) anchor first, got depths {small_depth} then '
-                         f'{large_depth}')
+        raise IncompatibleAnchorsError(
+            f'two-way routes need the smaller (shallower) anchor first, got depths {small_depth} then '
+            f'{large_depth}')
     if large_depth % small_depth:
-        raise ValueError(f'two-way routes need the larger anchor\'s depth to be a multiple of the smaller\'s, got '
-                         f'depths {small_depth} and {large_depth}')
+        raise IncompatibleAnchorsError(
+            f'two-way routes need the larger anchor\'s depth to be a multiple of the smaller\'s, got '
+            f'depths {small_depth} and {large_depth}')
     r = large_depth // small_depth
     sl = [StitchPosition(i, (i + 1) * r, i) for i in range(small_depth)]
     end_map = nearest_end_map(small_depth, large_depth)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from .macs import model_input_size
+from .input_size import model_input_size
 from .serving import mixed_forward
 from .slo import Bounds, Pending, Plan, RouteController
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .bn import bn_lock, route_bn_stats
+from .errors import RouteIdError
 
 if TYPE_CHECKING:
     from .macs import AnchorMacs
@@ -54,7 +55,7 @@ def check_route_ids(model: StitchedNet, ids: RouteIds, batch_size: int) -> torch
     bad = ((ids < 0) | (ids >= model.num_routes)).nonzero()
     if len(bad):
         pos = int(bad[0])
-        raise ValueError(f'stitch_id[{pos}] = {int(ids[pos])} is out of range: {valid} ({model.num_routes} routes)')
+        raise RouteIdError(f'stitch_id[{pos}] = {int(ids[pos])} is out of range: {valid} ({model.num_routes} routes)')
     return ids
 
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from .cards import model_name
 from .catalogue import staleness
-from .profile import _dtype_name, device_profile
+from .errors import MissingLatencyProfileError, NoRouteFitsError, StaleCardError
+from .profiling import _dtype_name, device_profile
 
 if TYPE_CHECKING:
     import torch
@@ -33,22 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ['Bounds', 'RouteCost', 'RouteTable', 'Pending', 'Plan', 'RouteController', 'StaleCardError',
            'MissingLatencyProfileError', 'NoRouteFitsError']
-
-
-class StaleCardError(ValueError):
-    """The card's accuracies do not hold for the model's weights or arguments (or it has none)."""
-
-
-class MissingLatencyProfileError(ValueError):
-    """The card holds no latency profile for this device, dtype and batch size."""
-
-
-class NoRouteFitsError(ValueError):
-    """A request's bounds exclude every route; ``field`` names the bound."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)

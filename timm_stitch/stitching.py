@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import IncompatibleAnchorsError
+
 __all__ = ['StitchingLayer', 'LoRALinear', 'LeastSquaresFit', 'to_rows', 'merge_lora', 'merged_lora_state',
            'deployed_parameters', 'stitch_lora_args']
 
@@ -207,7 +209,7 @@ class LeastSquaresFit:
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add rows ``x`` (n, in_dim) mapping to ``y`` (n, out_dim)."""
         if x.shape[0] != y.shape[0]:
-            raise ValueError(
+            raise IncompatibleAnchorsError(
                 f'front and end activations have different row counts ({x.shape[0]} vs {y.shape[0]}): '
                 'the stitched anchors must have matching token counts / spatial sizes at this position')
         x = x.to(self.gram.device, torch.float64)

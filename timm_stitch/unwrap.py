@@ -16,7 +16,7 @@ __all__ = ['unwrap', 'unwrap_stitched']
 def unwrap(model: Any) -> Any:
     """The module inside any wrappers (``_orig_mod`` of ``torch.compile``, ``module`` of DDP, DataParallel and
     timm's ``ModelEmaV2/V3``, ``model`` of :class:`timm_stitch.CompiledStitchedNet`)."""
-    from .compile import CompiledStitchedNet
+    from .compiling import CompiledStitchedNet
     while True:
         inner = model.model if isinstance(model, CompiledStitchedNet) else unwrap_model(model)
         if inner is model:

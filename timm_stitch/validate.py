@@ -38,7 +38,7 @@ from .evaluation import (
     resolve_device,
 )
 from .fingerprint import weights_fingerprint
-from .quantize import SCHEMES, quantize
+from .quantization import SCHEMES, quantize
 
 __all__ = ['load_weights', 'record_key', 'build_parser', 'run', 'main']
 

@@ -17,7 +17,7 @@ import torch
 
 from ..arguments import int_at_least
 from ..export import export_stitch
-from ..macs import model_input_size
+from ..input_size import model_input_size
 from ._model import add_model_args, build_model
 
 __all__ = ['add_parser', 'run', 'FORMATS']

@@ -7,8 +7,8 @@ import torch
 
 from ..arguments import add_routes_arg, add_shared_args, float_in, int_at_least, route_text
 from ..evaluation import model_route_ids
-from ..profile import MAX_SPREAD, profile
-from ..quantize import SCHEMES, quantize
+from ..profiling import MAX_SPREAD, profile
+from ..quantization import SCHEMES, quantize
 from ..routes import format_route_table
 from ._model import add_model_args, build_model
 

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from ..arguments import float_in, parse_count
 from ..catalogue import RouteCatalogue
+from ..errors import StaleCardError
 from ..routes import Route, format_route_table
 from ..selection import COST_FIELDS, QUALITY_FIELDS, filter_routes, select_route
 from ._model import add_model_args, build_model
@@ -41,7 +42,7 @@ def _require_known(catalogue: RouteCatalogue, routes: Sequence[Route], field: st
     """Refuse an option that needs ``field`` when no route knows it, rather than print an empty or unsorted table;
     say why when the card holds accuracies that are stale."""
     if field in QUALITY_FIELDS and catalogue.stale:
-        raise ValueError(f'{option} needs route {field} values, and the route card is stale: {catalogue.stale}')
+        raise StaleCardError(f'{option} needs route {field} values, and the route card is stale: {catalogue.stale}')
     if any(getattr(r, field) is not None for r in routes):
         return
     source = ('a card with latencies (write one with timm-stitch profile) as --card' if field == 'latency_ms'

@@ -9,14 +9,22 @@ from safetensors import SafetensorError
 from timm.models import build_model_with_cfg
 
 from .._timm_compat import resolve_pretrained_source
-from ..convert import OFFICIAL_FORMATS
+from ..convert import OFFICIAL_FORMATS, OfficialFormat
 from ..features import StitchedFeatures
-from ..hub import check_pretrained_state_dict, load_pretrained_card, pretrained_errors, refetch_damaged
 from ..model import AnchorSpec, StitchedNet
-from ..quantize import check_scheme, quantize
-from ._release import prepare_release_load
+from ..quantization import check_scheme, quantize
+from ._loading import (
+    check_pretrained_state_dict,
+    load_pretrained_card,
+    prepare_release_load,
+    pretrained_errors,
+    refetch_damaged,
+)
 
-__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg', 'default_stitch_id']
+__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg', 'default_stitch_id', 'RELEASE_URL']
+
+#: where the official SN-Net (v1) releases are published
+RELEASE_URL = 'https://github.com/ziplab/SN-Net/releases/download/'
 
 #: the route stitched networks built without a ``stitch_id`` make active (set by ``timm_stitch.run_script
 #: --stitch-id``, for stock scripts that take no ``--model-kwargs``, such as timm's ``onnx_export.py``)
@@ -79,11 +87,10 @@ def _naming_anchor_errors(builder: Callable[..., StitchedNet], variant: str) -> 
     return build
 
 
-def release_cfg(arch: str, num_anchors: int, **kwargs: Any) -> dict[str, Any]:
-    """The pretrained cfg of ``arch``'s official SN-Net release: its URL, loaded by the model (``custom_load``); for
-    a release the authors publish on the Hugging Face Hub, that repo and file first (``custom_load='hf'``), the URL
-    being the fallback timm uses when ``huggingface_hub`` is missing or the cfg overlay clears ``hf_hub_id``."""
-    fmt = OFFICIAL_FORMATS[arch]
+def release_cfg(fmt: OfficialFormat, num_anchors: int, **kwargs: Any) -> dict[str, Any]:
+    """The pretrained cfg of the official SN-Net release ``fmt``: its URL, loaded by the model (``custom_load``);
+    for a release the authors publish on the Hugging Face Hub, that repo and file first (``custom_load='hf'``), the
+    URL being the fallback timm uses when ``huggingface_hub`` is missing or the cfg overlay clears ``hf_hub_id``."""
     source = dict(custom_load=True) if fmt.hf_hub is None else dict(
         custom_load='hf', hf_hub_id=fmt.hf_hub[0], hf_hub_filename=fmt.hf_hub[1])
     paper = dict(origin_url='https://github.com/ziplab/SN-Net', paper_ids='arXiv:2302.06586',
@@ -117,7 +124,7 @@ def create_snnet(
 ) -> StitchedNet:
     """Build a registered stitched architecture through timm's ``build_model_with_cfg`` (``builder`` makes the model
     from ``anchors`` and the kwargs); with ``pretrained``, also load the route card: the official release's (see
-    ``_release``), or the ``routes.json`` found next to the weights. ``features_only=True`` (with ``out_indices``,
+    ``_loading``), or the ``routes.json`` found next to the weights. ``features_only=True`` (with ``out_indices``,
     ``feature_cfg=dict(norm=..., output_fmt=...)``) returns the network as a :class:`StitchedFeatures` backbone.
     ``quantize='int8-dyn'`` (and ``quantize_stitches``) builds the network quantized (see
     :func:`timm_stitch.quantize`), as the ``config.json`` of a saved quantized model asks."""

@@ -6,19 +6,25 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
+from ..convert import OfficialFormat, deit_stitch_key, register_release
 from ..model import StitchedNet
-from ._factory import create_snnet, release_cfg, snnet_cfg
+from ._factory import RELEASE_URL, create_snnet, release_cfg, snnet_cfg
 
-__all__: list[str] = []
+__all__ = ['SNNET_DEIT_TSB']
 
 DEIT_TINY, DEIT_SMALL, DEIT_BASE = 'deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224'
 
 
 _DATA = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
+#: the official SN-Net release: its stitched routes skip the last anchor's final norm, as the official code does
+SNNET_DEIT_TSB = register_release('snnet_deit_tsb', OfficialFormat(
+    'ziplab/SN-Net v1.0 snnet_deit.pth', RELEASE_URL + 'v1.0/snnet_deit.pth',
+    dict(final_norm_on_stitched_routes=False), deit_stitch_key))
+
 default_cfgs = generate_default_cfgs({
     # the official SN-Net release (ziplab/SN-Net v1.0 snnet_deit.pth), converted on first load
-    'snnet_deit_tsb.in1k': release_cfg('snnet_deit_tsb', 3, **_DATA),
+    'snnet_deit_tsb.in1k': release_cfg(SNNET_DEIT_TSB, 3, **_DATA),
     'snnet_deit_ts': snnet_cfg(2, **_DATA),
     'snnet_deit_sb': snnet_cfg(2, **_DATA),
 })

@@ -144,7 +144,7 @@ def profile(
     under ``unstable``, and an :class:`UnstableTimingWarning` names it. ``max_spread=None`` accepts any timings.
     """
     from .cards import RouteCard, check_card_target
-    from .macs import model_input_size
+    from .input_size import model_input_size
     if out is not None:
         check_card_target(out)  # before minutes of timing, not after
 
