@@ -12,13 +12,13 @@ per front route (the sum of each route's own weights). Latency of the served rou
     python benchmarks/bench_slo.py --model fmnist
     python benchmarks/bench_slo.py --model deit --duration 16    # full-size DeiT-Ti/S/B, reported card, random weights
 
-Requests not answered ``--grace`` seconds after the trace ends count as missed (the fixed large routes' backlog).
+Requests not answered ``--grace`` seconds after the trace ends count as missed (the fixed large routes' backlog); the
+rest of a backlog is cancelled then, so that each policy has the process to itself.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -70,7 +70,8 @@ def trace(rate_low: float, rate_high: float, duration: float, seed: int) -> tupl
 def run_policy(model, controller: RouteController, images: torch.Tensor, arrivals: np.ndarray, slo_ms: float,
                grace: float) -> dict:
     """Submit ``images[i]`` at ``arrivals[i]`` (open loop) and collect each answer's route and latency."""
-    server = StitchServer(model, controller, slo_ms=slo_ms).start()
+    batches: list = []
+    server = StitchServer(model, controller, slo_ms=slo_ms, on_batch=batches.append).start()
     futures = [None] * len(arrivals)
     start = time.monotonic()
     for i, at in enumerate(arrivals):
@@ -86,8 +87,8 @@ def run_policy(model, controller: RouteController, images: torch.Tensor, arrival
         except TimeoutError:
             answers.append(None)
     metrics = server.metrics()
-    threading.Thread(target=server.stop, daemon=True).start()  # the rest of a backlog drains in the background
-    return {'answers': answers, 'metrics': metrics, 'arrivals': arrivals}
+    server.stop(cancel=True)  # a backlog left draining would slow the next policy down
+    return {'answers': answers, 'metrics': metrics, 'arrivals': arrivals, 'batches': list(batches), 'start': start}
 
 
 def summarise(result: dict, table: RouteTable) -> dict:
@@ -98,6 +99,31 @@ def summarise(result: dict, table: RouteTable) -> dict:
             'mean_top1': float(np.mean([table.routes[a.route].top1 for a in answered])) if answered else None,
             'p50_ms': float(np.percentile(latency, 50)), 'p99_ms': float(np.percentile(latency, 99)),
             'routes': result['metrics']['routes'], 'max_queue': result['metrics']['max_queue_length']}
+
+
+def batch_stats(result: dict) -> dict:
+    """How the server ran the trace: batches, mean size, planning ms, run time over the controller's estimate
+    (stalls: over 2.5x), requests taken as hopeless, the highest latency scale."""
+    records = [r for r in result['batches'] if r.plan.take]
+    if not records:
+        return {}
+    ratio = np.array([r.run_ms / r.plan.est_ms for r in records])
+    plan_ms = np.array([r.plan_ms for r in records])
+    return {'batches': len(records), 'mean_batch': float(np.mean([len(r.plan.take) for r in records])),
+            'plan_ms_p50': float(np.median(plan_ms)), 'plan_ms_max': float(plan_ms.max()),
+            'run_over_est_p50': float(np.median(ratio)), 'run_over_est_p99': float(np.percentile(ratio, 99)),
+            'stalls': int((ratio > 2.5).sum()), 'hopeless': sum(r.plan.feasible.count(False) for r in records),
+            'max_scale': max(r.scale for r in records)}
+
+
+def batch_log(path: Path, result: dict) -> None:
+    """One JSON line per batch: seconds into the trace, queue length, planning ms, routes, estimate, run ms,
+    scale, requests taken as hopeless."""
+    with open(path, 'w') as f:
+        for r in result['batches']:
+            f.write(json.dumps({'t': r.planned - result['start'], 'queue': r.queue_length, 'plan_ms': r.plan_ms,
+                                'routes': list(r.plan.routes), 'est_ms': r.plan.est_ms, 'run_ms': r.run_ms,
+                                'scale': r.scale, 'hopeless': r.plan.feasible.count(False)}) + '\n')
 
 
 def weights_memory(model, front: list[int]) -> dict:
@@ -136,7 +162,8 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     ids = served_routes(model, args.routes)
     started = time.perf_counter()
     for b in cfg['batch_sizes']:
-        profile(model, batch_size=b, routes=ids, warmup=1, repeats=args.repeats, progress=False)
+        # timings spread by the other load are kept (max_spread=None): the trace runs under that same load
+        profile(model, batch_size=b, routes=ids, warmup=1, repeats=args.repeats, progress=False, max_spread=None)
     print(f'{name}: profiled {len(ids)} routes at batch sizes {cfg["batch_sizes"]} in '
           f'{time.perf_counter() - started:.0f} s')
     table = RouteTable.from_model(model, cfg['batch_sizes'], routes=ids, statistic=args.statistic)
@@ -149,10 +176,16 @@ def bench(name: str, args: argparse.Namespace) -> dict:
           f'{len(arrivals)} requests over {duration:.0f} s at {args.low:g}x / {args.high:g}x that rate')
     rows, controller_run = {}, None
     policies = [(f'route {i}', RouteController(RouteTable([table.routes[i]]), margin_ms=args.margin_ms))
-                for i in ids] + [('controller', RouteController(table, margin_ms=args.margin_ms, adapt=args.adapt))]
+                for i in ids] + [('controller', RouteController(table, margin_ms=args.margin_ms, adapt=args.adapt,
+                                                     reserve_ms=args.reserve * slo_ms))]
+    if args.policies:
+        keep = {f'route {x}' if x.isdigit() else x for x in args.policies.split(',')}
+        policies = [(label, controller) for label, controller in policies if label in keep]
     for label, controller in policies:
         result = run_policy(model, controller, images, arrivals, slo_ms, args.grace)
-        rows[label] = summarise(result, table)
+        rows[label] = {**summarise(result, table), 'server': batch_stats(result)}
+        if args.batch_log:
+            batch_log(Path(args.batch_log) / f'batches_{name}_{label.replace(" ", "")}.jsonl', result)
         if label == 'controller':
             controller_run = result
         r = rows[label]
@@ -160,6 +193,12 @@ def bench(name: str, args: argparse.Namespace) -> dict:
         print(f'  {label:<11} SLO {100 * r["slo_attainment"]:6.1f} %  top1 {top1:>6}  p50 {r["p50_ms"]:8.1f} ms  '
               f'p99 {r["p99_ms"]:8.1f} ms  answered {r["answered"]}/{r["requests"]}  max queue {r["max_queue"]}',
               flush=True)
+        b = r['server']
+        if b:
+            print(f'  {"":<11} {b["batches"]} batches of {b["mean_batch"]:.1f}, planning p50 {b["plan_ms_p50"]:.2f} '
+                  f'max {b["plan_ms_max"]:.1f} ms, run/estimate p50 {b["run_over_est_p50"]:.2f} p99 '
+                  f'{b["run_over_est_p99"]:.2f}, {b["stalls"]} stalls (>2.5x), {b["hopeless"]} hopeless, '
+                  f'scale max {b["max_scale"]:.2f}', flush=True)
     front = [r.id for r in model.pareto('macs', 'top1')]
     memory = weights_memory(model, front)
     print(f'  memory: one deployment {memory["one_deployment_mb"]:.1f} MB of weights vs one per front route '
@@ -182,6 +221,9 @@ def main() -> None:
                    help='SLO, times the largest route latency at the largest batch (default: 2)')
     p.add_argument('--margin-ms', type=float, default=1.0, help='per-batch overhead the controller adds')
     p.add_argument('--adapt', type=float, default=0.2, help="controller's weight of each observed batch (0: card only)")
+    p.add_argument('--reserve', type=float, default=0.25,
+                   help="controller's reserve, times the SLO: it plans every deadline that much early (a stall's "
+                        'room)')
     p.add_argument('--grace', type=float, default=3.0, help='seconds after the trace before counting misses')
     p.add_argument('--repeats', type=int, default=5, help='profiling repeats per route and batch size')
     p.add_argument('--seed', type=int, default=0)
@@ -191,6 +233,10 @@ def main() -> None:
                    help='profiled latency the controller reads')
     p.add_argument('--plot-dir', default=None, help='write serving_routes_<model>.png here')
     p.add_argument('--json', default=None, help='write the figures here')
+    p.add_argument('--policies', default=None,
+                   help='comma-separated route ids and/or "controller" to run (default: every front route and the '
+                        'controller)')
+    p.add_argument('--batch-log', default=None, help='write each policy\'s batches (JSON lines) into this folder')
     args = p.parse_args()
     setup_torch(args.threads)
     names = list(MODELS) if args.model == 'both' else [args.model]

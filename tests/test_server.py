@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tiny_models import tiny_images, tiny_snnet
 
-from timm_stitch.server import BadRequestError, StitchServer, parse_request
+from timm_stitch.server import BadRequestError, BatchRecord, StitchServer, parse_request
 from timm_stitch.slo import Bounds, NoRouteFitsError, RouteController, RouteCost, RouteTable
 
 
@@ -69,6 +69,30 @@ def test_deadlines_pick_faster_routes_and_are_counted(model):
     server.step()
     assert not late.result(timeout=0).met_deadline
     assert server.metrics()['slo_attainment'] == 0.5
+
+
+def test_each_batch_is_recorded_with_its_plan_and_timings(model):
+    clock, records = FakeClock(), []
+    controller = _controller(model)
+    server = StitchServer(model, controller, slo_ms=100.0, clock=clock, on_batch=records.append)
+    futures = [server.submit(x) for x in tiny_images(6)]
+    while server.step():
+        clock.t += 0.001
+    assert [r.queue_length for r in records] == [6, 2] and all(isinstance(r, BatchRecord) for r in records)
+    assert [len(r.plan.take) for r in records] == [4, 2] and records[0].plan_ms == 0.0 and records[1].planned == 0.001
+    routes = [f.result(timeout=0).route for f in futures]
+    assert sorted(routes) == sorted(r for rec in records for r in rec.plan.routes)
+    assert all(r.scale == controller.scale and r.plan.feasible == (True,) * len(r.plan.take) for r in records)
+
+
+def test_stop_can_cancel_the_backlog(model):
+    server = StitchServer(model, _controller(model), clock=FakeClock())
+    futures = [server.submit(x) for x in tiny_images(6)]
+    server.step()
+    server.stop(cancel=True)
+    assert [f.cancelled() for f in futures] == [False] * 4 + [True] * 2 and server.metrics()['queue_length'] == 0
+    with pytest.raises(RuntimeError, match='the server is stopped'):
+        server.submit(tiny_images(1)[0])
 
 
 def test_the_worker_thread_answers_every_request(model):

@@ -26,9 +26,11 @@ TABLE = RouteTable([RouteCost(SMALL, 70.0, 100, {1: 1.0, 8: 4.0}), RouteCost(MID
                     RouteCost(LARGE, 82.0, 900, {1: 10.0, 8: 40.0})])
 
 
-def _simulate(controller: RouteController, arrivals: np.ndarray, slo_s: float, fixed: int | None = None):
-    """Serve ``arrivals`` (seconds) on a virtual clock where each batch takes the table's estimate; returns the
-    (time, route) of each answer in arrival order, and the met-deadline flags."""
+def _simulate(controller: RouteController, arrivals: np.ndarray, slo_s: float, fixed: int | None = None,
+              stall: tuple[float, float] = (math.inf, 0.0)):
+    """Serve ``arrivals`` (seconds) on a virtual clock where each batch takes the table's estimate (``stall``:
+    the first batch started at or after ``stall[0]`` takes ``stall[1]`` s longer, as when other jobs take the
+    machine for a moment); returns the (time, route) of each answer in arrival order, and the met-deadline flags."""
     queue, pending, t, answers = [], list(range(len(arrivals))), 0.0, {}
     while pending or queue:
         while pending and arrivals[pending[0]] <= t:
@@ -42,6 +44,8 @@ def _simulate(controller: RouteController, arrivals: np.ndarray, slo_s: float, f
             take = tuple(range(min(len(queue), controller.max_batch_size)))
             plan = type('P', (), {'take': take, 'routes': (fixed,) * len(take)})
         t += controller._batch_ms(plan.routes) / 1e3
+        if t >= stall[0]:
+            t, stall = t + stall[1], (math.inf, 0.0)
         for i, route in zip(plan.take, plan.routes):
             answers[queue[i]] = (t, route)
         queue = [r for i, r in enumerate(queue) if i not in set(plan.take)]
@@ -188,9 +192,59 @@ def test_observed_batches_scale_the_card_latencies():
     controller = RouteController(TABLE, adapt=0.5)
     plan = controller.plan([Pending(0.015)], 0.0)
     assert plan.routes == (LARGE,)  # 10 ms on the card
-    controller.observe(plan, 30.0)  # the machine is 3x slower than when profiled: followed at once
+    controller.observe(plan, 30.0)  # one batch 3x slower: a stall, not yet a slower machine
+    assert controller.scale == 1.0
+    controller.observe(plan, 30.0)  # the second in a row: the machine is 3x slower, followed at once
     assert controller.scale == 3.0
     assert controller.plan([Pending(0.015)], 0.0).routes == (MID,)  # LARGE now estimated at 30 ms
-    controller.observe(controller.plan([Pending(0.015)], 0.0), 0.0)  # faster again (clamped to 0.5): by adapt
-    assert controller.scale == 1.75
+    for _ in range(6):  # faster again: by adapt, towards the second slowest of the last 8 batches
+        controller.observe(plan, 10.0)
+    assert controller.scale == 3.0
+    controller.observe(plan, 10.0)
+    assert controller.scale == 2.0
     assert RouteController(TABLE).plan([Pending(0.015)], 0.0).routes == (LARGE,)  # adapt=0: the card as it is
+
+
+def test_one_stalled_batch_does_not_make_the_queue_look_hopeless():
+    controller = RouteController(TABLE, adapt=0.2)
+    plan = controller.plan([Pending(1.0)], 0.0)
+    controller.observe(plan, 200.0)  # 20x its estimate once; the next batches run as the card says
+    plan = controller.plan([Pending(0.015), Pending(0.015)], 0.0)
+    assert plan.feasible == (True, True) and plan.routes == (LARGE, LARGE)
+
+
+def test_a_stall_costs_only_the_requests_it_made_hopeless():
+    # after a stall: 8 requests that no batch can answer in time (SMALL takes 4 ms for 8), 8 that one batch can
+    queue = [Pending(0.003)] * 8 + [Pending(0.006)] * 8
+    plan = RouteController(TABLE).plan(queue, 0.0)
+    assert plan.take == tuple(range(8, 16)) and plan.feasible == (True,) * 8 and plan.est_ms == 4.0
+    # served first, the hopeless ones would make the next 8 late as well (0 of 16 met instead of 8)
+
+
+def test_a_backlog_of_late_requests_waits_behind_those_still_in_time():
+    queue = [Pending(-1.0 + i * 1e-4) for i in range(5000)] + [Pending(0.05)] * 8
+    plan = RouteController(TABLE).plan(queue, 0.0)
+    assert plan.take == tuple(range(5000, 5008)) and plan.feasible == (True,) * 8
+    plan = RouteController(TABLE).plan(queue[:5000], 0.0)  # none in time: the earliest late ones, fastest route
+    assert plan.take == tuple(range(8)) and plan.routes == (SMALL,) * 8 and plan.feasible == (False,) * 8
+
+
+@pytest.mark.parametrize('at', [1.1, 1.2, 1.25, 1.3, 1.4])
+def test_a_burst_the_smallest_route_absorbs_is_met_through_a_stall(at):
+    arrivals, _ = _bursty()
+    stall = (at, 0.04)  # in the burst, one batch takes 40 ms longer (ten of SMALL's full batches)
+    assert _simulate(RouteController(TABLE), arrivals, 0.1, fixed=SMALL, stall=stall)[1].all()
+    answers, met = _simulate(RouteController(TABLE, reserve_ms=40), arrivals, 0.1, stall=stall)
+    assert met.all()
+    assert np.mean([TABLE.routes[r].top1 for _, r in answers]) > TABLE.routes[SMALL].top1
+
+
+def test_without_a_reserve_a_stall_in_a_burst_costs_deadlines():
+    arrivals, _ = _bursty()  # the controller plans the queue to drain just in time: no room for the stall
+    assert not _simulate(RouteController(TABLE), arrivals, 0.1, stall=(1.3, 0.04))[1].all()
+
+
+def test_the_reserve_plans_every_deadline_that_much_early():
+    assert RouteController(TABLE, reserve_ms=6).plan([Pending(0.015)], 0.0).routes == (MID,)  # LARGE: 10 > 15 - 6
+    with pytest.raises(ValueError, match='reserve_ms must be >= 0'):
+        RouteController(TABLE, reserve_ms=-1)

@@ -15,19 +15,19 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from .input_size import model_input_size
 from .serving import mixed_forward
-from .slo import Bounds, Pending, RouteController
+from .slo import Bounds, Pending, Plan, RouteController
 
 if TYPE_CHECKING:
     from .model import StitchedNet
 
-__all__ = ['StitchServer', 'Result', 'BadRequestError', 'parse_request', 'REQUEST_FIELDS']
+__all__ = ['StitchServer', 'Result', 'BatchRecord', 'BadRequestError', 'parse_request', 'REQUEST_FIELDS']
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,19 @@ class Result:
     met_deadline: bool
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch the worker ran, for watching the controller under load: when it was planned (seconds on the
+    server's clock), the queue length then, the milliseconds planning took, the plan (routes, estimate, which
+    requests were still feasible), the milliseconds the batch ran and the controller's ``scale`` after it."""
+    planned: float
+    queue_length: int
+    plan_ms: float
+    plan: Plan
+    run_ms: float
+    scale: float
+
+
 @dataclass
 class _Request:
     x: torch.Tensor
@@ -48,11 +61,11 @@ class _Request:
     deadline_ms: Optional[float]
     bounds: Bounds
     future: Future
+    pending: Pending = field(init=False)  # as the controller sees it; made once (a backlog is planned every batch)
 
-    @property
-    def pending(self) -> Pending:
+    def __post_init__(self) -> None:
         deadline = float('inf') if self.deadline_ms is None else self.submitted + self.deadline_ms / 1e3
-        return Pending(deadline, self.bounds)
+        self.pending = Pending(deadline, self.bounds)
 
 
 class StitchServer:
@@ -64,13 +77,16 @@ class StitchServer:
         controller: Chooses each batch and its routes.
         slo_ms: The deadline of requests that give none (None: no deadline; they run the most accurate route).
         clock: Seconds, monotonic (``time.monotonic``); deadlines are read on it.
+        on_batch: Called with a :class:`BatchRecord` after each batch (in the worker thread; keep it short).
     """
 
     def __init__(self, model: StitchedNet, controller: RouteController, slo_ms: Optional[float] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_batch: Optional[Callable[[BatchRecord], None]] = None):
         if slo_ms is not None and not slo_ms > 0:
             raise ValueError(f'slo_ms must be > 0 or None, got {slo_ms!r}')
         self.model, self.controller, self.slo_ms, self.clock = model.eval(), controller, slo_ms, clock
+        self.on_batch = on_batch
         self._param = next(model.parameters())
         self._input_size = tuple(model_input_size(model))
         self._queue: list[_Request] = []
@@ -117,10 +133,15 @@ class StitchServer:
                 self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Serve what is queued, then stop the worker thread."""
+    def stop(self, cancel: bool = False) -> None:
+        """Serve what is queued, then stop the worker thread. ``cancel``: stop after the batch running now, the
+        queued requests' futures cancelled (a backlog left behind would go on taking the machine)."""
         with self._cv:
             self._stop = True
+            if cancel:
+                for r in self._queue:
+                    r.future.cancel()
+                self._queue = []
             self._cv.notify()
             thread, self._thread = self._thread, None
         if thread is not None:
@@ -148,11 +169,13 @@ class StitchServer:
             queue = list(self._queue)
             if not queue:
                 return 0
-            plan = self.controller.plan([r.pending for r in queue], self.clock())
+            planned = self.clock()
+            plan = self.controller.plan([r.pending for r in queue], planned)
             taken = [queue[i] for i in plan.take]
             chosen = set(plan.take)
             self._queue = [r for i, r in enumerate(queue) if i not in chosen]
         started = self.clock()
+        plan_ms = (started - planned) * 1e3
         try:
             with torch.inference_mode():
                 logits = mixed_forward(self.model, torch.stack([r.x for r in taken]), list(plan.routes)).float().cpu()
@@ -177,6 +200,9 @@ class StitchServer:
                     self._met += result.met_deadline
         for r, result in results:
             r.future.set_result(result)
+        if self.on_batch is not None:
+            run_ms = (done - started) * 1e3
+            self.on_batch(BatchRecord(planned, len(queue), plan_ms, plan, run_ms, self.controller.scale))
         return len(results)
 
     # ---- metrics -----------------------------------------------------------------------------------------------

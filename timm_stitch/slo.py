@@ -5,19 +5,21 @@ card accuracy, MACs and measured latency on this device at the served batch size
 request's absolute deadline and optional :class:`Bounds`) and the time now, returns the next batch to run and the
 route of each request in it (:class:`Plan`).
 
-The rule: requests are served earliest deadline first in batches of up to ``max_batch_size`` (those that can no
-longer make their deadline after the others). For a latency cap ``c``, every request runs the most accurate route it
-may use (its bounds) whose latency at the batch size is at most ``c``; the queue is drained in simulation
-(``horizon`` batches ahead), each batch costing the sum of its route groups' latencies (groups run one after
-another, see :func:`timm_stitch.serving.mixed_forward`). The controller takes the highest cap under which every
-request that can still make its deadline makes it: as the queue grows the cap falls to faster routes, as it shrinks
-it rises back. Requests that cannot make their deadline even alone on their fastest route run that route without
-holding the others back. The same queue and time always give the same plan.
+The rule: requests are served earliest deadline first in batches of up to ``max_batch_size``. Those that cannot
+make their deadline even when the queue runs on its fastest routes (a stall has queued more than can be served in
+time) are hopeless: they run their fastest route after the others, so that they do not make the others late one
+batch after another. For a latency cap ``c``, every request runs the most accurate route it may use (its bounds)
+whose latency at the batch size is at most ``c``; the queue is drained in simulation (``horizon`` batches ahead),
+each batch costing the sum of its route groups' latencies (groups run one after another, see
+:func:`timm_stitch.serving.mixed_forward`). The controller takes the highest cap under which every request that is
+not hopeless makes its deadline less ``reserve_ms``: as the queue grows the cap falls to faster routes, as it
+shrinks it rises back. The same queue, time and observed batches always give the same plan.
 """
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from .cards import model_name
@@ -164,19 +166,23 @@ class RouteController:
         table: The routes to serve.
         max_batch_size: The most requests per batch (default and at most: the table's largest batch size).
         margin_ms: Time added to every estimated batch (the server's own overhead per batch).
-        adapt: Weight of each observed faster-than-estimated batch in ``scale``; slower batches set it at once (0:
-            keep the card's latencies as they are).
+        adapt: Weight of each observed batch in ``scale`` when it falls (0: keep the card's latencies as they
+            are); it rises at once (see :meth:`observe`).
         horizon: How many batches ahead the queue is simulated (the rest is planned when it comes nearer; keeps a
             plan to about a millisecond when a burst has queued thousands of requests).
+        reserve_ms: Time by which every deadline is planned early (the cap is chosen so that the queue drains that
+            much before its deadlines): room for a batch that stalls on a shared machine, paid for in accuracy
+            under load. Which requests are hopeless is still judged on the deadlines themselves.
+        window: How many of the last observed batches ``scale`` is read from (at least 2).
 
-    ``scale`` multiplies every card latency: :meth:`observe` moves it to the ratio of a batch's run time to its
-    estimate (at once when slower, by ``adapt`` when faster), so that a machine slower than when it was profiled
-    (other jobs, a server's own overhead) is followed. It is state fed only by :meth:`observe`: the same
-    observations give the same plans.
+    ``scale`` multiplies every card latency: :meth:`observe` moves it to the second highest ratio of the last
+    ``window`` batches' run times to their estimates, so that a machine slower than when it was profiled (other
+    jobs, a server's own overhead) is followed and a lone stalled batch is not. It is state fed only by
+    :meth:`observe`: the same observations give the same plans.
     """
 
     def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0,
-                 adapt: float = 0.0, horizon: int = 8):
+                 adapt: float = 0.0, horizon: int = 8, reserve_ms: float = 0.0, window: int = 8):
         self.table = table
         limit = table.max_batch_size
         if max_batch_size is None:
@@ -184,14 +190,17 @@ class RouteController:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= limit:
             raise ValueError(f'max_batch_size must be an integer in [1, {limit}] (the profiled batch sizes), '
                              f'got {max_batch_size!r}')
-        if not margin_ms >= 0:
-            raise ValueError(f'margin_ms must be >= 0, got {margin_ms!r}')
+        for name, value in (('margin_ms', margin_ms), ('reserve_ms', reserve_ms)):
+            if not value >= 0:
+                raise ValueError(f'{name} must be >= 0, got {value!r}')
         if not 0 <= adapt <= 1:
             raise ValueError(f'adapt must be in [0, 1], got {adapt!r}')
-        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-            raise ValueError(f'horizon must be an integer >= 1, got {horizon!r}')
+        for name, value, least in (('horizon', horizon, 1), ('window', window, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f'{name} must be an integer >= {least}, got {value!r}')
         self.max_batch_size, self.margin_ms, self.adapt, self.scale = max_batch_size, float(margin_ms), adapt, 1.0
-        self.horizon = horizon
+        self.horizon, self.reserve_ms, self.window = horizon, float(reserve_ms), window
+        self._ratios: tuple[float, ...] = ()  # the last ``window`` observed ratios of run time to card estimate
         # by accuracy (best first), ties to the faster (at batch 1) then the lower id
         self._by_top1 = sorted(table.routes.values(), key=lambda r: (-r.top1, table.latency(r.id, 1), r.id))
         self._allowed: dict[Bounds, tuple[int, ...]] = {}
@@ -231,17 +240,25 @@ class RouteController:
         counts: dict[int, int] = {}
         for r in routes:
             counts[r] = counts.get(r, 0) + 1
+        return self._group_ms(counts)
+
+    def _group_ms(self, counts: Mapping[int, int]) -> float:
+        """Estimated ms of one batch holding ``counts[r]`` requests of route ``r`` (groups run one after another)."""
         return sum(self.table.latency(r, n) for r, n in counts.items()) * self.scale + self.margin_ms
 
     def observe(self, plan: Plan, actual_ms: float) -> None:
-        """Record that ``plan``'s batch took ``actual_ms``. ``scale`` rises at once to actual / card estimate when
-        the batch ran slower than estimated (an underestimate costs deadlines: a burst planned on a quiet minute's
-        profile queues more than can be served), and falls by ``adapt`` towards it when faster (kept within
-        [0.5, 20])."""
+        """Record that ``plan``'s batch took ``actual_ms``. ``scale`` follows the second highest ratio of run time
+        to card estimate over the last ``window`` batches: at once when that is above it (a machine that slowed
+        down is followed from its second slow batch: an underestimate costs deadlines), by ``adapt`` when below.
+        The highest is left out: on a shared machine a batch now and then stalls several times over while the next
+        one runs at the usual speed, and a scale set by it would make the controller give up accuracy and, taking
+        requests for hopeless, deadlines. Ratios are kept within [0.5, 20]."""
         if self.adapt and plan.routes:
             card_ms = (self._batch_ms(plan.routes) - self.margin_ms) / self.scale
             ratio = min(max((actual_ms - self.margin_ms) / card_ms, 0.5), 20.0)
-            self.scale = ratio if ratio > self.scale else self.scale + self.adapt * (ratio - self.scale)
+            self._ratios = (*self._ratios, ratio)[-self.window:]
+            high = sorted(self._ratios)[-2] if len(self._ratios) > 1 else self.scale
+            self.scale = high if high > self.scale else self.scale + self.adapt * (high - self.scale)
 
     def plan(self, queue: Sequence[Pending], now: float) -> Plan:
         """The next batch for ``queue`` at time ``now`` (seconds, the deadlines' clock). Raises
@@ -249,33 +266,78 @@ class RouteController:
         if not queue:
             return Plan((), (), 0.0, 0.0)
         b = min(len(queue), self.max_batch_size)
+        live = [i for i, q in enumerate(queue) if q.deadline > now]
+        if len(live) == len(queue):
+            return self._plan(queue, now, b)
+        # requests already late are hopeless and served earliest first after the others: only the first few can be
+        # in this plan's horizon, so that a backlog of thousands (a long stall) costs no more planning than the
+        # requests still in time (planning time taken from the batches would make the backlog grow)
+        late = [(q.deadline, i) for i, q in enumerate(queue) if q.deadline <= now]
+        keep = live + [i for _, i in heapq.nsmallest(b * self.horizon, late)]
+        plan = self._plan([queue[i] for i in keep], now, b)
+        return replace(plan, take=tuple(keep[i] for i in plan.take))
+
+    def _plan(self, queue: Sequence[Pending], now: float, b: int) -> Plan:
         latency = {r: self.table.latency(r, b) for r in self.table.routes}
-        kinds: dict[Bounds, tuple[tuple[int, ...], int, float]] = {}  # per distinct bounds: allowed, fastest, its ms
+        kinds: dict[Bounds, int] = {}  # distinct bounds, numbered; per number: the allowed routes and the fastest
+        allowed, fast = [], []
         for bounds in {q.bounds for q in queue}:
-            ids = self.allowed(bounds)
-            fast = min(ids, key=lambda i: (latency[i], -self.table.routes[i].top1, i))
-            kinds[bounds] = ids, fast, (self.table.latency(fast, 1) * self.scale + self.margin_ms) / 1e3
+            kinds[bounds] = len(allowed)
+            allowed.append(self.allowed(bounds))
+            fast.append(min(allowed[-1], key=lambda i: (latency[i], -self.table.routes[i].top1, i)))
+        kind = [kinds[q.bounds] for q in queue]
+        edf = sorted(range(len(queue)), key=lambda i: (queue[i].deadline, i))
+        feasible = self._feasible(queue, edf, [fast[k] for k in kind], b, now)
         # requests that can still make their deadline, earliest first, then the hopeless ones (they run their
         # fastest route and hold no one back)
-        feasible = [now + kinds[q.bounds][2] <= q.deadline for q in queue]
-        order = sorted(range(len(queue)), key=lambda i: (not feasible[i], queue[i].deadline, i))[:b * self.horizon]
-        caps = sorted({latency[r] for ids, _, _ in kinds.values() for r in ids}, reverse=True)
+        order = ([i for i in edf if feasible[i]] + [i for i in edf if not feasible[i]])[:b * self.horizon]
+        caps = sorted({latency[r] for ids in allowed for r in ids}, reverse=True)
         for cap in caps:  # the most accurate cap first; the last (fastest) is taken when none drains in time
-            pick = {k: next((r for r in ids if latency[r] <= cap), fast) for k, (ids, fast, _) in kinds.items()}
-            routes = [pick[queue[i].bounds] if feasible[i] else kinds[queue[i].bounds][1] for i in order]
-            if self._drains(queue, order, routes, feasible, b, now):
+            pick = [next((r for r in ids if latency[r] <= cap), f) for ids, f in zip(allowed, fast)]
+            routes = [pick[kind[i]] if feasible[i] else fast[kind[i]] for i in order]
+            if self._drains(queue, order, routes, feasible, b, now + self.reserve_ms / 1e3):
                 break
         take = order[:b]
         return Plan(tuple(take), tuple(routes[:b]), self._batch_ms(routes[:b]), cap, tuple(feasible[i] for i in take))
 
+    def _feasible(self, queue: Sequence[Pending], edf: Sequence[int], fastest: Sequence[int], b: int,
+                  now: float) -> list[bool]:
+        """Which requests can make their deadline when the queue runs earliest deadline first (``edf``) on its
+        fastest routes in batches of ``b``, the hopeless ones left out: a request that would finish late (or make
+        an earlier one of its batch late) is hopeless, and served after the others it cannot push them past their
+        deadlines one after another when a stall has queued more than can be served in time. Each batch is
+        costed full (the plan fills it). ``horizon`` batches are checked, later requests when they come nearer."""
+        feasible, full_ms = [True] * len(queue), {}
+        t, counts, members = now, {}, []  # the end of the last batch; the routes and requests of the one filling
+        one = len(set(fastest)) == 1  # (the usual case: no bounds) every batch costs the same
+        for i in edf:
+            if len(members) == b * self.horizon:
+                break
+            trial = counts if one else {**counts, fastest[i]: counts.get(fastest[i], 0) + 1}
+            key = () if one else (*sorted(trial.items()), fastest[i])
+            if key not in full_ms:
+                full_ms[key] = self._group_ms({**trial, fastest[i]: trial.get(fastest[i], 0) + b - sum(trial.values())})
+            end = t + full_ms[key] / 1e3
+            first = members[len(members) // b * b] if len(members) % b else i  # the earliest deadline of the batch
+            if end > queue[first].deadline:
+                feasible[i] = False
+                continue
+            counts = trial
+            members.append(i)
+            if len(members) % b == 0:
+                t, counts = end, {}
+        return feasible
+
     def _drains(self, queue: Sequence[Pending], order: Sequence[int], routes: Sequence[int],
-                feasible: Sequence[bool], b: int, now: float) -> bool:
-        """Whether serving the queue in batches of ``b`` in ``order`` with ``routes`` meets every feasible
-        deadline."""
-        t = now
-        for start in range(0, len(order), b):
-            t += self._batch_ms(routes[start:start + b]) / 1e3
-            if any(feasible[i] and t > queue[i].deadline for i in order[start:start + b]):
+                feasible: Sequence[bool], b: int, start: float) -> bool:
+        """Whether serving the queue from ``start`` in batches of ``b`` in ``order`` (the feasible requests first,
+        earliest deadline first) with ``routes`` meets every feasible deadline."""
+        t = start
+        for first in range(0, len(order), b):
+            if not feasible[order[first]]:  # the rest are hopeless
+                return True
+            t += self._batch_ms(routes[first:first + b]) / 1e3
+            if t > queue[order[first]].deadline:
                 return False
         return True
 
