@@ -178,6 +178,18 @@ def test_a_missing_profile_is_refused_naming_it_and_how_to_make_it(model):
         RouteTable.from_model(model, batch_sizes=(1, 8))
 
 
+def test_a_route_left_out_of_a_held_profile_is_named_not_the_profile(model):
+    key = device_profile('cpu', 1)
+    card = RouteCard.from_model(model).with_accuracy(
+        {i: (50.0 + i, None) for i in range(model.num_routes)}, 'tiny', 'measured')
+    card = card.with_latency(key, {i: {'median_ms': 1.0 + i} for i in range(1, model.num_routes)},
+                             {'what': 'latency', 'profile': key})
+    model.load_card(card)
+    with pytest.raises(MissingLatencyProfileError, match=rf"latency profile '{key}' holds no time for route 0 .*"
+                                                         r'--routes 0 --max-spread'):
+        RouteTable.from_model(model, batch_sizes=(1,))
+
+
 def test_a_stale_card_or_one_without_accuracy_is_refused(model):
     other = tiny_snnet(seed=1)
     model.load_card(_card(other))
