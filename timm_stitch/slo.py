@@ -151,7 +151,7 @@ class RouteTable:
                 if ms is None and key in card.latency_profiles:
                     raise MissingLatencyProfileError(
                         f'the route card\'s latency profile {key!r} holds no time for route {i} (profile leaves out a '
-                        f'route whose timings stay unstable). Time it again on a quieter machine, or accept the spread: '
+                        f'route whose timings stay unstable). Time it again when quieter, or accept the spread: '
                         f'timm-stitch profile {name} --device {device} --dtype {_dtype_name(dtype)} --batch-size {b} '
                         f'--routes {i} --max-spread 10 --card CARD --out CARD')
                 if ms is None:
