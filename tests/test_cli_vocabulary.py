@@ -78,3 +78,21 @@ def test_one_route_list_syntax(capsys, tmp_path):
     out = tmp_path / 'r.json'
     assert main([*profile, '--routes', 'anchors', '--repeats', '1', '--warmup', '0', '--out', str(out)]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:5]] == ['0', '1', '2']
+
+
+def test_an_unknown_option_is_named_not_its_value_taken_as_model(capsys):
+    """An unknown option's value lands in the positional MODEL: the option is what the user must hear about."""
+    for argv, named in ((['routes', '-m', FMNIST, '--bogus', '3'], '--bogus'),
+                        (['routes', '-m', FMNIST, '--routes', '0,3'], '--routes')):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert f'unrecognized arguments: {named}' in err and 'unknown model' not in err
+    assert main(['routes', 'nope']) == 2
+    assert "argument MODEL: unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_a_backwards_route_range_is_named(capsys):
+    assert main(['profile', '-m', FMNIST, '--routes', '5-2', '--repeats', '1']) == 2
+    assert "route range '5-2' runs backwards: write it low-high, e.g. 2-5" in capsys.readouterr().err

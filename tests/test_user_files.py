@@ -192,3 +192,25 @@ def test_stale_temps_of_killed_writers_are_cleaned_and_nothing_else(tmp_path):
     with atomic_dir(tmp_path / 'folder', ['a']) as tmp:
         (tmp / 'a').write_text('1')
     assert not [e for e in os.listdir(tmp_path / 'folder') if e != 'a']
+
+
+def test_a_file_where_a_folder_is_written_is_named_and_kept(tmp_path, capsys):
+    """Every writer of a folder given a user's file (card, export in each format, validate, the trainer's lock):
+    a usage error naming the file (exit 2), the file unchanged."""
+    mine = tmp_path / 'mine.txt'
+    mine.write_text('mine\n')
+    data = make_image_folder(tmp_path / 'images', per_class=(1, 1))
+    runs = [['card', '-m', 'snnet_vit_fmnist_tsb', '--out', str(mine)],
+            ['export', '-m', 'snnet_vit_fmnist_tsb', '--format', 'torch-export', '--out', str(mine)],
+            ['export', '-m', 'snnet_vit_fmnist_tsb', '--out', str(mine / 'sub')],
+            ['validate', '--model', 'snnet', '--model-kwargs', f'anchors={ANCHORS!r}', '--num-classes', '4',
+             '--img-size', '32', '-b', '8', '-j', '0', '--no-progress', '--data-dir', str(data), '--routes', '0',
+             '--out', str(mine)]]
+    for argv in runs:
+        assert cli_main(argv) == 2, argv
+        assert f'{mine} is a file' in capsys.readouterr().err, argv
+        assert mine.read_text() == 'mine\n'
+    with pytest.raises(NotADirectoryError, match=f'{mine} is a file'):
+        with output_lock(str(mine / 'run')):
+            pass
+    assert mine.read_text() == 'mine\n'

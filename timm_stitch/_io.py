@@ -70,13 +70,26 @@ def full_disk_named(path: PathLike) -> Iterator[None]:
         raise full from e
 
 
+def make_folder(folder: PathLike) -> None:
+    """``os.makedirs(folder, exist_ok=True)``; a file standing where the folder (or one above it) should be is a
+    ``NotADirectoryError`` naming it (a usage error: the user gave a file where a folder is written)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [Path(folder), *Path(folder).parents] if p.exists() and not p.is_dir()), None)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(f'{blocker} is a file, and a folder is written there: nothing was written. Choose '
+                                 f'another output path (the file is left as it is)') from None
+
+
 @contextmanager
 def atomic_path(path: PathLike, temp_dir: Optional[PathLike] = None, fsync: bool = True) -> Iterator[str]:
     """Yield a fresh temp path (not yet created) for the body to write ``path``'s new content to (a file, or a
     link); then flush it (with ``fsync``) and rename it over ``path`` in one step. When the body fails the temp is
     removed and ``path`` is left as it was."""
     target = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    make_folder(os.path.dirname(target))
     clean_stale_temps(temp_dir or os.path.dirname(target), os.path.basename(target))
     tmp = temp_name(target, temp_dir)
     try:
@@ -198,7 +211,7 @@ def atomic_dir(path: PathLike, owned: Sequence[str] = (), is_ours: Optional[Call
                 f'other files ({listing(theirs)}): nothing was written or removed. Choose a new or empty folder (it '
                 'is created when missing)')
     home = target if exists else target.parent
-    home.mkdir(parents=True, exist_ok=True)
+    make_folder(home)
     clean_stale_temps(home, target.name)
     tmp = Path(temp_name(target, home))
     os.mkdir(tmp)

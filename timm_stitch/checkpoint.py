@@ -34,6 +34,7 @@ from ._io import (
     full_disk_named,
     is_temp_name,
     listing,
+    make_folder,
     plain_permissions,
 )
 from ._mismatch import WeightsMismatchError, state_dict_mismatch
@@ -57,7 +58,7 @@ def output_lock(output_dir: str) -> Iterator[None]:
                 f"the output folder {output_dir} holds files that are not a training run's ({listing(theirs)}): "
                 'nothing was written. Give the run a new or empty folder '
                 '(another --out or --experiment)')
-    os.makedirs(output_dir, exist_ok=True)
+    make_folder(output_dir)
     path = os.path.join(output_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

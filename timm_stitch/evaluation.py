@@ -43,9 +43,12 @@ def parse_ids(text: str, num_routes: int, anchor_ids: Optional[Sequence[int]] = 
         else:
             try:
                 lo, _, hi = part.partition('-')
-                ids.extend(range(int(lo), int(hi or lo) + 1))
+                first, last = int(lo), int(hi or lo)
             except ValueError:
                 raise ValueError(f"route ids must look like 'all', 'anchors' or '0,3,5-9', got {text!r}") from None
+            if last < first:
+                raise RouteIdError(f'route range {part!r} runs backwards: write it low-high, e.g. {last}-{first}')
+            ids.extend(range(first, last + 1))
     bad = [i for i in ids if not 0 <= i < num_routes]
     if bad or not ids:
         raise RouteIdError(f'route ids {bad or text!r} are out of range: valid ids are 0..{num_routes - 1}')

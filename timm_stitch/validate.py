@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._io import atomic_write
+from ._io import atomic_write, make_folder
 from .arguments import MODEL_OPTIONS, RUNTIME_OPTIONS, add_routes_arg, add_shared_args, route_text
 from .evaluation import (
     check_data_dir,
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     output = args.output or f'validate-{args.model}'
     records_path = os.path.join(output, 'routes.jsonl')
-    os.makedirs(output, exist_ok=True)
+    make_folder(output)
     key = record_key(args, model, data_config, dtype)
     records = _reusable(_read_records(records_path), key, route_ids, records_path, log=args.rank == 0)
     todo = [k for k in route_ids if k not in records]

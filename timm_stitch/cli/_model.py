@@ -19,7 +19,9 @@ __all__ = ['add_model_args', 'build_model']
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The options every model-building subcommand takes: ``MODEL``/``--model``, the shared model options,
     ``--checkpoint``, ``--card`` and ``--official-final-norm``."""
-    parser.add_argument('model_name', nargs='?', metavar='MODEL', type=stitched_model_name, default=None,
+    # checked after parsing (in build_model), so that an unknown option's value taken as MODEL is reported as the
+    # unknown option ('unrecognized arguments: --bogus'), not as an unknown model
+    parser.add_argument('model_name', nargs='?', metavar='MODEL', default=None,
                         help='the architecture, as --model (either form)')
     add_shared_args(parser, (*MODEL_OPTIONS, 'checkpoint'))
     parser.add_argument('--card', type=existing_file, default=None,
@@ -33,10 +35,12 @@ def _model_name(args: argparse.Namespace) -> str:
     positional = getattr(args, 'model_name', None)
     if positional is not None and args.model is not None and positional != args.model:
         raise ValueError(f'two models given: {positional} and --model {args.model}')
-    name = positional or args.model
-    if name is None:
+    if positional is None and args.model is None:
         raise ValueError('no model given: pass --model MODEL (or MODEL), e.g. snnet_vit_fmnist_tsb')
-    return name
+    try:
+        return stitched_model_name(positional) if positional is not None else args.model
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f'argument MODEL: {e}') from None
 
 
 def build_model(args: argparse.Namespace) -> StitchedNet:

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .._io import make_folder
 from ..arguments import int_at_least
 from ..export import export_stitch
 from ..input_size import model_input_size
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ModuleNotFoundError(f'--format onnx needs {package}: pip install timm-stitch[onnx]') from None
     module = export_stitch(model, route)
     example = (torch.randn(args.batch_size, *model_input_size(model)),)
-    os.makedirs(args.out, exist_ok=True)
+    make_folder(args.out)
     path = os.path.join(args.out, FORMATS[args.format])
     if args.format == 'torch-export':
         torch.export.save(torch.export.export(module, example), path)
