@@ -159,7 +159,7 @@ def test_loading_another_card_replaces_values_without_recounting(monkeypatch):
     def no_recount(*args):
         raise AssertionError('MACs recounted')
 
-    monkeypatch.setattr('timm_stitch.macs.count_route_macs', no_recount)
+    monkeypatch.setattr('timm_stitch.model.count_route_macs', no_recount)
     model.load_card(card.with_accuracy({1: (66.0, None)}, 'tiny', 'measured'))
     assert [r.top1 for r in model.routes()[:3]] == [None, 66.0, None]
     assert model.routes()[0].macs > 0 and model.card.routes[1].top1 == 66.0

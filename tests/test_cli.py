@@ -158,7 +158,7 @@ def test_unreadable_checkpoint_names_the_file_and_the_formats(capsys, tmp_path):
 def test_runtime_failure_exits_1_and_debug_shows_the_traceback(capsys, monkeypatch):
     def broken(model):
         raise RuntimeError('counter broke')
-    monkeypatch.setattr('timm_stitch.macs.count_route_macs', broken)
+    monkeypatch.setattr('timm_stitch.model.count_route_macs', broken)
     code, err = _run(capsys, ['routes', TINY])
     assert code == 1 and 'counter broke' in _error_line(err)
     code, err = _run(capsys, ['routes', TINY, '--debug'])

@@ -109,7 +109,7 @@ def test_deit_tsb_matches_official_flops_and_timm_gmacs(monkeypatch):
     official = [r['flops'] for r in read_rows()]
     routes = model.routes()
     # counted once per model: a second call reuses the count instead of tracing every route again
-    monkeypatch.setattr('timm_stitch.macs.count_route_macs', lambda m: pytest.fail('MACs counted twice'))
+    monkeypatch.setattr('timm_stitch.model.count_route_macs', lambda m: pytest.fail('MACs counted twice'))
     assert model.routes() == routes
     assert all(abs(r.macs - o) / o < 1e-3 for r, o in zip(routes, official))
     assert [round(r.macs / 1e9, 2) for r in routes[:3]] == [1.26, 4.61, 17.58]  # timm's published GMACs

@@ -14,13 +14,18 @@ from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
 from .anchor_checks import stitchable_stages
 from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
-from .bn import RouteBatchNormStats, prepare_load, route_bn_stats
+from .bn import RouteBatchNormStats, prepare_load, recalibrate_bn, route_bn_stats
 from .card_state import RouteCardMixin
 from .errors import RouteIdError
+from .export import export_stitch
+from .features import prune_route_intermediates, route_feature_info, route_intermediates
 from .input_size import anchor_first_convs, set_anchors_input_size
+from .ls_init import init_stitches
+from .macs import count_route_macs
 from .route_spaces import StitchOptions, plan_routes
 from .routes import Route, StitchRef
 from .runner import RouteRun, RouteSegment, route_segments
+from .serving import mixed_forward
 from .stitching import StitchingLayer, deployed_parameters
 
 if TYPE_CHECKING:
@@ -160,7 +165,6 @@ class StitchedNet(RouteCardMixin, nn.Module):
         """Every route with its structure, params and MACs only (counted on first call: they depend on the
         architecture alone)."""
         if self._route_cache is None:
-            from .macs import count_route_macs
             routes = [replace(r, params=self._route_params(r)) for r in self.plan.routes]
             self._route_cache = [replace(r, macs=m) for r, m in zip(routes, count_route_macs(self))]
         return list(self._route_cache)
@@ -251,7 +255,6 @@ class StitchedNet(RouteCardMixin, nn.Module):
         if isinstance(stitch_id, (torch.Tensor, np.ndarray)) and stitch_id.ndim == 0:
             stitch_id = stitch_id.item()  # one route, given as a 0-d tensor or array
         elif isinstance(stitch_id, (torch.Tensor, np.ndarray, list, tuple)):
-            from .serving import mixed_forward
             return mixed_forward(self, x, stitch_id)
         stitch_id = self.resolve_stitch_id(stitch_id)
         with route_bn_stats(self, stitch_id):  # BatchNorm in heads (LeViT) too
@@ -263,19 +266,16 @@ class StitchedNet(RouteCardMixin, nn.Module):
                               norm: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
                               stitch_id: Optional[int] = None, stop_early: bool = False) -> Any:
         """timm's ``forward_intermediates`` on route ``stitch_id``; see :mod:`timm_stitch.features` for indexing."""
-        from .features import route_intermediates
         return route_intermediates(self, x, indices, norm, output_fmt, intermediates_only, stitch_id, stop_early)
 
     def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True, stitch_id: Optional[int] = None) -> list[int]:
         """timm's ``prune_intermediate_layers``: blocks are shared between routes, so only heads go."""
-        from .features import prune_route_intermediates
         return prune_route_intermediates(self, indices, prune_norm, prune_head, stitch_id)
 
     @property
     def feature_info(self) -> list[dict]:
         """timm ``feature_info`` of the active route's intermediates (channels follow the route)."""
-        from .features import route_feature_info
         return route_feature_info(self, self._stitch_id)
 
     @property
@@ -337,7 +337,6 @@ class StitchedNet(RouteCardMixin, nn.Module):
 
     def init_stitches(self, data: Union[torch.Tensor, Iterable], **kwargs: Any) -> None:
         """Least-squares init of every stitching layer; see :func:`timm_stitch.ls_init.init_stitches`."""
-        from .ls_init import init_stitches
         init_stitches(self, data, **kwargs)
         self._weights_changed()
 
@@ -367,7 +366,6 @@ class StitchedNet(RouteCardMixin, nn.Module):
     ) -> int:
         """Estimate route ``stitch_id``'s own BatchNorm statistics (BN families: ResNet, LeViT...) from a short
         pass over ``data``; eval-mode calls of that route then use them. See :mod:`timm_stitch.bn`."""
-        from .bn import recalibrate_bn
         return recalibrate_bn(self, data, stitch_id=stitch_id, num_batches=num_batches, **kwargs)
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
@@ -380,7 +378,6 @@ class StitchedNet(RouteCardMixin, nn.Module):
 
     def export_stitch(self, stitch_id: int) -> nn.Module:
         """Route ``stitch_id`` as a standalone module with only its weights; see :func:`timm_stitch.export`."""
-        from .export import export_stitch
         return export_stitch(self, stitch_id)
 
 
