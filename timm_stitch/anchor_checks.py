@@ -44,10 +44,11 @@ def stitchable_stages(
     if options.route_space == 'two_way':
         pairs += [(b, a) for a, b in pairs]
     for a, b in pairs:
-        front, end = adapters[a], adapters[b]
-        if (front.layout, end.layout) not in _LAYOUT_CHANGES:
+        front, end = adapters[a].stage_layouts(), adapters[b].stage_layouts()
+        bad = next((s for s in range(num_stages) if (front[s], end[s]) not in _LAYOUT_CHANGES), None)
+        if bad is not None:
             raise IncompatibleAnchorsError(
-                f'cannot stitch {names[a]} ({front.layout} activations) into {names[b]} ({end.layout}): '
+                f'cannot stitch {names[a]} ({front[bad]} activations in stage {bad}) into {names[b]} ({end[bad]}): '
                 f'the smaller anchor must produce a layout the larger accepts '
                 f'({", ".join(f"{x}->{y}" for x, y in _LAYOUT_CHANGES)})')
     if len(models) == 1:
@@ -106,11 +107,11 @@ def _stage_grids(
         with eval_mode(model):
             x = adapter.embed(torch.zeros(1, adapter.in_chans, *hw, device=param.device, dtype=param.dtype))
             firsts = {adapter.unit_index(s, 0): s for s in range(len(adapter.stage_depths()))}
-            grid = []
+            grid, layouts = [], adapter.stage_layouts()
             for u, unit in enumerate(adapter.units):
                 x = unit(x)
                 if u in firsts:
-                    grid.append(_positions(x, adapter.layout))
+                    grid.append(_positions(x, layouts[firsts[u]]))
         grids.append(grid)
     # a token count matches a map of the same number of positions (NCHW -> tokens stitching)
     return [[g if isinstance(g, int) or not any(isinstance(o[s], int) for o in grids) else g[0] * g[1]

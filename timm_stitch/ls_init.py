@@ -99,7 +99,8 @@ def init_stitches(
                 for p in g.positions:
                     x = outputs[g.front_anchor][front.unit_index(g.stage, p.front) + 1]
                     y = outputs[g.end_anchor][end.unit_index(g.stage, p.end)]
-                    fits[_fit_key(g, p, mode)].add(to_rows(x, front.layout), to_rows(y, end.layout))
+                    fits[_fit_key(g, p, mode)].add(to_rows(x, front.stage_layouts()[g.stage]),
+                                                   to_rows(y, end.stage_layouts()[g.stage]))
 
     solutions: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for key, fit in fits.items():

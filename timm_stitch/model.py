@@ -113,8 +113,9 @@ class StitchedNet(RouteCardMixin, nn.Module):
             stage = self.stitch_layers[str(group.stage)]
             assert len(stage) == group.pair, 'stitch groups are planned stage by stage, pair by pair'
             stage.append(nn.ModuleList(
-                StitchingLayer(front.stage_dims()[group.stage], end.stage_dims()[group.stage], front.layout,
-                               end.layout, stitch_lora_rank, stitch_lora_alpha)
+                StitchingLayer(front.stage_dims()[group.stage], end.stage_dims()[group.stage],
+                               front.stage_layouts()[group.stage], end.stage_layouts()[group.stage],
+                               stitch_lora_rank, stitch_lora_alpha)
                 for _ in range(group.num_layers)
             ))
         #: per-route BatchNorm statistics (registered buffers, last in the state_dict; see :mod:`timm_stitch.bn`)

@@ -37,6 +37,10 @@ class AnchorAdapter:
         """Channel width of the activations inside each stage."""
         raise NotImplementedError
 
+    def stage_layouts(self) -> tuple[Layout, ...]:
+        """Layout of the activations inside each stage (where a stitch reads or writes them)."""
+        return (self.layout,) * len(self.stage_depths())
+
     def unit_index(self, stage: int, block: int) -> int:
         raise NotImplementedError
 
