@@ -22,6 +22,7 @@ TINY_FAMILIES: dict[str, Callable[[], tiny_models.TinyFamily]] = {
     'resnet_swin': tiny_models.resnet_swin_family,
     'convnext': tiny_models.convnext_family,
     'levit': tiny_models.levit_family,
+    'resnetv2': tiny_models.resnetv2_family,
 }
 
 

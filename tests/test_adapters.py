@@ -9,6 +9,7 @@ from torch import nn
 
 from timm_stitch.adapters import ADAPTERS, AnchorAdapter, adapter_for, register_adapter
 from timm_stitch.adapters import base as adapter_base
+from timm_stitch.errors import UnsupportedAnchorError
 
 
 def _run_adapter(adapter: AnchorAdapter, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,8 +51,8 @@ class _Toy(nn.Module):
 
 def test_register_adapter_adds_a_family(monkeypatch):
     monkeypatch.setattr(adapter_base, 'ADAPTERS', list(ADAPTERS))
-    with pytest.raises(TypeError, match=r'cannot stitch a _Toy: supported anchor families are .*VisionTransformer'):
-        adapter_for(_Toy())
+    with pytest.raises(UnsupportedAnchorError, match=r'cannot stitch a _Toy: it has no forward_features'):
+        adapter_for(_Toy())  # the generic adapter's refusal
 
     @register_adapter(_Toy)
     class ToyAdapter(AnchorAdapter):

@@ -90,7 +90,7 @@ def test_stitch_layer_and_ls_init_for_convnext():
     ([dict(model_name='levit_128s', img_size=64, num_classes=10),
       dict(model_name='swin_tiny_patch4_window7_224', img_size=64, window_size=2, depths=(2, 2, 2), embed_dim=192,
            num_heads=(3, 6, 12), num_classes=10)],
-     r"cannot stitch levit_128s \(tokens activations\) into swin_tiny_patch4_window7_224 \(nhwc\)"),
+     r"cannot stitch levit_128s \(tokens activations in stage 0\) into swin_tiny_patch4_window7_224 \(nhwc\)"),
     ([dict(model_name='convnext_atto', num_classes=10), dict(model_name='convnext_femto', in_chans=1, num_classes=10)],
      'different input channels'),
 ])
@@ -121,8 +121,9 @@ def test_options_object_and_flat_options_build_the_same_network():
 
 
 def test_refuses_unsupported_families_and_bad_stages():
-    with pytest.raises(TypeError, match='cannot stitch a MobileNetV3: supported anchor families are'):
-        timm_stitch.stitch(['mobilenetv3_small_050', 'mobilenetv3_small_100'], num_classes=10)
+    xcit = [dict(model_name=n, depth=2, img_size=64) for n in ('xcit_nano_12_p16_224', 'xcit_tiny_12_p16_224')]
+    with pytest.raises(TypeError, match='cannot stitch a Xcit: its blocks read values from the embedding'):
+        timm_stitch.stitch(xcit, num_classes=10)
     with pytest.raises(ValueError, match=r'stage 4 is out of range: the anchors have stages 0\.\.3'):
         timm_stitch.stitch(CONVNEXTS[:2], stages=(1, 4), num_classes=10)
     # a dilated ResNet-50 keeps 28x28 maps in stages 2-3: only stages 0-1 can be stitched by default

@@ -136,3 +136,14 @@ def levit_family() -> TinyFamily:
     torch.manual_seed(0)
     anchors = [tiny_levit((16, 24, 32)), tiny_levit((32, 48, 64))]
     return TinyFamily(StitchedNet(anchors, num_classes=10, stages=LEVIT_STAGES), torch.randn(2, 3, 64, 64), 8)
+
+
+def tiny_resnetv2(name: str) -> nn.Module:
+    return timm.create_model(name, channels=(8, 16, 32, 64), num_classes=10)
+
+
+def resnetv2_family() -> TinyFamily:
+    """A family with no hand-written adapter: driven by the generic adapter (stem unit + 4 stages)."""
+    torch.manual_seed(0)
+    anchors = [tiny_resnetv2('resnetv2_18'), tiny_resnetv2('resnetv2_34')]
+    return TinyFamily(StitchedNet(anchors, num_classes=10), torch.randn(2, 3, 32, 32), 12)

@@ -6,13 +6,25 @@ Each subclasses the builtin that was raised for that fault before it had a type,
 from __future__ import annotations
 
 __all__ = [
-    'IncompatibleAnchorsError', 'RouteIdError', 'ReleaseFormatError', 'WeightsMismatchError', 'CardError',
+    'UnsupportedAnchorError', 'AdapterMismatchError', 'IncompatibleAnchorsError', 'RouteIdError', 'ReleaseFormatError',
+    'WeightsMismatchError', 'CardError',
     'StaleCardError', 'MissingMeasurementError', 'MissingLatencyProfileError', 'NoRouteFitsError', 'DownloadError',
     'DiskFullError', 'ForeignFilesError', 'NoImagesError',
 ]
 
 
 # ---- building and running ---------------------------------------------------------------------------------------
+
+class UnsupportedAnchorError(TypeError):
+    """An anchor's family cannot be split into embedding, blocks and finish (no blocks in its ``feature_info``, code
+    that cannot be traced, values other than the activation crossing every block boundary); the message names the
+    family and the reason."""
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter's embedding, units and finish do not reproduce the anchor's own ``forward_features`` / ``forward``
+    on the probe image (checked when the anchor is adapted)."""
+
 
 class IncompatibleAnchorsError(ValueError):
     """The anchors cannot be stitched as asked: their input sizes, channels, stage counts, activation layouts or

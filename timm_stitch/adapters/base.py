@@ -6,9 +6,11 @@ from typing import Callable, Iterator, Optional, TypeVar
 import torch
 from torch import nn
 
+from .._modes import eval_mode
+from ..errors import AdapterMismatchError
 from ..stitching import Layout
 
-__all__ = ['AnchorAdapter', 'ADAPTERS', 'adapter_for', 'params_of', 'register_adapter']
+__all__ = ['AnchorAdapter', 'ADAPTERS', 'adapter_for', 'first_conv_channels', 'params_of', 'register_adapter']
 
 
 class AnchorAdapter:
@@ -88,6 +90,36 @@ class AnchorAdapter:
     def in_chans(self) -> int:
         raise NotImplementedError
 
+    def probe_size(self) -> tuple[int, int]:
+        """The (H, W) of the probe image: the required input size, else the size of the model's pretrained cfg."""
+        cfg = getattr(self.model, 'pretrained_cfg', None) or {}
+        return self.input_size() or tuple(cfg.get('input_size', (3, 224, 224))[-2:])
+
+    @torch.no_grad()
+    def verify(self) -> None:
+        """Check, on a probe image in eval mode, that embed -> units -> finish -> head gives the model's own
+        ``forward_features`` and ``forward`` bit for bit (skipped for models on the meta device); ``ValueError``
+        naming the family and what differed."""
+        param = next(self.model.parameters(), None)
+        if param is None or param.device.type == 'meta':
+            return
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, self.in_chans, *self.probe_size(), generator=gen).to(param.device, param.dtype)
+        with eval_mode(self.model):
+            h = self.embed(x)
+            for unit in self.units:
+                h = unit(h)
+            feats = self.finish(h)
+            checks = (('forward_features', feats, self.model.forward_features(x)),
+                      ('forward', self.head(feats), self.model(x)))
+        for what, ours, theirs in checks:
+            if not isinstance(theirs, torch.Tensor) or ours.shape != theirs.shape or not torch.equal(ours, theirs):
+                diff = (f'max difference {(ours - theirs).abs().max().item():.3g}'
+                        if isinstance(theirs, torch.Tensor) and ours.shape == theirs.shape else 'different shapes')
+                raise AdapterMismatchError(
+                    f'cannot stitch a {type(self.model).__name__} with {type(self).__name__}: its embedding, units '
+                    f'and finish do not reproduce its {what} ({diff} on a probe image)')
+
     @property
     def num_features(self) -> int:
         return self.model.num_features
@@ -102,7 +134,7 @@ _A = TypeVar('_A', bound=type[AnchorAdapter])
 def register_adapter(*model_classes: type[nn.Module]) -> Callable[[_A], _A]:
     """Class decorator registering an adapter for the timm model classes it drives (as timm registers models).
 
-    :func:`adapter_for` picks the first registered class the model is an instance of; a class registered twice
+    :func:`adapter_for` picks the most specific registered class the model is an instance of; a class registered twice
     raises ``ValueError``, so two families cannot silently claim one model class.
     """
     def register(adapter_cls: _A) -> _A:
@@ -116,12 +148,35 @@ def register_adapter(*model_classes: type[nn.Module]) -> Callable[[_A], _A]:
 
 
 def adapter_for(model: nn.Module) -> AnchorAdapter:
-    """The adapter that drives ``model``; raises ``TypeError`` for a family timm-stitch cannot stitch."""
-    for model_cls, adapter_cls in ADAPTERS:
-        if isinstance(model, model_cls):
-            return adapter_cls(model)
-    known = ', '.join(cls.__name__ for cls, _ in ADAPTERS)
-    raise TypeError(f'cannot stitch a {type(model).__name__}: supported anchor families are {known}')
+    """The adapter that drives ``model``, verified on a probe image (:meth:`AnchorAdapter.verify`).
+
+    Raises ``TypeError`` for a model no adapter can split, ``ValueError`` when the adapter's pieces do not
+    reproduce the model's own output."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'an anchor must be a timm model (an nn.Module), got {type(model).__name__}')
+    # the most specific registered class wins (GenericAdapter, registered for nn.Module, is the fallback)
+    _, adapter_cls = max(((m, a) for m, a in ADAPTERS if isinstance(model, m)), key=lambda e: len(e[0].__mro__))
+    adapter = adapter_cls(model)
+    adapter.verify()
+    return adapter
+
+
+def first_conv_channels(model: nn.Module) -> Optional[int]:
+    """The input channels of the model's first conv: the one its ``pretrained_cfg`` names, else the first
+    ``Conv2d``/``Linear`` it holds, else its ``in_chans`` attribute."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    names = cfg.get('first_conv') or ()
+    modules = dict(model.named_modules())
+    for name in ([names] if isinstance(names, str) else list(names)):
+        for candidate in (name, f'{name}.conv'):
+            layer = modules.get(candidate)
+            if isinstance(layer, nn.Conv2d):
+                return layer.in_channels
+    in_chans = getattr(model, 'in_chans', None)
+    if isinstance(in_chans, int):
+        return in_chans
+    layer = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return layer.in_channels if layer is not None else None
 
 
 def params_of(*items: Optional[nn.Module | nn.Parameter]) -> Iterator[nn.Parameter]:

@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .base import AnchorAdapter, params_of, register_adapter
+from .base import AnchorAdapter, first_conv_channels, params_of, register_adapter
 
 __all__ = ['ViTAdapter']
 
@@ -71,4 +71,4 @@ class ViTAdapter(AnchorAdapter):
 
     @property
     def in_chans(self) -> int:
-        return self.model.patch_embed.proj.in_channels
+        return first_conv_channels(self.model)

@@ -1,0 +1,90 @@
+"""The generic adapter: any timm family split from its own structure, verified against its own forward."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import timm_stitch
+from timm_stitch.adapters import GenericAdapter, adapter_for
+from timm_stitch.errors import AdapterMismatchError, UnsupportedAnchorError
+
+
+def test_generic_pieces_equal_forward_features_and_stages_follow_shapes():
+    model = timm.create_model('resnetv2_18', channels=(8, 16, 32, 64), num_classes=10).eval()
+    adapter = adapter_for(model)
+    assert isinstance(adapter, GenericAdapter)
+    assert adapter.stage_depths() == (1, 2, 2, 2, 2)  # the stem (a block of feature_info) then 4 stages
+    assert adapter.stage_dims() == (64, 8, 16, 32, 64)  # timm keeps a 64-wide stem
+    assert adapter.stage_layouts() == ('nchw',) * 5
+    x = torch.randn(2, 3, 32, 32)
+    h = adapter.embed(x)
+    for unit in adapter.units:
+        h = unit(h)
+    assert torch.equal(adapter.finish(h), model.forward_features(x))
+    # the pieces are views: they hold the anchor's own parameters, nothing of their own
+    own = {id(p) for p in model.parameters()}
+    assert all(id(p) in own for unit in adapter.units for p in unit.parameters())
+    assert {id(p) for p in adapter.head_parameters()} == {id(p) for p in model.head.parameters()} | {
+        id(p) for p in model.norm.parameters()}
+
+
+def test_channels_last_stages_are_found():
+    model = timm.create_model('swinv2_tiny_window8_256', img_size=64, embed_dim=16, depths=(2, 2, 2, 2),
+                              num_heads=(1, 1, 2, 2), window_size=4, num_classes=10)
+    adapter = adapter_for(model)
+    assert isinstance(adapter, GenericAdapter)
+    assert adapter.stage_layouts() == ('nhwc',) * 4 and adapter.stage_dims() == (16, 32, 64, 128)
+
+
+def test_a_family_whose_blocks_read_the_grid_size_is_refused_by_type():
+    model = timm.create_model('xcit_nano_12_p16_224', img_size=64, depth=2)
+    with pytest.raises(UnsupportedAnchorError, match='Xcit.*grid size'):
+        adapter_for(model)
+    assert issubclass(UnsupportedAnchorError, TypeError)
+
+
+class _WrongForward(torch.nn.Module):
+    """A timm model whose forward adds something its forward_features / forward_head do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = timm.create_model('resnetv2_18', channels=(8, 16, 32, 64), num_classes=10)
+        self.feature_info = [dict(d, module=f"inner.{d['module']}") for d in self.inner.feature_info]
+
+    def forward_features(self, x):
+        return self.inner.forward_features(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return self.inner.forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x)) + 1
+
+
+def test_pieces_that_do_not_reproduce_forward_refuse_the_anchor():
+    with pytest.raises(AdapterMismatchError, match='_WrongForward.*forward'):
+        adapter_for(_WrongForward())
+    assert issubclass(AdapterMismatchError, ValueError)
+
+
+def test_meta_device_gives_the_structure_without_a_forward_check():
+    with torch.device('meta'):
+        model = timm.create_model('efficientnet_b0')
+    adapter = adapter_for(model)
+    assert adapter.stage_depths() == (1, 2, 2, 3, 3, 4, 1)
+    assert adapter.stage_dims() == (16, 24, 40, 80, 112, 192, 320)
+
+
+@pytest.mark.parametrize('names', [('vit_tiny_r_s16_p8_224', 'vit_small_r26_s32_224'),
+                                   ('vitamin_small_224', 'vitamin_base_224')])
+def test_former_crashes_are_results_or_clear_refusals(names):
+    """Both pairs crashed (AttributeError; a hybrid backbone's width read as the input channels)."""
+    kwargs = dict(img_size=64, depth=2, num_classes=10)
+    try:
+        net = timm_stitch.stitch([dict(model_name=n, **kwargs) for n in names])
+    except (TypeError, ValueError) as e:
+        assert names[0] in str(e) or names[1] in str(e)
+        return
+    assert net.in_chans == 3
+    net.eval()(torch.randn(1, 3, 64, 64))

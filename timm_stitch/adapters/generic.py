@@ -1,0 +1,181 @@
+"""Any timm family: an adapter derived from the model's own structure, verified when it is built.
+
+The blocks come from the model's ``feature_info``; the embedding, the units between cuts and the finish from its
+traced ``forward_features`` (:mod:`timm_stitch.adapters.graph`). Stages are runs of units whose outputs have one
+shape (one probe forward); each stage states its layout (``tokens`` for ``(B, N, C)``, ``nchw`` / ``nhwc`` maps).
+When it is built, the adapter runs a probe image through its pieces and through the model's own
+``forward_features`` and ``forward``: any difference (bit for bit, eval mode) refuses the anchor.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .._modes import eval_mode
+from ..errors import UnsupportedAnchorError
+from ..stitching import Layout
+from .base import AnchorAdapter, first_conv_channels, register_adapter
+from .graph import block_modules, split_forward_features
+
+__all__ = ['GenericAdapter']
+
+
+def _probe_size(model: nn.Module) -> tuple[int, int]:
+    patch_embed = getattr(model, 'patch_embed', None)
+    size = getattr(patch_embed, 'img_size', None)
+    if size is not None:
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return tuple(cfg.get('input_size', (3, 224, 224))[-2:])
+
+
+def _layout(shape: torch.Size, channels: set[int], output_fmt: Optional[str]) -> Layout:
+    """``tokens`` for (B, N, C); for maps, the dim holding one of the model's stage widths is the channel dim, and
+    where both could be (C == H), the model's ``output_fmt`` decides (timm's Swin family: NHWC)."""
+    if len(shape) == 3:
+        return 'tokens'
+    if len(shape) != 4:
+        raise UnsupportedAnchorError(f'a block gives {len(shape)}-d activations {tuple(shape)}: only tokens (B, N, C) '
+                                     'and feature maps (B, C, H, W or B, H, W, C) can be stitched')
+    _, a, h, c = shape
+    if (a in channels) != (c in channels):
+        return 'nchw' if a in channels else 'nhwc'
+    if output_fmt in ('NHWC', 'NCHW'):
+        return output_fmt.lower()
+    return 'nhwc' if a == h != c else 'nchw'
+
+
+@register_adapter(nn.Module)  # the fallback: adapter_for prefers an adapter registered for a subclass
+class GenericAdapter(AnchorAdapter):
+    """Drives any timm model whose ``forward_features`` can be cut into embedding, blocks and finish.
+
+    Raises ``TypeError`` (the family cannot be split: no blocks in ``feature_info``, untraceable code, values
+    other than the activation crossing every cut) or ``ValueError`` (the pieces do not reproduce the model's own
+    output on the probe image).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        family = type(model).__name__
+        for method in ('forward_features', 'forward_head'):
+            if not callable(getattr(model, method, None)):
+                raise UnsupportedAnchorError(f'cannot stitch a {family}: it has no {method}()')
+        in_chans = first_conv_channels(model)
+        if in_chans is None:
+            raise UnsupportedAnchorError(f'cannot stitch a {family}: its input channels are not found (no first conv)')
+        self._in_chans = in_chans
+        try:
+            split = split_forward_features(model, block_modules(model))
+        except TypeError as e:
+            raise UnsupportedAnchorError(f'cannot stitch a {family}: {e}') from None
+        self._split = split
+        self._probe_stages(family)
+
+    @torch.no_grad()
+    def _probe_stages(self, family: str) -> None:
+        """Group units into stages by their output shape on a probe image (meta tensors on the meta device)."""
+        model = self.model
+        param = next(model.parameters())
+        x = torch.zeros(1, self._in_chans, *self.probe_size(), device=param.device, dtype=param.dtype)
+        with eval_mode(model):
+            h = self._split.embed(x)
+            shapes = []
+            for unit in self._split.units:
+                h = unit(h)
+                if not isinstance(h, torch.Tensor):
+                    raise UnsupportedAnchorError(
+                        f'cannot stitch a {family}: a unit gives a {type(h).__name__}, not a tensor')
+                shapes.append(h.shape[1:])
+        channels = {i['num_chs'] for i in getattr(model, 'feature_info', [])}
+        firsts, depths, layouts, dims = [], [], [], []
+        for u, shape in enumerate(shapes):
+            if u == 0 or shape != shapes[u - 1]:
+                firsts.append(u)
+                depths.append(0)
+                layout = _layout(torch.Size((1, *shape)), channels, getattr(model, 'output_fmt', None))
+                layouts.append(layout)
+                dims.append(shape[0] if layout == 'nchw' else shape[-1])
+            depths[-1] += 1
+        self._first, self._depths = tuple(firsts), tuple(depths)
+        self._layouts, self._dims = tuple(layouts), tuple(dims)
+        self._shapes = tuple(shapes)
+
+    @property
+    def units(self) -> tuple[nn.Module, ...]:
+        return self._split.units
+
+    def stage_depths(self) -> tuple[int, ...]:
+        return self._depths
+
+    def stage_dims(self) -> tuple[int, ...]:
+        return self._dims
+
+    def stage_layouts(self) -> tuple[Layout, ...]:
+        return self._layouts
+
+    @property
+    def layout(self) -> Layout:  # the first stage's: per-stage layouts are in stage_layouts()
+        return self._layouts[0]
+
+    def unit_index(self, stage: int, block: int) -> int:
+        return self._first[stage] + block
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self._split.embed(x)
+
+    def finish(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        return self._split.finish(x) if final_norm else self._split.finish_no_norm(x)
+
+    def embed_parameters(self) -> Iterator[nn.Parameter]:
+        return self._split.embed.parameters()
+
+    def head_parameters(self, final_norm: bool = True) -> Iterator[nn.Parameter]:
+        inner = {id(p) for p in itertools.chain(self._split.embed.parameters(),
+                                                *(u.parameters() for u in self._split.units))}
+        if not final_norm:
+            finish = {id(p) for p in self._split.finish.parameters()}
+            inner |= finish - {id(p) for p in self._split.finish_no_norm.parameters()}
+        return (p for p in self.model.parameters() if id(p) not in inner)
+
+    @property
+    def intermediate_formats(self) -> tuple[str, ...]:
+        return ('NCHW', 'NLC') if 'tokens' in self._layouts else ('NCHW',)
+
+    def feature_points(self) -> tuple[tuple[int, int, Optional[int]], ...]:
+        """One intermediate per stage: the output of its last unit."""
+        return tuple((self._first[s] + d, s, s) for s, d in enumerate(self._depths))
+
+    def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
+                     img_size: tuple[int, int]) -> torch.Tensor:
+        if norm and info == len(self._depths) - 1:
+            normed = self._split.finish(x)  # the final norm, where the finish keeps the activation's shape
+            x = normed if normed.shape == x.shape else x
+        layout = self._layouts[info]
+        if layout == 'nhwc':
+            return x.permute(0, 3, 1, 2)
+        if layout == 'nchw':
+            return x
+        prefix = getattr(self.model, 'num_prefix_tokens', 0)
+        x = x[:, prefix:]
+        if output_fmt == 'NLC':
+            return x
+        h = w = math.isqrt(x.shape[1])
+        grid = getattr(getattr(self.model, 'patch_embed', None), 'grid_size', None)
+        if grid is not None and grid[0] * grid[1] == x.shape[1]:
+            h, w = grid
+        return x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
+    def input_size(self) -> Optional[tuple[int, int]]:
+        patch_embed = getattr(self.model, 'patch_embed', None)
+        if getattr(patch_embed, 'strict_img_size', False) and not getattr(patch_embed, 'dynamic_img_pad', False):
+            return _probe_size(self.model)
+        cfg = getattr(self.model, 'pretrained_cfg', None) or {}
+        return _probe_size(self.model) if cfg.get('fixed_input_size') else None
+
+    @property
+    def in_chans(self) -> int:
+        return self._in_chans
