@@ -121,9 +121,9 @@ def test_options_object_and_flat_options_build_the_same_network():
 
 
 def test_refuses_unsupported_families_and_bad_stages():
-    xcit = [dict(model_name=n, depth=2, img_size=64) for n in ('xcit_nano_12_p16_224', 'xcit_tiny_12_p16_224')]
-    with pytest.raises(TypeError, match='cannot stitch a Xcit: its blocks read values from the embedding'):
-        timm_stitch.stitch(xcit, num_classes=10)
+    mvit = [dict(model_name=n, img_size=64) for n in ('mvitv2_tiny', 'mvitv2_small')]
+    with pytest.raises(TypeError, match='cannot stitch a MultiScaleVit: its'):
+        timm_stitch.stitch(mvit, num_classes=10)
     with pytest.raises(ValueError, match=r'stage 4 is out of range: the anchors have stages 0\.\.3'):
         timm_stitch.stitch(CONVNEXTS[:2], stages=(1, 4), num_classes=10)
     # a dilated ResNet-50 keeps 28x28 maps in stages 2-3: only stages 0-1 can be stitched by default

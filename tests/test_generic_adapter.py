@@ -37,9 +37,22 @@ def test_channels_last_stages_are_found():
     assert adapter.stage_layouts() == ('nhwc',) * 4 and adapter.stage_dims() == (16, 32, 64, 128)
 
 
-def test_a_family_whose_blocks_read_the_grid_size_is_refused_by_type():
-    model = timm.create_model('xcit_nano_12_p16_224', img_size=64, depth=2)
-    with pytest.raises(UnsupportedAnchorError, match='Xcit.*grid size'):
+def test_sizes_crossing_a_cut_are_rebuilt_and_fix_the_input_size():
+    """XCiT's blocks read the patch grid (Hp, Wp) from the embedding: taken at the probe's size, with the batch size
+    read from the activation, so every batch size runs and the input size is fixed."""
+    model = timm.create_model('xcit_nano_12_p16_224', img_size=64, depth=2).eval()
+    adapter = adapter_for(model)
+    assert adapter.input_size() == (64, 64) and adapter.stage_depths() == (2,)
+    x = torch.randn(3, 3, 64, 64)
+    h = adapter.embed(x)
+    for unit in adapter.units:
+        h = unit(h)
+    assert torch.equal(adapter.finish(h), model.forward_features(x))
+
+
+def test_a_family_whose_blocks_pass_tuples_is_refused_by_type():
+    model = timm.create_model('mvitv2_tiny', img_size=64, num_classes=10)
+    with pytest.raises(UnsupportedAnchorError, match='cannot stitch a MultiScaleVit: its'):
         adapter_for(model)
     assert issubclass(UnsupportedAnchorError, TypeError)
 

@@ -106,12 +106,17 @@ class AnchorAdapter:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, self.in_chans, *self.probe_size(), generator=gen).to(param.device, param.dtype)
         with eval_mode(self.model):
-            h = self.embed(x)
-            for unit in self.units:
-                h = unit(h)
-            feats = self.finish(h)
-            checks = (('forward_features', feats, self.model.forward_features(x)),
-                      ('forward', self.head(feats), self.model(x)))
+            try:
+                h = self.embed(x)
+                for unit in self.units:
+                    h = unit(h)
+                feats = self.finish(h)
+                checks = (('forward_features', feats, self.model.forward_features(x)),
+                          ('forward', self.head(feats), self.model(x)))
+            except (RuntimeError, TypeError, AttributeError, IndexError) as e:
+                raise AdapterMismatchError(
+                    f'cannot stitch a {type(self.model).__name__} with {type(self).__name__}: a probe image fails '
+                    f'({type(e).__name__}: {str(e)[:200]})') from e
         for what, ours, theirs in checks:
             if not isinstance(theirs, torch.Tensor) or ours.shape != theirs.shape or not torch.equal(ours, theirs):
                 diff = (f'max difference {(ours - theirs).abs().max().item():.3g}'

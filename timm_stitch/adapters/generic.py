@@ -15,7 +15,6 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .._modes import eval_mode
 from ..errors import UnsupportedAnchorError
 from ..stitching import Layout
 from .base import AnchorAdapter, first_conv_channels, register_adapter
@@ -26,8 +25,8 @@ __all__ = ['GenericAdapter']
 
 def _probe_size(model: nn.Module) -> tuple[int, int]:
     patch_embed = getattr(model, 'patch_embed', None)
-    size = getattr(patch_embed, 'img_size', None)
-    if size is not None:
+    size = getattr(patch_embed, 'img_size', None) or getattr(model, 'img_size', None)
+    if isinstance(size, int) or (isinstance(size, (tuple, list)) and len(size) == 2):
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return tuple(cfg.get('input_size', (3, 224, 224))[-2:])
@@ -68,28 +67,24 @@ class GenericAdapter(AnchorAdapter):
         if in_chans is None:
             raise UnsupportedAnchorError(f'cannot stitch a {family}: its input channels are not found (no first conv)')
         self._in_chans = in_chans
+        param = next(model.parameters())
+        size = _probe_size(model)
+
+        def probe(n: int) -> torch.Tensor:
+            return torch.zeros(n, in_chans, *size, device=param.device, dtype=param.dtype)
+
         try:
-            split = split_forward_features(model, block_modules(model))
+            self._split = split_forward_features(model, block_modules(model), probe)
         except TypeError as e:
             raise UnsupportedAnchorError(f'cannot stitch a {family}: {e}') from None
-        self._split = split
-        self._probe_stages(family)
+        except (RuntimeError, AttributeError, AssertionError, IndexError, KeyError, NotImplementedError) as e:
+            raise UnsupportedAnchorError(f'cannot stitch a {family}: its pieces fail on a probe image '
+                                         f'({type(e).__name__}: {str(e)[:200]})') from e
+        self._group_stages(self._split.unit_shapes)
 
-    @torch.no_grad()
-    def _probe_stages(self, family: str) -> None:
-        """Group units into stages by their output shape on a probe image (meta tensors on the meta device)."""
+    def _group_stages(self, shapes: tuple[torch.Size, ...]) -> None:
+        """Stages: runs of units whose outputs have one shape on the probe image."""
         model = self.model
-        param = next(model.parameters())
-        x = torch.zeros(1, self._in_chans, *self.probe_size(), device=param.device, dtype=param.dtype)
-        with eval_mode(model):
-            h = self._split.embed(x)
-            shapes = []
-            for unit in self._split.units:
-                h = unit(h)
-                if not isinstance(h, torch.Tensor):
-                    raise UnsupportedAnchorError(
-                        f'cannot stitch a {family}: a unit gives a {type(h).__name__}, not a tensor')
-                shapes.append(h.shape[1:])
         channels = {i['num_chs'] for i in getattr(model, 'feature_info', [])}
         firsts, depths, layouts, dims = [], [], [], []
         for u, shape in enumerate(shapes):
@@ -102,7 +97,6 @@ class GenericAdapter(AnchorAdapter):
             depths[-1] += 1
         self._first, self._depths = tuple(firsts), tuple(depths)
         self._layouts, self._dims = tuple(layouts), tuple(dims)
-        self._shapes = tuple(shapes)
 
     @property
     def units(self) -> tuple[nn.Module, ...]:
@@ -174,7 +168,7 @@ class GenericAdapter(AnchorAdapter):
         if getattr(patch_embed, 'strict_img_size', False) and not getattr(patch_embed, 'dynamic_img_pad', False):
             return _probe_size(self.model)
         cfg = getattr(self.model, 'pretrained_cfg', None) or {}
-        return _probe_size(self.model) if cfg.get('fixed_input_size') else None
+        return _probe_size(self.model) if cfg.get('fixed_input_size') or self._split.fixed_size else None
 
     @property
     def in_chans(self) -> int:

@@ -9,10 +9,12 @@ model's modules and parameters (they are views, never registered in a model).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import fx, nn
+
+from .._modes import eval_mode
 
 try:  # timm >= 1.0.10 keeps these in timm.layers
     from timm.layers._fx import get_notrace_functions, get_notrace_modules
@@ -65,6 +67,9 @@ def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     names = [i['module'] for i in (info.get_dicts() if hasattr(info, 'get_dicts') else info)]
     modules = dict(model.named_modules())
     names = [n for n in names if n in modules]
+    if not names:  # feature_info names modules the model does not have (MViT v2's 'block.i'): timm's usual names
+        names = next(([f'{a}.{c}' for c, _ in modules[a].named_children()] for a in ('stages', 'layers', 'blocks')
+                      if isinstance(modules.get(a), (nn.Sequential, nn.ModuleList))), [])
     parents = {n.rpartition('.')[0] for n in names}
     if len(parents) == 1 and next(iter(parents)):
         parent = next(iter(parents))
@@ -93,6 +98,10 @@ class GraphSplit:
     finish_no_norm: fx.GraphModule
     #: names of the blocks each unit runs
     unit_blocks: tuple[tuple[str, ...], ...]
+    #: each unit's output shape on the probe (batch dim left out)
+    unit_shapes: tuple[torch.Size, ...]
+    #: sizes taken at the probe's image size cross a cut: the pieces take only that input size
+    fixed_size: bool
 
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.modules.batchnorm._NormBase)
@@ -102,25 +111,71 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORMS) or 'norm' in type(module).__name__.lower()
 
 
-def split_forward_features(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> GraphSplit:
-    """Trace ``model.forward_features`` and cut it after blocks (see the module docstring).
-
-    Raises ``TypeError`` when the code cannot be traced, a block is not called exactly once in order, or no cut
-    leaves a single activation between the embedding, the blocks and the finish.
-    """
-    if not blocks:
-        raise TypeError('no blocks found from its feature_info')
-    root = _ForwardFeatures(model)
-    names = [f'model.{n}' for n, _ in blocks]
+def _trace(root: _ForwardFeatures, names: Sequence[str]) -> fx.Graph:
     spine = {id(root)}
     modules = dict(root.named_modules())
     for name in names:
         parts = name.split('.')
         spine.update(id(modules['.'.join(parts[:i])]) for i in range(1, len(parts)))
     try:
-        graph = _SpineTracer(spine).trace(root)
+        return _SpineTracer(spine).trace(root)
     except Exception as e:  # noqa: BLE001 - any tracing failure means the generic split does not apply
         raise TypeError(f'its forward_features cannot be traced ({type(e).__name__}: {str(e)[:200]})') from e
+
+
+def _run_recording(root: nn.Module, graph: fx.Graph, x: torch.Tensor) -> dict[fx.Node, Any]:
+    """Every node's value when the graph runs on ``x``."""
+    values: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            values[n] = super().run_node(n)
+            return values[n]
+
+    with torch.no_grad():
+        Recorder(fx.GraphModule(root, graph)).run(x)
+    return values
+
+
+def _with_batch(template: Any, batch_at: tuple, x: torch.Tensor) -> Any:
+    """``template`` (a size, a tuple of ints or an int) with the entries at ``batch_at`` set to ``x``'s batch size."""
+    if not isinstance(template, (tuple, list)):
+        return x.shape[0] if batch_at else template
+    values = [x.shape[0] if i in batch_at else v for i, v in enumerate(template)]
+    return type(template)(values) if isinstance(template, torch.Size) else tuple(values)
+
+
+def _bakeable(one: Any, two: Any) -> Optional[tuple[Any, tuple]]:
+    """For a non-tensor value seen at batch 1 (``one``) and batch 2 (``two``): the template and the positions that
+    are the batch size, or None when it depends on the batch in another way (or is a tensor)."""
+    if isinstance(one, bool) or isinstance(two, torch.Tensor) or isinstance(one, torch.Tensor):
+        return None
+    if isinstance(one, int) and isinstance(two, int):
+        return (one, ()) if one == two else ((one, (0,)) if (one, two) == (1, 2) else None)
+    if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)) and len(one) == len(two):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*one, *two)):
+            return None
+        batch = tuple(i for i, (a, b) in enumerate(zip(one, two)) if a != b)
+        return (one, batch) if all((one[i], two[i]) == (1, 2) for i in batch) else None
+    return (one, ()) if isinstance(one, (float, str, type(None))) and one == two else None
+
+
+def split_forward_features(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]],
+                           probe: Callable[[int], torch.Tensor]) -> GraphSplit:
+    """Trace ``model.forward_features`` and cut it after blocks (see the module docstring); ``probe(n)`` is an input
+    batch of ``n`` images of the model's size.
+
+    Values other than the activation may cross a cut when they can be rebuilt there: tensors computed from
+    parameters alone are recomputed, and sizes (ints, tuples) are taken at the probe's image size with the batch
+    size read from the activation (the split then fixes the input size: :attr:`GraphSplit.fixed_size`).
+    Raises ``TypeError`` when the code cannot be traced, a block is not called exactly once in order, or no cut
+    leaves the activation alone between the embedding, the blocks and the finish.
+    """
+    if not blocks:
+        raise TypeError('no blocks found from its feature_info')
+    root = _ForwardFeatures(model)
+    names = [f'model.{n}' for n, _ in blocks]
+    graph = _trace(root, names)
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     calls = [n for n in nodes if n.op == 'call_module' and n.target in set(names)]
@@ -129,67 +184,95 @@ def split_forward_features(model: nn.Module, blocks: Sequence[tuple[str, nn.Modu
     first = calls[0]
     if not first.args or not isinstance(first.args[0], fx.Node):
         raise TypeError('its first block takes no activation')
+    with eval_mode(model):
+        one, two = (_run_recording(root, graph, probe(n)) for n in (1, 2))
+    on_input = _input_dependent(nodes)
     candidates = [first.args[0]] + calls
-    # the latest position before which a node is read by a later node: a cut at c is valid when nothing after c
-    # reads a node before or at c other than c itself (parameters read with get_attr are re-read, not carried)
     reads_after: dict[fx.Node, int] = {}
     for n in nodes:
         for m in n.all_input_nodes:
             reads_after[m] = max(reads_after.get(m, -1), pos[n])
-    valid = []
-    for c in candidates:
-        p = pos[c]
-        carried = [m for m in nodes[:p + 1] if m is not c and m.op != 'get_attr' and reads_after.get(m, -1) > p]
-        valid.append(not carried)
+    carried_ok, valid = {}, []
+    for c in candidates:  # a cut at c: nodes after it may read c, parameters, and values that can be rebuilt
+        p, ok = pos[c], isinstance(two.get(c), torch.Tensor)
+        for m in nodes[:p + 1]:
+            if m is c or m.op == 'get_attr' or reads_after.get(m, -1) <= p:
+                continue
+            if m not in on_input:
+                carried_ok[m] = 'recompute'
+            elif (baked := _bakeable(one[m], two[m])) is not None:
+                carried_ok[m] = baked
+            else:
+                ok = False
+        valid.append(ok)
     if not valid[0]:
-        raise TypeError('its blocks read values from the embedding other than the activation (e.g. the grid size)')
+        raise TypeError('its blocks read values from the embedding other than the activation and sizes')
     if not valid[-1]:
-        raise TypeError('its finish reads values from before the last block other than the activation')
+        raise TypeError('its finish reads values from before the last block other than the activation and sizes')
     cuts = [c for c, ok in zip(candidates, valid) if ok]
     if len(cuts) < 3:
         raise TypeError('no block boundary carries the activation alone')
     output = next(n for n in nodes if n.op == 'output')
-    embed = _subgraph(root, nodes, None, cuts[0])
-    units, unit_blocks = [], []
-    for a, b in zip(cuts, cuts[1:]):
-        units.append(_subgraph(root, nodes, a, b))
-        unit_blocks.append(tuple(n.target[len('model.'):] for n in calls if pos[a] < pos[n] <= pos[b]))
-    finish = _subgraph(root, nodes, cuts[-1], output.args[0])
-    finish_no_norm = _subgraph(root, nodes, cuts[-1], output.args[0],
-                               skip=lambda n: n.op == 'call_module' and _is_norm(modules[n.target]))
-    return GraphSplit(embed, tuple(units), finish, finish_no_norm, tuple(unit_blocks))
+    modules = dict(root.named_modules())
+    pieces = _Pieces(root, nodes, carried_ok)
+    units = [pieces.make(a, b) for a, b in zip(cuts, cuts[1:])]
+    return GraphSplit(
+        embed=pieces.make(None, cuts[0]), units=tuple(units), finish=pieces.make(cuts[-1], output.args[0]),
+        finish_no_norm=pieces.make(cuts[-1], output.args[0],
+                                   skip=lambda n: n.op == 'call_module' and _is_norm(modules[n.target])),
+        unit_blocks=tuple(tuple(n.target[len('model.'):] for n in calls if pos[a] < pos[n] <= pos[b])
+                          for a, b in zip(cuts, cuts[1:])),
+        unit_shapes=tuple(two[c].shape[1:] for c in cuts[1:]), fixed_size=pieces.baked)
 
 
-def _subgraph(root: nn.Module, nodes: list[fx.Node], start: Optional[fx.Node], end: fx.Node,
-              skip=None) -> fx.GraphModule:
-    """The nodes after ``start`` (None: the graph's input) up to ``end`` as a module of one input and one output;
-    ``skip(node)`` passes a node's first input through instead of running it."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    begin = 0
-    if start is None:
-        placeholder = next(n for n in nodes if n.op == 'placeholder')
-        env[placeholder] = graph.placeholder('x')
-        begin = nodes.index(placeholder) + 1
-    else:
-        env[start] = graph.placeholder('x')
-        begin = nodes.index(start) + 1
+def _input_dependent(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes whose value depends on the graph's input."""
+    dependent: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == 'placeholder' or any(m in dependent for m in n.all_input_nodes):
+            dependent.add(n)
+    return dependent
 
-    def read(m: fx.Node) -> fx.Node:
-        if m not in env:  # a parameter or buffer read before this piece
-            assert m.op == 'get_attr', f'{m} is carried across a cut'
-            env[m] = graph.get_attr(m.target)
-        return env[m]
 
-    for n in nodes[begin:nodes.index(end) + 1]:
-        if n.op in ('placeholder', 'output'):
-            continue
-        if skip is not None and skip(n):
-            env[n] = read(n.args[0])
-            continue
-        env[n] = graph.node_copy(n, read)
-    graph.output(read(end))
-    piece = fx.GraphModule(root, graph, class_name=type(root.model).__name__ + 'Piece')
-    piece.graph.eliminate_dead_code()
-    piece.recompile()
-    return piece
+class _Pieces:
+    """Builds the pieces of a traced graph as modules of one input and one output."""
+
+    def __init__(self, root: nn.Module, nodes: list[fx.Node], carried: dict[fx.Node, Any]):
+        self.root, self.nodes, self.carried = root, nodes, carried
+        self.baked = False
+
+    def make(self, start: Optional[fx.Node], end: fx.Node,
+             skip: Optional[Callable[[fx.Node], bool]] = None) -> fx.GraphModule:
+        """The nodes after ``start`` (None: the graph's input) up to ``end``; ``skip(node)`` passes a node's first
+        input through instead of running it."""
+        nodes = self.nodes
+        graph = fx.Graph()
+        begin = next(n for n in nodes if n.op == 'placeholder') if start is None else start
+        x = graph.placeholder('x')
+        env: dict[fx.Node, fx.Node] = {begin: x}
+
+        def read(m: fx.Node) -> fx.Node:
+            if m in env:
+                return env[m]
+            how = self.carried.get(m)
+            if m.op == 'get_attr':
+                env[m] = graph.get_attr(m.target)
+            elif how == 'recompute':  # computed from parameters alone: run it again here
+                env[m] = graph.node_copy(m, read)
+            elif how is not None:  # a size: the probe's, with the batch size read from the activation
+                self.baked = True
+                template, batch_at = how
+                env[m] = graph.call_function(_with_batch, (template, batch_at, x))
+            else:
+                raise AssertionError(f'{m} is carried across a cut')
+            return env[m]
+
+        for n in nodes[nodes.index(begin) + 1:nodes.index(end) + 1]:
+            if n.op in ('placeholder', 'output'):
+                continue
+            env[n] = read(n.args[0]) if skip is not None and skip(n) else graph.node_copy(n, read)
+        graph.output(read(end))
+        piece = fx.GraphModule(self.root, graph, class_name=type(self.root.model).__name__ + 'Piece')
+        piece.graph.eliminate_dead_code()
+        piece.recompile()
+        return piece
