@@ -101,3 +101,15 @@ def test_former_crashes_are_results_or_clear_refusals(names):
         return
     assert net.in_chans == 3
     net.eval()(torch.randn(1, 3, 64, 64))
+
+
+def test_anchor_route_intermediates_equal_timms_own():
+    """feature_points map the anchor's feature_info entries to units: the anchor routes' forward_intermediates are
+    timm's, and anchors that take any input size are checked at one size (EfficientNet B0 224, B1 240)."""
+    net = timm_stitch.stitch(['efficientnet_b0', 'efficientnet_b1'], num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for route in (0, 1):
+        ours = net.forward_intermediates(x, stitch_id=route, intermediates_only=True)
+        theirs = net.anchors[route].forward_intermediates(x, intermediates_only=True)
+        assert len(ours) == len(theirs) == 5
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

@@ -53,7 +53,7 @@ def stitchable_stages(
                 f'({", ".join(f"{x}->{y}" for x, y in _LAYOUT_CHANGES)})')
     if len(models) == 1:
         return None if num_stages == 1 else ()
-    grids = _stage_grids(models, adapters, fixed[0][1] if fixed else None)
+    grids = _stage_grids(models, adapters, fixed[0][1] if fixed else adapters[0].probe_size())  # one size for all
     mismatch = {s: [(a, b) for a, b in pairs if grids[a][s] != grids[b][s]] for s in range(num_stages)}
     if num_stages == 1:
         _raise_mismatch(0, mismatch[0], names, grids)

@@ -140,15 +140,34 @@ class GenericAdapter(AnchorAdapter):
         return ('NCHW', 'NLC') if 'tokens' in self._layouts else ('NCHW',)
 
     def feature_points(self) -> tuple[tuple[int, int, Optional[int]], ...]:
-        """One intermediate per stage: the output of its last unit."""
-        return tuple((self._first[s] + d, s, s) for s, d in enumerate(self._depths))
+        """The ``feature_info`` entries a unit ends: after the last unit running a block of the entry's module
+        (entries inside the embedding, such as a stem norm, are left out)."""
+        return tuple((u + 1, i, self._stage_of(u)) for i, u in self._info_units().items())
+
+    def _info_units(self) -> dict[int, int]:
+        """``feature_info`` index -> the unit whose output it is."""
+        info = getattr(self.model, 'feature_info', None) or []
+        entries = info.get_dicts() if hasattr(info, 'get_dicts') else info
+        found = {}
+        for i, entry in enumerate(entries):
+            name = entry.get('module', '')
+            units = [u for u, blocks in enumerate(self._split.unit_blocks)
+                     if any(b == name or b.startswith(name + '.') for b in blocks)]
+            if units:
+                found[i] = units[-1]
+        return found
+
+    def _stage_of(self, unit: int) -> int:
+        return max(s for s, first in enumerate(self._first) if first <= unit)
 
     def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
                      img_size: tuple[int, int]) -> torch.Tensor:
-        if norm and info == len(self._depths) - 1:
+        unit = self._info_units()[info]
+        if norm and unit == len(self.units) - 1:
             normed = self._split.finish(x)  # the final norm, where the finish keeps the activation's shape
             x = normed if normed.shape == x.shape else x
-        layout = self._layouts[info]
+        stage = self._stage_of(unit)
+        layout = self._layouts[stage]
         if layout == 'nhwc':
             return x.permute(0, 3, 1, 2)
         if layout == 'nchw':
