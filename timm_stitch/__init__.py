@@ -12,6 +12,7 @@ from .catalogue import RouteCatalogue
 from .compiling import CompiledStitchedNet, compile
 from .convert import convert_official
 from .errors import (
+    AdapterMismatchError,
     CardError,
     DiskFullError,
     DownloadError,
@@ -24,6 +25,7 @@ from .errors import (
     ReleaseFormatError,
     RouteIdError,
     StaleCardError,
+    UnsupportedAnchorError,
     WeightsMismatchError,
 )
 from .explorer import explore
@@ -52,5 +54,5 @@ __all__ = [
     'RouteSampler', 'Cascade', 'StitchedFeatures', 'explore', 'quantize', 'QuantizedLinear',
     'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError', 'IncompatibleAnchorsError',
     'RouteIdError', 'ReleaseFormatError', 'StaleCardError', 'MissingLatencyProfileError', 'NoRouteFitsError',
-    'NoImagesError',
+    'NoImagesError', 'UnsupportedAnchorError', 'AdapterMismatchError',
 ]
