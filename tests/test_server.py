@@ -143,3 +143,17 @@ def test_serve_command_refuses_a_port_out_of_range_before_starting_ray(capsys):
     with pytest.raises(SystemExit) as exited:
         main(['serve', 'snnet_vit_fmnist_tsb', '--port', '99999'])
     assert exited.value.code == 2 and "expected an integer in [1, 65535], got '99999'" in capsys.readouterr().err
+
+
+def test_the_deployment_plans_deadlines_a_quarter_of_the_slo_early_by_default():
+    """The Ray replica's controller has the reserve the benchmark measured (a quarter of the SLO) unless told."""
+    import timm
+
+    from timm_stitch.ray_serve import StitchDeployment
+    shipped = timm.create_model('snnet_vit_fmnist_tsb', pretrained=True)
+    for kwargs, reserve in ((dict(slo_ms=80.0), 20.0), (dict(slo_ms=80.0, reserve_ms=5.0), 5.0)):
+        deployment = StitchDeployment(shipped, batch_sizes=(1,), profile_repeats=1, **kwargs)
+        try:
+            assert deployment.server.controller.reserve_ms == reserve
+        finally:
+            deployment.server.stop()

@@ -49,7 +49,7 @@ def start_local_ray(num_cpus: Optional[int] = None, http_port: int = 8000) -> No
 
 def _build_server(model: Union[str, torch.nn.Module], card: Optional[str], checkpoint: Optional[str],
                   batch_sizes: Sequence[int], slo_ms: Optional[float], profile_missing: bool,
-                  profile_repeats: int, adapt: float) -> StitchServer:
+                  profile_repeats: int, adapt: float, reserve_ms: Optional[float]) -> StitchServer:
     import timm
 
     from .model import StitchedNet
@@ -73,7 +73,9 @@ def _build_server(model: Union[str, torch.nn.Module], card: Optional[str], check
                 raise
             profile(model, batch_size=b, warmup=1, repeats=profile_repeats, progress=False)
     table = RouteTable.from_model(model, batch_sizes=batch_sizes)
-    return StitchServer(model, RouteController(table, adapt=adapt), slo_ms=slo_ms).start()
+    if reserve_ms is None:
+        reserve_ms = slo_ms / 4 if slo_ms else 0.0
+    return StitchServer(model, RouteController(table, adapt=adapt, reserve_ms=reserve_ms), slo_ms=slo_ms).start()
 
 
 def _to_json(result: Any) -> dict[str, Any]:
@@ -95,19 +97,21 @@ class StitchDeployment:
         profile_missing: Measure missing latency profiles at start-up (else refuse to start, naming them).
         profile_repeats: Timed calls per route when profiling.
         adapt: How fast the controller follows observed batch times (see :class:`RouteController`).
+        reserve_ms: Time by which the controller plans every deadline early (default: a quarter of ``slo_ms``,
+            as ``benchmarks/bench_slo.py`` measured; see :class:`RouteController`).
     """
 
     def __init__(self, model: Union[str, torch.nn.Module], card: Optional[str] = None,
                  checkpoint: Optional[str] = None, batch_sizes: Sequence[int] = (1, 8),
                  slo_ms: Optional[float] = 100.0, profile_missing: bool = True, profile_repeats: int = 5,
-                 adapt: float = 0.2):
+                 adapt: float = 0.2, reserve_ms: Optional[float] = None):
         from timm.data import create_transform, resolve_data_config
 
         from .evaluation import image_mode
         from .input_size import model_input_size
 
         self.server = _build_server(model, card, checkpoint, batch_sizes, slo_ms, profile_missing, profile_repeats,
-                                    adapt)
+                                    adapt, reserve_ms)
         net = self.server.model
         self.input_size = tuple(model_input_size(net))
         preprocess = create_transform(**resolve_data_config({}, model=net), is_training=False)

@@ -20,6 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument('--slo-ms', type=float_in(1e-3), default=100.0,
                    help='deadline of requests that give no deadline_ms (default: 100)')
+    p.add_argument('--reserve-ms', type=float_in(0.0), default=None,
+                   help='plan every deadline this much early (default: a quarter of --slo-ms)')
     p.add_argument('--batch-sizes', type=int_at_least(1), nargs='+', default=[1, 8],
                    help='batch sizes served, each with a latency profile of the replica device (default: 1 8)')
     p.add_argument('--no-profile', action='store_true',
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address=args.address)
     from ray import serve
     app = build_app(model, num_replicas=args.replicas, num_cpus=args.cpus_per_replica,
-                    batch_sizes=args.batch_sizes, slo_ms=args.slo_ms, profile_missing=not args.no_profile)
+                    batch_sizes=args.batch_sizes, slo_ms=args.slo_ms, reserve_ms=args.reserve_ms,
+                    profile_missing=not args.no_profile)
     serve.run(app, name='timm-stitch', route_prefix='/')
     print(f'serving {args.model} ({args.replicas} replica(s)) after {time.perf_counter() - started:.1f} s: POST '
           'JSON {"tensor" or "image", "deadline_ms", "route", "max_macs", "max_latency_ms", "min_top1"} to the '
