@@ -15,11 +15,7 @@ import torch
 from torch import fx, nn
 
 from .._modes import eval_mode
-
-try:  # timm >= 1.0.10 keeps these in timm.layers
-    from timm.layers._fx import get_notrace_functions, get_notrace_modules
-except ImportError:  # pragma: no cover - older timm
-    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+from .._timm_compat import get_notrace_functions, get_notrace_modules
 
 __all__ = ['GraphSplit', 'split_forward_features', 'block_modules']
 
