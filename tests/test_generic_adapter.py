@@ -113,3 +113,13 @@ def test_anchor_route_intermediates_equal_timms_own():
         theirs = net.anchors[route].forward_intermediates(x, intermediates_only=True)
         assert len(ours) == len(theirs) == 5
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_map_layouts_follow_the_dims_that_change_with_the_image_size():
+    """EfficientNet-B2 at its 256 px gives a (88, 16, 16) stage: 16 is another stage's width, yet the spatial dims
+    are those that change with the image size, so the stage is NCHW with 88 channels (it was read as NHWC, 16)."""
+    with torch.device('meta'):
+        model = timm.create_model('efficientnet_b2')
+    adapter = adapter_for(model)
+    assert adapter.stage_layouts() == ('nchw',) * 7
+    assert adapter.stage_dims() == (16, 24, 48, 88, 120, 208, 352)

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .._modes import eval_mode
 from ..errors import UnsupportedAnchorError
 from ..stitching import Layout
 from .base import AnchorAdapter, first_conv_channels, register_adapter
@@ -32,19 +33,24 @@ def _probe_size(model: nn.Module) -> tuple[int, int]:
     return tuple(cfg.get('input_size', (3, 224, 224))[-2:])
 
 
-def _layout(shape: torch.Size, channels: set[int], output_fmt: Optional[str]) -> Layout:
-    """``tokens`` for (B, N, C); for maps, the dim holding one of the model's stage widths is the channel dim, and
-    where both could be (C == H), the model's ``output_fmt`` decides (timm's Swin family: NHWC)."""
+def _layout(shape: torch.Size, other: Optional[torch.Size], channels: set[int], output_fmt: Optional[str]) -> Layout:
+    """``tokens`` for (B, N, C). For maps: the dims that change with the image size (``other``: the shape at another
+    size, when the model takes one) are the spatial ones; else the model's ``output_fmt`` (timm's Swin family:
+    NHWC); else the dim holding one of the model's ``feature_info`` widths."""
     if len(shape) == 3:
         return 'tokens'
     if len(shape) != 4:
         raise UnsupportedAnchorError(f'a block gives {len(shape)}-d activations {tuple(shape)}: only tokens (B, N, C) '
                                      'and feature maps (B, C, H, W or B, H, W, C) can be stitched')
+    if other is not None and len(other) == 4:
+        changed = tuple(i for i in (1, 2, 3) if shape[i] != other[i])
+        if changed in ((2, 3), (1, 2)):
+            return 'nchw' if changed == (2, 3) else 'nhwc'
+    if output_fmt in ('NHWC', 'NCHW'):
+        return output_fmt.lower()
     _, a, h, c = shape
     if (a in channels) != (c in channels):
         return 'nchw' if a in channels else 'nhwc'
-    if output_fmt in ('NHWC', 'NCHW'):
-        return output_fmt.lower()
     return 'nhwc' if a == h != c else 'nchw'
 
 
@@ -82,16 +88,37 @@ class GenericAdapter(AnchorAdapter):
                                          f'({type(e).__name__}: {str(e)[:200]})') from e
         self._group_stages(self._split.unit_shapes)
 
+    @torch.no_grad()
+    def _shapes_at_another_size(self, shapes: tuple[torch.Size, ...]) -> Optional[list[torch.Size]]:
+        """The units' output shapes on a larger probe image, or None when the model takes only its own size."""
+        if self._split.fixed_size or not any(len(s) == 3 for s in shapes) or self.input_size() is not None:
+            return None
+        param = next(self.model.parameters())
+        h, w = _probe_size(self.model)
+        x = torch.zeros(1, self._in_chans, h + 32, w + 32, device=param.device, dtype=param.dtype)
+        found = []
+        try:
+            with eval_mode(self.model):
+                x = self._split.embed(x)
+                for unit in self._split.units:
+                    x = unit(x)
+                    found.append(x.shape[1:])
+        except Exception:  # noqa: BLE001 - any failure: the model takes only its own size
+            return None
+        return found
+
     def _group_stages(self, shapes: tuple[torch.Size, ...]) -> None:
         """Stages: runs of units whose outputs have one shape on the probe image."""
         model = self.model
         channels = {i['num_chs'] for i in getattr(model, 'feature_info', [])}
+        others = self._shapes_at_another_size(shapes) or [None] * len(shapes)
         firsts, depths, layouts, dims = [], [], [], []
         for u, shape in enumerate(shapes):
             if u == 0 or shape != shapes[u - 1]:
                 firsts.append(u)
                 depths.append(0)
-                layout = _layout(torch.Size((1, *shape)), channels, getattr(model, 'output_fmt', None))
+                other = others[u] and torch.Size((1, *others[u]))
+                layout = _layout(torch.Size((1, *shape)), other, channels, getattr(model, 'output_fmt', None))
                 layouts.append(layout)
                 dims.append(shape[0] if layout == 'nchw' else shape[-1])
             depths[-1] += 1
