@@ -1,0 +1,117 @@
+"""The registered architectures over timm-pretrained anchors (``timm_stitch/models/snnet_zoo.py``).
+
+Every architecture is built full size on the meta device (its route count as its docstring states, its anchors
+named by their timm tags) and its default cfg is checked against the anchors' own. For a token family (DINOv2) and
+CNN families (ConvNeXt-V2, FastViT), tiny stand-in anchor weights are served under the anchors' real ``timm/`` repo
+ids by the loopback Hub (``tests/hub_server.py``): ``pretrained_anchors=True`` downloads each through timm's own
+pretrained path and the real ``huggingface_hub`` client, and every anchor route equals the timm model loaded from
+the same weights, bit for bit.
+"""
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from timm_stitch.hub import WEIGHTS_NAME
+from timm_stitch.models._factory import ANCHOR_DATA_KEYS
+from timm_stitch.models.snnet_zoo import ZOO_ARCHS
+
+#: routes of each architecture at full size, with the default options
+ROUTES = {
+    'snnet_dinov2_sbl': 60,
+    'snnet_eva02_tsb': 71,
+    'snnet_convnextv2_ntb': 45,
+    'snnet_efficientnet_b0_b2': None,
+    'snnet_mobilenetv4_conv_sml': None,
+    'snnet_regnety_004_032': None,
+    'snnet_fastvit_sa12_sa36': None,
+    'snnet_swinv2_tsb': None,
+}
+#: the families refused by ``adapter_for`` until the generic adapter (built from timm's own structure) lands
+NEEDS_GENERIC = pytest.mark.xfail(strict=True, reason='needs the generic adapter')
+
+#: timm kwargs of the tiny stand-in anchors (passed through to every anchor)
+TINY = {
+    'snnet_dinov2_sbl': dict(embed_dim=32, num_heads=2, depth=2, img_size=28),
+    'snnet_convnextv2_ntb': dict(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1)),
+    'snnet_fastvit_sa12_sa36': dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64)),
+}
+
+
+def _marked(names):
+    return [pytest.param(n, marks=NEEDS_GENERIC) if ROUTES[n] is None else n for n in names]
+
+
+def test_every_architecture_is_listed():
+    assert set(ROUTES) == set(ZOO_ARCHS)
+    assert set(timm.list_models('snnet*')) >= set(ZOO_ARCHS)
+
+
+@pytest.mark.parametrize('name', list(ZOO_ARCHS))
+def test_default_cfg_is_the_anchors(name):
+    """The smallest anchor's data settings, every anchor's classifier, and the anchors named; the anchors agree on
+    what their inputs must be (mean/std, interpolation; the input size where it is fixed)."""
+    anchors = ZOO_ARCHS[name].anchors
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    own = [timm.models.get_pretrained_cfg(tag).to_dict() for tag in anchors]
+    assert all(own), 'every anchor is a pretrained timm tag'
+    assert {k: cfg.get(k) for k in ANCHOR_DATA_KEYS} == {k: own[0].get(k) for k in ANCHOR_DATA_KEYS}
+    for key in ('mean', 'std', 'interpolation', 'num_classes', 'fixed_input_size'):
+        assert len({c[key] for c in own}) == 1, key
+    if cfg['fixed_input_size']:
+        assert len({c['input_size'] for c in own}) == 1
+    assert cfg['classifier'] == tuple(f'anchors.{i}.{c["classifier"]}' for i, c in enumerate(own))
+    assert all(tag in cfg['description'] for tag in anchors)
+    assert cfg['architecture'] == name and not cfg.get('url') and not cfg.get('hf_hub_id')
+
+
+@pytest.mark.parametrize('name', _marked(ZOO_ARCHS))
+def test_full_size_structure(name):
+    """Full size on the meta device: the anchors the docstring names, as many routes as it says."""
+    model = timm.create_model(name, device='meta')
+    assert model.anchor_names == list(ZOO_ARCHS[name].anchors)
+    assert model.num_routes == ROUTES[name]
+    assert f': {ROUTES[name]} routes' in ZOO_ARCHS[name].doc
+    assert model.num_classes == timm.models.get_pretrained_cfg(name).num_classes
+
+
+def _serve_stand_ins(hub, tmp_path, name: str) -> list[dict[str, torch.Tensor]]:
+    """Tiny random anchors of ``name``, their weights served under the anchors' ``timm/`` repo ids."""
+    states = []
+    for i, tag in enumerate(ZOO_ARCHS[name].anchors):
+        torch.manual_seed(i)
+        state = timm.create_model(tag.split('.')[0], **TINY[name]).state_dict()
+        safetensors.torch.save_file(state, str(tmp_path / WEIGHTS_NAME))
+        hub.put(f'timm/{tag}', {WEIGHTS_NAME: (tmp_path / WEIGHTS_NAME).read_bytes()})
+        states.append(state)
+    return states
+
+
+@pytest.mark.parametrize('name', _marked(TINY))
+def test_pretrained_anchors_through_the_loopback_hub(hub, tmp_path, name):
+    """``pretrained_anchors=True`` fetches every anchor's own weights from its timm Hub repo; each anchor route then
+    equals the timm model loaded from those weights, and a stitched route runs."""
+    states = _serve_stand_ins(hub, tmp_path, name)
+    model = timm.create_model(name, pretrained_anchors=True, **TINY[name]).eval()
+    for tag in ZOO_ARCHS[name].anchors:
+        assert ('GET', f'/timm/{tag}/resolve/main/{WEIGHTS_NAME}') in hub.requests
+    size = model.pretrained_cfg['input_size'][-2:] if 'img_size' not in TINY[name] else (TINY[name]['img_size'],) * 2
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    anchor_routes = [r.id for r in model.plan.routes if r.is_anchor]
+    assert len(anchor_routes) == len(states)
+    with torch.no_grad():
+        for i, (tag, state, route) in enumerate(zip(ZOO_ARCHS[name].anchors, states, anchor_routes)):
+            assert all(torch.equal(v, model.anchors[i].state_dict()[k]) for k, v in state.items())
+            reference = timm.create_model(tag, pretrained=True, **TINY[name]).eval()
+            assert torch.equal(model(x, stitch_id=route), reference(x)), tag
+        stitched = next(r.id for r in model.plan.routes if not r.is_anchor)
+        assert torch.isfinite(model(x, stitch_id=stitched)).all()
+
+
+def test_random_anchors_download_nothing(hub):
+    """``pretrained_anchors=False`` (the default) builds the random network without asking the Hub."""
+    model = timm.create_model('snnet_dinov2_sbl', **TINY['snnet_dinov2_sbl'])
+    assert model.num_routes > len(ZOO_ARCHS['snnet_dinov2_sbl'].anchors)
+    assert hub.requests == []

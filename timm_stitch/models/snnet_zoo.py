@@ -1,0 +1,102 @@
+"""Stitched networks over modern timm families, started from each anchor's own timm weights.
+
+No SN-Net weights are published for these: ``timm.create_model('snnet_dinov2_sbl', pretrained_anchors=True)``
+builds the network from its anchors' timm pretrained tags (each downloaded through timm's usual Hub path, so
+``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the Hub cache apply), ready for least-squares stitch initialisation and SN-Net
+training; ``pretrained_anchors=False`` builds it with random anchors. Each architecture is one row of
+:data:`ZOO_ARCHS`: its anchors (smallest first, timm ``name.tag``) and what to say about them. Its default cfg is
+derived from those tags' own cfgs: the smallest anchor's data settings (input size, mean/std, interpolation, crop),
+``num_classes`` (0 where the anchors are feature models: pass ``num_classes`` for new heads), the anchors' classifier
+names, their license, and the anchors named in ``description``. Anchors share a mean/std and, where their input size
+is fixed (token models), an input size; a CNN anchor trained at another size says so in its row.
+
+Route counts are for the default options (kernel 2, stride 1, nearest anchors, every stage whose spatial sizes
+match but the last). CNN families hold BatchNorm: see :mod:`timm_stitch.bn` for ``model.recalibrate_bn``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
+
+from ..model import StitchedNet
+from ._factory import SNNET_PAPER, anchor_cfg_fields, create_snnet, snnet_cfg
+
+__all__ = ['ZooArch', 'ZOO_ARCHS']
+
+
+@dataclass(frozen=True)
+class ZooArch:
+    """A registered stitched architecture over timm-pretrained anchors.
+
+    Args:
+        anchors: The anchors' timm names with their pretrained tags (``name.tag``), smallest first.
+        doc: What the architecture stitches and its route count (the entry point's docstring).
+    """
+    anchors: tuple[str, ...]
+    doc: str
+
+
+#: architecture name -> its anchors and docstring
+ZOO_ARCHS: dict[str, ZooArch] = {
+    'snnet_dinov2_sbl': ZooArch(
+        tuple(f'vit_{size}_patch14_dinov2.lvd142m' for size in ('small', 'base', 'large')),
+        'DINOv2 ViT-S/14, ViT-B/14, ViT-L/14 (LVD-142M, 518 px) stitched S->B and B->L: 60 routes. The anchors are '
+        'feature models (num_classes=0: routes return the pooled class token); pass num_classes for new heads.'),
+    'snnet_eva02_tsb': ZooArch(
+        tuple(f'eva02_{size}_patch14_224.mim_in22k' for size in ('tiny', 'small', 'base')),
+        'EVA-02 Ti/14, S/14, B/14 (MIM on ImageNet-22k, 224 px, CLIP mean/std) stitched Ti->S and S->B: 71 routes. '
+        'The anchors are feature models (num_classes=0); pass num_classes for new heads.'),
+    'snnet_convnextv2_ntb': ZooArch(
+        tuple(f'convnextv2_{size}.fcmae_ft_in22k_in1k' for size in ('nano', 'tiny', 'base')),
+        'ConvNeXt-V2 Nano, Tiny, Base (FCMAE, fine-tuned on ImageNet-22k then 1k, 224 px) stitched N->T and T->B '
+        'inside stages 0-2: 45 routes.'),
+    'snnet_efficientnet_b0_b2': ZooArch(
+        ('efficientnet_b0.ra_in1k', 'efficientnet_b1.ft_in1k', 'efficientnet_b2.ra_in1k'),
+        'EfficientNet-B0, B1, B2 (timm ImageNet-1k weights sharing the ImageNet mean/std) stitched B0->B1 and '
+        'B1->B2 inside the stages whose maps match: ROUTES routes. The cfg is B0\'s (224 px); B2\'s tag was '
+        'trained at 256 px.'),
+    'snnet_mobilenetv4_conv_sml': ZooArch(
+        ('mobilenetv4_conv_small.e2400_r224_in1k', 'mobilenetv4_conv_medium.e500_r224_in1k',
+         'mobilenetv4_conv_large.e500_r256_in1k'),
+        'MobileNetV4 conv Small, Medium, Large (ImageNet-1k) stitched S->M and M->L inside the stages whose maps '
+        'match: ROUTES routes. The cfg is Small\'s (224 px); Large\'s tag was trained at 256 px.'),
+    'snnet_regnety_004_032': ZooArch(
+        tuple(f'regnety_{size}.tv2_in1k' for size in ('004', '016', '032')),
+        'RegNetY-400MF, 1.6GF, 3.2GF (torchvision v2 recipe, ImageNet-1k, 224 px) stitched 400MF->1.6GF and '
+        '1.6GF->3.2GF inside the stages whose maps match: ROUTES routes.'),
+    'snnet_fastvit_sa12_sa36': ZooArch(
+        tuple(f'fastvit_{size}.apple_in1k' for size in ('sa12', 'sa24', 'sa36')),
+        'FastViT-SA12, SA24, SA36 (Apple, ImageNet-1k, 256 px) stitched SA12->SA24 and SA24->SA36 inside the '
+        'stages whose maps match: ROUTES routes.'),
+    'snnet_swinv2_tsb': ZooArch(
+        tuple(f'swinv2_{size}_window8_256.ms_in1k' for size in ('tiny', 'small', 'base')),
+        'Swin V2 Ti, S, B (window 8, ImageNet-1k, 256 px) stitched Ti->S and S->B inside the stages whose maps '
+        'match: ROUTES routes.'),
+}
+
+
+def zoo_cfg(arch: ZooArch) -> dict[str, Any]:
+    """The default pretrained cfg of ``arch``, from its anchors' own timm cfgs (see the module docstring)."""
+    cfgs = [get_pretrained_cfg(tag).to_dict() for tag in arch.anchors]
+    licenses = sorted({cfg['license'] for cfg in cfgs if cfg.get('license')})
+    return snnet_cfg(len(cfgs), **anchor_cfg_fields(cfgs), num_classes=cfgs[0]['num_classes'],
+                     license=', '.join(licenses) or None, **SNNET_PAPER,
+                     description='SN-Net over ' + ', '.join(arch.anchors) + ' (pretrained_anchors=True loads them)')
+
+
+default_cfgs = generate_default_cfgs({name: zoo_cfg(arch) for name, arch in ZOO_ARCHS.items()})
+
+
+def _entry_point(name: str, arch: ZooArch) -> Callable[..., StitchedNet]:
+    """The registered entry point ``name`` of ``arch``, a module-level function as timm's registry expects."""
+    def entry(pretrained: bool = False, **kwargs: Any) -> StitchedNet:
+        return create_snnet(name, arch.anchors, pretrained, **kwargs)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = arch.doc
+    return entry
+
+
+for _name, _arch in ZOO_ARCHS.items():
+    globals()[_name] = register_model(_entry_point(_name, _arch))
