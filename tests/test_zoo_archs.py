@@ -14,7 +14,7 @@ import safetensors.torch
 import timm
 import torch
 
-from timm_stitch.hub import WEIGHTS_NAME
+from timm_stitch.hub import WEIGHTS_NAME, save_pretrained
 from timm_stitch.models._factory import ANCHOR_DATA_KEYS
 from timm_stitch.models.snnet_zoo import ZOO_ARCHS
 
@@ -108,10 +108,29 @@ def test_pretrained_anchors_through_the_loopback_hub(hub, tmp_path, name):
             assert torch.equal(model(x, stitch_id=route), reference(x)), tag
         stitched = next(r.id for r in model.plan.routes if not r.is_anchor)
         assert torch.isfinite(model(x, stitch_id=stitched)).all()
+    hub.offline()  # then from the Hub cache, asking nothing
+    asked = len(hub.requests)
+    again = timm.create_model(name, pretrained_anchors=True, **TINY[name])
+    assert len(hub.requests) == asked
+    assert all(torch.equal(v, again.anchors.state_dict()[k]) for k, v in model.anchors.state_dict().items())
 
 
-def test_random_anchors_download_nothing(hub):
-    """``pretrained_anchors=False`` (the default) builds the random network without asking the Hub."""
-    model = timm.create_model('snnet_dinov2_sbl', **TINY['snnet_dinov2_sbl'])
+def test_random_anchors_download_nothing(hub, tmp_path):
+    """``pretrained_anchors=False`` (the default) builds the random network without asking the Hub; there are no
+    SN-Net weights to load with ``pretrained=True`` unless saved ones are named."""
+    model = timm.create_model('snnet_dinov2_sbl', **TINY['snnet_dinov2_sbl']).eval()
     assert model.num_routes > len(ZOO_ARCHS['snnet_dinov2_sbl'].anchors)
+    with pytest.raises(ValueError, match='snnet_dinov2_sbl has no SN-Net weights of its own: pass '
+                                         'pretrained_anchors=True'):
+        timm.create_model('snnet_dinov2_sbl', pretrained=True, **TINY['snnet_dinov2_sbl'])
     assert hub.requests == []
+    folder = save_pretrained(model, tmp_path / 'saved')
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(1, 3, 28, 28)
+    assert loaded.pretrained_cfg['architecture'] == 'snnet_dinov2_sbl'
+    assert torch.equal(loaded(x, stitch_id=4), model(x, stitch_id=4))
+    file = dict(file=str(folder / WEIGHTS_NAME))
+    loaded = timm.create_model('snnet_dinov2_sbl', pretrained=True, pretrained_cfg_overlay=file,
+                               **TINY['snnet_dinov2_sbl']).eval()
+    assert torch.equal(loaded(x, stitch_id=4), model(x, stitch_id=4))
+

@@ -21,8 +21,8 @@ from ._loading import (
     refetch_damaged,
 )
 
-__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg', 'anchor_cfg_fields', 'default_stitch_id', 'RELEASE_URL',
-           'SNNET_PAPER']
+__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg', 'anchor_cfg_fields', 'has_weight_source', 'default_stitch_id',
+           'RELEASE_URL', 'SNNET_PAPER', 'ANCHOR_DATA_KEYS']
 
 #: where the official SN-Net (v1) releases are published
 RELEASE_URL = 'https://github.com/ziplab/SN-Net/releases/download/'
@@ -102,6 +102,12 @@ def anchor_cfg_fields(cfgs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if all(isinstance(c, str) and c for c in classifiers):
         fields['classifier'] = tuple(f'anchors.{i}.{c}' for i, c in enumerate(classifiers))
     return fields
+
+
+def has_weight_source(cfg: Any) -> bool:
+    """Whether the pretrained cfg (or overlay) ``cfg`` names weights to load: a file, Hub repo, URL or state dict."""
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else (cfg or {})
+    return any(cfg.get(k) for k in ('file', 'hf_hub_id', 'url', 'state_dict'))
 
 
 def _naming_anchor_errors(builder: Callable[..., StitchedNet], variant: str) -> Callable[..., StitchedNet]:

@@ -13,7 +13,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..builder import stitch
 from ..model import AnchorSpec, StitchedNet
-from ._factory import anchor_cfg_fields, create_snnet
+from ._factory import anchor_cfg_fields, create_snnet, has_weight_source
 
 __all__: list[str] = []
 
@@ -34,18 +34,13 @@ def _inherit_anchor_cfg(model: StitchedNet) -> None:
     model.pretrained_cfg = model.default_cfg = cfg
 
 
-def _has_weight_source(cfg: Any) -> bool:
-    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else (cfg or {})
-    return any(cfg.get(k) for k in ('file', 'hf_hub_id', 'url', 'state_dict'))
-
-
 @register_model
 def snnet(pretrained: bool = False, anchors: Optional[Sequence[AnchorSpec]] = None, **kwargs: Any) -> StitchedNet:
     """Stitch ``anchors`` (timm names, kwargs dicts or models, any order); options as for ``timm_stitch.stitch``."""
     if not anchors:
         raise ValueError("the 'snnet' architecture needs anchors, e.g. "
                          "timm.create_model('snnet', anchors=['convnext_atto', 'convnext_femto'])")
-    if pretrained and not _has_weight_source(kwargs.get('pretrained_cfg')):
+    if pretrained and not has_weight_source(kwargs.get('pretrained_cfg')):
         raise ValueError("the generic 'snnet' architecture has no pretrained weights of its own: load a saved one with "
                          "'hf-hub:ORG/REPO' or 'local-dir:PATH', pass pretrained_anchors=True to start from the "
                          "anchors' own weights, or use a registered snnet_* architecture")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
 from ..model import StitchedNet
-from ._factory import SNNET_PAPER, anchor_cfg_fields, create_snnet, snnet_cfg
+from ._factory import SNNET_PAPER, anchor_cfg_fields, create_snnet, has_weight_source, snnet_cfg
 
 __all__ = ['ZooArch', 'ZOO_ARCHS']
 
@@ -89,9 +89,18 @@ def zoo_cfg(arch: ZooArch) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({name: zoo_cfg(arch) for name, arch in ZOO_ARCHS.items()})
 
 
+#: the entry-point kwargs that can name saved weights (``hf-hub:``, ``local-dir:``, a file in the overlay)
+_WEIGHT_CFGS = ('pretrained_cfg', 'pretrained_cfg_overlay')
+
+
 def _entry_point(name: str, arch: ZooArch) -> Callable[..., StitchedNet]:
     """The registered entry point ``name`` of ``arch``, a module-level function as timm's registry expects."""
     def entry(pretrained: bool = False, **kwargs: Any) -> StitchedNet:
+        if pretrained and not any(has_weight_source(kwargs.get(k)) for k in _WEIGHT_CFGS):
+            raise ValueError(
+                f"{name} has no SN-Net weights of its own: pass pretrained_anchors=True to start from its anchors' "
+                f"timm weights ({', '.join(arch.anchors)}), or load saved ones with 'hf-hub:ORG/REPO', "
+                "'local-dir:PATH' or pretrained_cfg_overlay=dict(file=...)")
         return create_snnet(name, arch.anchors, pretrained, **kwargs)
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = arch.doc
