@@ -16,7 +16,7 @@ match but the last). CNN families hold BatchNorm: see :mod:`timm_stitch.bn` for 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
@@ -32,48 +32,57 @@ class ZooArch:
 
     Args:
         anchors: The anchors' timm names with their pretrained tags (``name.tag``), smallest first.
-        doc: What the architecture stitches and its route count (the entry point's docstring).
+        routes: Its number of routes at full size with the default options.
+        about: What it stitches, for its docstring.
+        note: What else its docstring says.
     """
     anchors: tuple[str, ...]
-    doc: str
+    routes: Optional[int]
+    about: str
+    note: str = ''
+
+    @property
+    def doc(self) -> str:
+        """The entry point's docstring."""
+        return f'{self.about}: {self.routes} routes.{" " + self.note if self.note else ""}'
 
 
-#: architecture name -> its anchors and docstring
+def _tags(pattern: str, *sizes: str) -> tuple[str, ...]:
+    return tuple(pattern.format(size) for size in sizes)
+
+
+_FEATURES = 'The anchors are feature models (num_classes=0, as pretrained): pass num_classes for new heads.'
+_IN_STAGES = 'inside the stages whose maps match'
+
+#: architecture name -> its anchors, route count and docstring
 ZOO_ARCHS: dict[str, ZooArch] = {
     'snnet_dinov2_sbl': ZooArch(
-        tuple(f'vit_{size}_patch14_dinov2.lvd142m' for size in ('small', 'base', 'large')),
-        'DINOv2 ViT-S/14, ViT-B/14, ViT-L/14 (LVD-142M, 518 px) stitched S->B and B->L: 60 routes. The anchors are '
-        'feature models (num_classes=0: routes return the pooled class token); pass num_classes for new heads.'),
+        _tags('vit_{}_patch14_dinov2.lvd142m', 'small', 'base', 'large'), 60,
+        'DINOv2 ViT-S/14, B/14, L/14 (LVD-142M, 518 px) stitched S->B and B->L', _FEATURES),
     'snnet_eva02_tsb': ZooArch(
-        tuple(f'eva02_{size}_patch14_224.mim_in22k' for size in ('tiny', 'small', 'base')),
-        'EVA-02 Ti/14, S/14, B/14 (MIM on ImageNet-22k, 224 px, CLIP mean/std) stitched Ti->S and S->B: 71 routes. '
-        'The anchors are feature models (num_classes=0); pass num_classes for new heads.'),
+        _tags('eva02_{}_patch14_224.mim_in22k', 'tiny', 'small', 'base'), 71,
+        'EVA-02 Ti/14, S/14, B/14 (MIM on ImageNet-22k, 224 px, CLIP mean/std) stitched Ti->S and S->B', _FEATURES),
     'snnet_convnextv2_ntb': ZooArch(
-        tuple(f'convnextv2_{size}.fcmae_ft_in22k_in1k' for size in ('nano', 'tiny', 'base')),
-        'ConvNeXt-V2 Nano, Tiny, Base (FCMAE, fine-tuned on ImageNet-22k then 1k, 224 px) stitched N->T and T->B '
-        'inside stages 0-2: 45 routes.'),
+        _tags('convnextv2_{}.fcmae_ft_in22k_in1k', 'nano', 'tiny', 'base'), 45,
+        f'ConvNeXt-V2 N, T, B (FCMAE, fine-tuned on ImageNet-22k then 1k, 224 px) stitched N->T and T->B {_IN_STAGES}'),
     'snnet_efficientnet_b0_b2': ZooArch(
-        ('efficientnet_b0.ra_in1k', 'efficientnet_b1.ft_in1k', 'efficientnet_b2.ra_in1k'),
-        'EfficientNet-B0, B1, B2 (timm ImageNet-1k weights sharing the ImageNet mean/std) stitched B0->B1 and '
-        'B1->B2 inside the stages whose maps match: ROUTES routes. The cfg is B0\'s (224 px); B2\'s tag was '
-        'trained at 256 px.'),
+        ('efficientnet_b0.ra_in1k', 'efficientnet_b1.ft_in1k', 'efficientnet_b2.ra_in1k'), None,
+        f'EfficientNet-B0, B1, B2 (ImageNet-1k, one mean/std) stitched B0->B1 and B1->B2 {_IN_STAGES}',
+        "The cfg is B0's (224 px); B2's weights were trained at 256 px."),
     'snnet_mobilenetv4_conv_sml': ZooArch(
         ('mobilenetv4_conv_small.e2400_r224_in1k', 'mobilenetv4_conv_medium.e500_r224_in1k',
-         'mobilenetv4_conv_large.e500_r256_in1k'),
-        'MobileNetV4 conv Small, Medium, Large (ImageNet-1k) stitched S->M and M->L inside the stages whose maps '
-        'match: ROUTES routes. The cfg is Small\'s (224 px); Large\'s tag was trained at 256 px.'),
+         'mobilenetv4_conv_large.e500_r256_in1k'), None,
+        f'MobileNetV4 conv S, M, L (ImageNet-1k) stitched S->M and M->L {_IN_STAGES}',
+        "The cfg is S's (224 px); L's weights were trained at 256 px."),
     'snnet_regnety_004_032': ZooArch(
-        tuple(f'regnety_{size}.tv2_in1k' for size in ('004', '016', '032')),
-        'RegNetY-400MF, 1.6GF, 3.2GF (torchvision v2 recipe, ImageNet-1k, 224 px) stitched 400MF->1.6GF and '
-        '1.6GF->3.2GF inside the stages whose maps match: ROUTES routes.'),
+        _tags('regnety_{}.tv2_in1k', '004', '016', '032'), None,
+        f'RegNetY-400MF, 1.6GF, 3.2GF (torchvision v2 recipe, 224 px) stitched in size order {_IN_STAGES}'),
     'snnet_fastvit_sa12_sa36': ZooArch(
-        tuple(f'fastvit_{size}.apple_in1k' for size in ('sa12', 'sa24', 'sa36')),
-        'FastViT-SA12, SA24, SA36 (Apple, ImageNet-1k, 256 px) stitched SA12->SA24 and SA24->SA36 inside the '
-        'stages whose maps match: ROUTES routes.'),
+        _tags('fastvit_{}.apple_in1k', 'sa12', 'sa24', 'sa36'), None,
+        f'FastViT-SA12, SA24, SA36 (Apple, ImageNet-1k, 256 px) stitched in size order {_IN_STAGES}'),
     'snnet_swinv2_tsb': ZooArch(
-        tuple(f'swinv2_{size}_window8_256.ms_in1k' for size in ('tiny', 'small', 'base')),
-        'Swin V2 Ti, S, B (window 8, ImageNet-1k, 256 px) stitched Ti->S and S->B inside the stages whose maps '
-        'match: ROUTES routes.'),
+        _tags('swinv2_{}_window8_256.ms_in1k', 'tiny', 'small', 'base'), None,
+        f'Swin V2 T, S, B (window 8, ImageNet-1k, 256 px) stitched T->S and S->B {_IN_STAGES}'),
 }
 
 
