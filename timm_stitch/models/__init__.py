@@ -6,3 +6,4 @@ from . import snnet_resnet  # noqa: F401
 from . import snnet_levit  # noqa: F401
 from . import snnet_generic  # noqa: F401
 from . import snnet_deit3  # noqa: F401
+from . import snnet_zoo  # noqa: F401

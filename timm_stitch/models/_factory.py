@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from safetensors import SafetensorError
 from timm.models import build_model_with_cfg
@@ -21,10 +21,15 @@ from ._loading import (
     refetch_damaged,
 )
 
-__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg', 'default_stitch_id', 'RELEASE_URL']
+__all__ = ['create_snnet', 'snnet_cfg', 'release_cfg', 'anchor_cfg_fields', 'has_weight_source', 'default_stitch_id',
+           'RELEASE_URL', 'SNNET_PAPER', 'ANCHOR_DATA_KEYS']
 
 #: where the official SN-Net (v1) releases are published
 RELEASE_URL = 'https://github.com/ziplab/SN-Net/releases/download/'
+
+#: the SN-Net paper, named in the pretrained cfgs of the registered architectures
+SNNET_PAPER = dict(origin_url='https://github.com/ziplab/SN-Net', paper_ids='arXiv:2302.06586',
+                   paper_name='Stitchable Neural Networks')
 
 #: the route stitched networks built without a ``stitch_id`` make active (set by ``timm_stitch.run_script
 #: --stitch-id``, for stock scripts that take no ``--model-kwargs``, such as timm's ``onnx_export.py``)
@@ -78,6 +83,33 @@ def snnet_cfg(num_anchors: int, url: str = '', **kwargs: Any) -> dict[str, Any]:
     }
 
 
+#: the data settings a stitched network takes from its smallest anchor's pretrained cfg
+ANCHOR_DATA_KEYS = ('input_size', 'min_input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'crop_mode',
+                    'mean', 'std')
+
+
+def anchor_cfg_fields(cfgs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The pretrained-cfg fields a stitched network takes from its anchors' cfgs (smallest anchor first): the
+    smallest anchor's data settings (:data:`ANCHOR_DATA_KEYS`) and first conv, and every anchor's classifier, the
+    module names under ``anchors.i.``."""
+    first = cfgs[0]
+    fields = {k: first[k] for k in ANCHOR_DATA_KEYS if first.get(k) is not None}
+    convs = first.get('first_conv')
+    if convs:
+        fields['first_conv'] = (f'anchors.0.{convs}' if isinstance(convs, str) else
+                                tuple(f'anchors.0.{c}' for c in convs))
+    classifiers = [cfg.get('classifier') for cfg in cfgs]
+    if all(isinstance(c, str) and c for c in classifiers):
+        fields['classifier'] = tuple(f'anchors.{i}.{c}' for i, c in enumerate(classifiers))
+    return fields
+
+
+def has_weight_source(cfg: Any) -> bool:
+    """Whether the pretrained cfg (or overlay) ``cfg`` names weights to load: a file, Hub repo, URL or state dict."""
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else (cfg or {})
+    return any(cfg.get(k) for k in ('file', 'hf_hub_id', 'url', 'state_dict'))
+
+
 def _naming_anchor_errors(builder: Callable[..., StitchedNet], variant: str) -> Callable[..., StitchedNet]:
     """``builder`` whose missing downloads while building (the anchors' own weights, ``pretrained_anchors=True``)
     raise an error naming those anchors rather than the stitched network's weights."""
@@ -93,9 +125,7 @@ def release_cfg(fmt: OfficialFormat, num_anchors: int, **kwargs: Any) -> dict[st
     URL being the fallback timm uses when ``huggingface_hub`` is missing or the cfg overlay clears ``hf_hub_id``."""
     source = dict(custom_load=True) if fmt.hf_hub is None else dict(
         custom_load='hf', hf_hub_id=fmt.hf_hub[0], hf_hub_filename=fmt.hf_hub[1])
-    paper = dict(origin_url='https://github.com/ziplab/SN-Net', paper_ids='arXiv:2302.06586',
-                 paper_name='Stitchable Neural Networks')
-    return snnet_cfg(num_anchors, url=fmt.url, **{**paper, **source, **kwargs})
+    return snnet_cfg(num_anchors, url=fmt.url, **{**SNNET_PAPER, **source, **kwargs})
 
 
 def _quantizing(builder: Callable[..., StitchedNet], scheme: str, stitches: Any) -> Callable[..., StitchedNet]:
