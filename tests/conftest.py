@@ -23,6 +23,8 @@ TINY_FAMILIES: dict[str, Callable[[], tiny_models.TinyFamily]] = {
     'convnext': tiny_models.convnext_family,
     'levit': tiny_models.levit_family,
     'resnetv2': tiny_models.resnetv2_family,
+    'vit_grids': tiny_models.vit_grids_family,
+    'resnet_vit': tiny_models.resnet_vit_family,
 }
 
 

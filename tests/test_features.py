@@ -29,9 +29,12 @@ def _expected_anchors(net, stitch_id: int) -> list[int]:
     (front, end), stage = route.cuts[0], route.stitches[0].stage
     first, last = route.anchors
     depths = net.adapters[last].stage_depths()
+    stem = [first] if len(net.anchors[first].feature_info) > len(net.adapters[first].stage_depths()) else []
+    if len(net.adapters[first].stage_depths()) != len(depths):  # a CNN stage into a ViT: the stage outputs it ran
+        ran = stage + (front == net.adapters[first].stage_depths()[stage] - 1)
+        return stem + [first] * ran + [last] * (depths[0] - end)
     if len(depths) == 1:
         return [first] * (front + 1) + [last] * (depths[0] - end)
-    stem = [first] if len(net.anchors[first].feature_info) > len(net.adapters[first].stage_depths()) else []
     return stem + [first if s < stage else last for s in range(len(depths))]
 
 
@@ -165,6 +168,11 @@ def test_features_backbone_follows_the_route(family, family_net):
     backbone = StitchedFeatures(net, out_indices=3)
     for stitch_id in [0, *_stitched_ids(net), len(net.anchors) - 1]:
         backbone.set_stitch(stitch_id)
+        reductions = [i['reduction'] for i in route_feature_info(net, stitch_id)]
+        if reductions != sorted(reductions):  # resampled to a finer grid at the stitch (vit_grids)
+            with pytest.raises(ValueError, match=f'route {stitch_id} resamples .*non-decreasing reductions'):
+                backbone.route_feature_info()
+            continue
         channels = [i['num_chs'] for i in route_feature_info(net, stitch_id)[-3:]]
         assert backbone.feature_info.channels() == channels
         with torch.no_grad():

@@ -147,3 +147,24 @@ def resnetv2_family() -> TinyFamily:
     torch.manual_seed(0)
     anchors = [tiny_resnetv2('resnetv2_18'), tiny_resnetv2('resnetv2_34')]
     return TinyFamily(StitchedNet(anchors, num_classes=10), torch.randn(2, 3, 32, 32), 12)
+
+
+def tiny_grid_vits() -> list[dict]:
+    """Two tiny ViTs whose patch grids differ (patch 8: 4x4, patch 4: 8x8 on 32x32): a resampling stitch joins them."""
+    return [tiny_vit_args(16, 2), {**tiny_vit_args(32, 2), 'patch_size': 4}]
+
+
+def tiny_resnet_vit() -> list[dict]:
+    """A tiny ResNet-18 (4 stages of NCHW maps) and a larger tiny ViT (one stage of tokens, 4x4 grid + class token):
+    ResNet stage 1 (4x4 maps at 32x32) feeds the ViT."""
+    return [dict(model_name='resnet18', channels=(4, 8, 16, 32), num_classes=10), tiny_vit_args(64, 2)]
+
+
+def vit_grids_family() -> TinyFamily:
+    torch.manual_seed(0)
+    return TinyFamily(timm_stitch.stitch(tiny_grid_vits(), num_classes=10), tiny_images(2), 12)
+
+
+def resnet_vit_family() -> TinyFamily:
+    torch.manual_seed(0)
+    return TinyFamily(timm_stitch.stitch(tiny_resnet_vit(), num_classes=10), tiny_images(2), 5)

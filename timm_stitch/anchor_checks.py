@@ -1,9 +1,13 @@
-"""Whether anchors can be stitched: same kind of model, input size and channels, and matching token counts / spatial
-sizes at the stitched stages (found by one probe forward per anchor). Every stitched network checks its anchors here
+"""Whether anchors can be stitched: same kind of model, input size and channels, and positions that a stitch can
+join at the stitched stages (found by one probe forward per anchor): the same token counts / spatial sizes, or two
+patch grids a resampling stitch joins (ViT-B/16 -> ViT-L/14, a CNN stage into a ViT). Anchors of different stage
+structures (a CNN into a ViT) are paired stage by stage by grid. Every stitched network checks its anchors here
 when it is built, by :class:`~timm_stitch.StitchedNet` or by :func:`~timm_stitch.stitch`."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -11,10 +15,29 @@ from torch import nn
 from ._modes import eval_mode
 from .adapters import AnchorAdapter, adapter_for
 from .errors import IncompatibleAnchorsError
+from .grids import Grid
 from .route_spaces import StitchOptions
+from .routes import StitchGroup
 from .stitching import _LAYOUT_CHANGES
 
-__all__ = ['stitchable_stages']
+__all__ = ['StitchGeometry', 'check_anchors', 'stitchable_stages']
+
+
+@dataclass(frozen=True)
+class StitchGeometry:
+    """What the anchor checks found: the stages to stitch inside (the front anchor's; None for single-stage token
+    models), the end anchor's stage each one feeds where the stage structures differ (``end_stages``: front stage
+    -> end stage; empty: the same stage), and each anchor's :class:`~timm_stitch.grids.Grid` per stage."""
+    stages: Optional[tuple[int, ...]]
+    end_stages: dict[int, int] = field(default_factory=dict)
+    grids: tuple[tuple[Grid, ...], ...] = ()
+
+    def layer_grids(self, group: StitchGroup) -> dict[str, Optional[Grid]]:
+        """The ``in_grid`` / ``out_grid`` arguments of ``group``'s stitching layers."""
+        if not self.grids:
+            return {}
+        return {'in_grid': self.grids[group.front_anchor][group.stage],
+                'out_grid': self.grids[group.end_anchor][group.resume_stage]}
 
 
 def stitchable_stages(
@@ -22,6 +45,14 @@ def stitchable_stages(
 ) -> Optional[tuple[int, ...]]:
     """Check that ``models`` (sorted small to large) can be stitched and return the stages to stitch inside
     (None for single-stage token models); raises ``TypeError``/``ValueError`` naming what differs."""
+    return check_anchors(models, names, options).stages
+
+
+def check_anchors(
+        models: Sequence[nn.Module], names: Sequence[str], options: Optional[StitchOptions] = None,
+) -> StitchGeometry:
+    """Check that ``models`` (sorted small to large) can be stitched and return where (see
+    :class:`StitchGeometry`); raises ``TypeError``/``ValueError`` naming the anchors and what differs."""
     options = options or StitchOptions()
     adapters = [adapter_for(m) for m in models]
     _check_same(adapters, names, 'input channels', lambda a: a.in_chans)
@@ -29,10 +60,12 @@ def stitchable_stages(
     if len({size for _, size in fixed}) > 1:
         raise IncompatibleAnchorsError('anchors need different input sizes: ' + _listing(
             [(n, f'{h}x{w}') for n, (h, w) in fixed]) + '; build them with one img_size')
-    num_stages = _check_same(
-        adapters, names, 'numbers of stages', lambda a: len(a.stage_depths()),
-        ' (plain token models such as ViT/DeiT/EVA stitch with each other; hierarchical models such as Swin, '
-        'ResNet, ConvNeXt and LeViT need the same number of stages)')
+    counts = [len(a.stage_depths()) for a in adapters]
+    if len(set(counts)) > 1 and len(models) != 2:
+        raise IncompatibleAnchorsError(
+            f'anchors have different numbers of stages: {_listing(list(zip(names, counts)))}; anchors of '
+            'different stage structures (a CNN into a ViT) are stitched two at a time')
+    num_stages = max(counts)
     if options.multi_anchor and num_stages > 1:
         raise ValueError('multi_anchor routes are only planned for single-stage token models, not for anchors '
                          f'with {num_stages} stages')
@@ -43,31 +76,94 @@ def stitchable_stages(
     pairs = _pairs(len(models), options.nearest)
     if options.route_space == 'two_way':
         pairs += [(b, a) for a, b in pairs]
-    for a, b in pairs:
-        front, end = adapters[a].stage_layouts(), adapters[b].stage_layouts()
-        bad = next((s for s in range(num_stages) if (front[s], end[s]) not in _LAYOUT_CHANGES), None)
-        if bad is not None:
-            raise IncompatibleAnchorsError(
-                f'cannot stitch {names[a]} ({front[bad]} activations in stage {bad}) into {names[b]} ({end[bad]}): '
-                f'the smaller anchor must produce a layout the larger accepts '
-                f'({", ".join(f"{x}->{y}" for x, y in _LAYOUT_CHANGES)})')
+    if len(set(counts)) == 1:
+        for a, b in pairs:
+            front, end = adapters[a].stage_layouts(), adapters[b].stage_layouts()
+            bad = next((s for s in range(num_stages) if (front[s], end[s]) not in _LAYOUT_CHANGES), None)
+            if bad is not None:
+                raise IncompatibleAnchorsError(
+                    f'cannot stitch {names[a]} ({front[bad]} activations in stage {bad}) into {names[b]} '
+                    f'({end[bad]}): the smaller anchor must produce a layout the larger accepts '
+                    f'({", ".join(f"{x}->{y}" for x, y in _LAYOUT_CHANGES)})')
     if len(models) == 1:
-        return None if num_stages == 1 else ()
+        return StitchGeometry(None if num_stages == 1 else ())
     grids = _stage_grids(models, adapters, fixed[0][1] if fixed else adapters[0].probe_size())  # one size for all
-    mismatch = {s: [(a, b) for a, b in pairs if grids[a][s] != grids[b][s]] for s in range(num_stages)}
+    if len(set(counts)) > 1:
+        return _cross_structure(adapters, names, grids, options)
     if num_stages == 1:
-        _raise_mismatch(0, mismatch[0], names, grids)
-        return None
+        for a, b in pairs:
+            if not _joinable(grids[a][0], grids[b][0]):
+                _raise_mismatch(0, [(a, b)], names, grids, adapters)
+        return StitchGeometry(None, grids=grids)
+    mismatch = {s: [(a, b) for a, b in pairs if not _same(grids[a][s], grids[b][s])] for s in range(num_stages)}
     if options.stages is None:
         stages = tuple(s for s in range(num_stages - 1) if not mismatch[s])
         if not stages:
-            _raise_mismatch(0, mismatch[0], names, grids)
-        return stages
+            _raise_mismatch(0, mismatch[0], names, grids, adapters)
+        return StitchGeometry(stages, grids=grids)
     for s in options.stages:
-        if not 0 <= s < num_stages:
-            raise ValueError(f'stage {s} is out of range: the anchors have stages 0..{num_stages - 1}')
-        _raise_mismatch(s, mismatch[s], names, grids)
-    return tuple(options.stages)
+        _check_stage(s, num_stages)
+        _raise_mismatch(s, mismatch[s], names, grids, adapters)
+    return StitchGeometry(tuple(options.stages), grids=grids)
+
+
+def _check_stage(stage: int, num_stages: int, whose: str = 'the anchors have') -> None:
+    if not 0 <= stage < num_stages:
+        raise ValueError(f'stage {stage} is out of range: {whose} stages 0..{num_stages - 1}')
+
+
+def _same(front: Grid, end: Grid) -> bool:
+    """Positions a plain stitch joins (same count and prefix roles, and the same grid where both are known)."""
+    return front.matches(end) and (front.hw is None or end.hw is None or front.hw == end.hw)
+
+
+def _joinable(front: Grid, end: Grid) -> bool:
+    """Positions a stitch joins: the same ones, or two known patch grids (resampled, prefix tokens by role)."""
+    return _same(front, end) or (front.hw is not None and end.hw is not None)
+
+
+def _cross_structure(adapters: Sequence[AnchorAdapter], names: Sequence[str], grids: list[list[Grid]],
+                     options: StitchOptions) -> StitchGeometry:
+    """Pair the front anchor's stages with the end anchor's by grid (two anchors of different stage counts), among
+    the stages but the last (a single-stage anchor: its only one) that a stitch can join: by default one to one,
+    nearest grids (in positions) first, ties to the deeper stages; ``options.stages`` (front stages) each take
+    their nearest end stage."""
+    (front, end), (fg, eg) = adapters, grids
+    f_layouts, e_layouts = front.stage_layouts(), end.stage_layouts()
+    f_stages = range(max(1, len(fg) - 1))
+    e_stages = range(max(1, len(eg) - 1))
+
+    def joinable(s: int, t: int) -> bool:
+        return (f_layouts[s], e_layouts[t]) in _LAYOUT_CHANGES and _joinable(fg[s], eg[t])
+
+    def distance(s: int, t: int) -> tuple[float, int, int]:
+        return abs(math.log(fg[s].positions / eg[t].positions)), -s, -t
+
+    end_stages: dict[int, int] = {}
+    if options.stages is None:
+        for s, t in sorted(((s, t) for s in f_stages for t in e_stages if joinable(s, t)), key=lambda p: distance(*p)):
+            if s not in end_stages and t not in end_stages.values():
+                end_stages[s] = t
+    else:
+        for s in options.stages:
+            _check_stage(s, len(fg), f'{names[0]} has')
+            t = min((t for t in e_stages if joinable(s, t)), key=lambda t: distance(s, t), default=None)
+            if t is None:
+                raise IncompatibleAnchorsError(
+                    f'cannot stitch {names[0]} stage {s} ({f_layouts[s]}, {fg[s].describe()}) into any stage of '
+                    f'{names[1]} ({", ".join(f"{e_layouts[t]} {eg[t].describe()}" for t in e_stages)})')
+            end_stages[s] = t
+    if not end_stages:
+        def stages(layouts: Sequence[str], grid: Sequence[Grid]) -> str:
+            return '; '.join(f'{s}: {layouts[s]} {grid[s].describe()}' for s in range(len(grid)))
+
+        raise IncompatibleAnchorsError(
+            f'cannot stitch {names[0]} (stages {stages(f_layouts, fg)}) into {names[1]} (stages '
+            f'{stages(e_layouts, eg)}): no stage pair has layouts a stitch joins '
+            f'({", ".join(f"{x}->{y}" for x, y in _LAYOUT_CHANGES)}) and matching or resamplable grids')
+    stages = tuple(sorted(end_stages))
+    return StitchGeometry(stages, {s: end_stages[s] for s in stages if end_stages[s] != s},
+                          tuple(map(tuple, grids)))
 
 
 def _pairs(num_anchors: int, nearest: bool) -> list[tuple[int, int]]:
@@ -87,18 +183,23 @@ def _listing(values: Sequence[tuple[str, Any]]) -> str:
     return ', '.join(f'{n}: {v}' for n, v in values)
 
 
-def _positions(x: torch.Tensor, layout: str) -> Union[int, tuple[int, int]]:
-    """Token count, or the (H, W) of a feature map; NCHW maps and tokens compare by H*W against tokens."""
-    if layout == 'tokens':
-        return x.shape[1]
-    return tuple(x.shape[1:3]) if layout == 'nhwc' else tuple(x.shape[2:4])
+def _grid(x: torch.Tensor, layout: str, adapter: AnchorAdapter) -> Grid:
+    """Where activation ``x`` of a stage sits: maps by their (H, W); tokens by count, with the prefix roles and
+    patch grid of a single-stage token model when they account for every token."""
+    if layout == 'nchw':
+        return Grid(x.shape[2] * x.shape[3], tuple(x.shape[2:4]))
+    if layout == 'nhwc':
+        return Grid(x.shape[1] * x.shape[2], tuple(x.shape[1:3]))
+    roles, hw = adapter.prefix_roles(), adapter.patch_grid()
+    if len(adapter.stage_depths()) == 1 and hw is not None and x.shape[1] == len(roles) + hw[0] * hw[1]:
+        return Grid(x.shape[1], tuple(hw), roles)
+    return Grid(x.shape[1])
 
 
 @torch.no_grad()
-def _stage_grids(
-        models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter], size: Optional[tuple[int, int]],
-) -> list[list[Union[int, tuple[int, int]]]]:
-    """Per anchor and stage, the token count or (H, W) after the stage's first block (one probe forward)."""
+def _stage_grids(models: Sequence[nn.Module], adapters: Sequence[AnchorAdapter],
+                 size: Optional[tuple[int, int]]) -> list[list[Grid]]:
+    """Per anchor and stage, where the activations after the stage's first block sit (one probe forward)."""
     grids = []
     for model, adapter in zip(models, adapters):
         cfg = getattr(model, 'pretrained_cfg', None) or {}
@@ -111,22 +212,23 @@ def _stage_grids(
             for u, unit in enumerate(adapter.units):
                 x = unit(x)
                 if u in firsts:
-                    grid.append(_positions(x, layouts[firsts[u]]))
+                    grid.append(_grid(x, layouts[firsts[u]], adapter))
         grids.append(grid)
-    # a token count matches a map of the same number of positions (NCHW -> tokens stitching)
-    return [[g if isinstance(g, int) or not any(isinstance(o[s], int) for o in grids) else g[0] * g[1]
-             for s, g in enumerate(grid)] for grid in grids]
+    return grids
 
 
-def _raise_mismatch(stage: int, pairs: list[tuple[int, int]], names: Sequence[str], grids) -> None:
+def _raise_mismatch(stage: int, pairs: list[tuple[int, int]], names: Sequence[str], grids: list[list[Grid]],
+                    adapters: Sequence[AnchorAdapter]) -> None:
     if not pairs:
         return
     a, b = pairs[0]
 
-    def describe(g) -> str:
-        return f'{g} tokens' if isinstance(g, int) else f'{g[0]}x{g[1]} maps'
+    def describe(anchor: int) -> str:
+        g, layout = grids[anchor][stage], adapters[anchor].stage_layouts()[stage]
+        return f'{g.positions} tokens' if layout == 'tokens' else f'{g.hw[0]}x{g.hw[1]} maps'
 
     raise IncompatibleAnchorsError(
-        f'cannot stitch {names[a]} into {names[b]} in stage {stage}: {names[a]} gives {describe(grids[a][stage])}, '
-        f'{names[b]} {describe(grids[b][stage])}; stitched anchors need matching token counts / spatial sizes '
+        f'cannot stitch {names[a]} into {names[b]} in stage {stage}: {names[a]} gives {describe(a)}, '
+        f'{names[b]} {describe(b)}; stitched anchors need matching token counts / spatial sizes, or patch grids '
+        'both known (single-stage token models, feature maps) for a resampling stitch '
         '(choose other stages, or build the anchors for matching input sizes)')

@@ -9,6 +9,12 @@ is indexed over its *own* sequence, with no mapping between anchor depths:
 * hierarchical families (Swin, ResNet, ConvNeXt, LeViT, ResNet->Swin): one intermediate per stage, the stage output
   the route feeds on (the end anchor's when the stitch lies inside that stage), plus the stem first where the
   route's first anchor has one (ResNet), so a stitched route has as many as its first anchor and an FPN takes it.
+* a CNN stage into a ViT (anchors of different stage structures): the CNN's stem and the stage outputs before the
+  stitch, then one per ViT block the route runs.
+
+A route that resamples to a finer patch grid (ViT/16 -> ViT/14) has intermediates whose reduction decreases at the
+stitch: ``forward_intermediates`` gives them; a ``features_only`` backbone refuses it (timm's ``FeatureInfo`` needs
+non-decreasing reductions).
 
 ``feature_info`` of a route gives each intermediate's channels, reduction and module (the anchor's own entry, its
 module prefixed with ``anchors.{i}.``), so channels follow the route.
@@ -189,6 +195,11 @@ class StitchedFeatures(nn.Module):
         """``feature_info`` of the outputs of route ``stitch_id`` (default: the active one)."""
         stitch_id = self.model.resolve_stitch_id(stitch_id)
         info = route_feature_info(self.model, stitch_id)
+        reductions = [i['reduction'] for i in info]
+        if reductions != sorted(reductions):
+            raise ValueError(f'route {stitch_id} resamples to a finer grid at its stitch (reductions {reductions}): '
+                             "timm's FeatureInfo needs non-decreasing reductions; take its intermediates with "
+                             'forward_intermediates')
         return FeatureInfo(info, take_indices(self.model, stitch_id, self.out_indices))
 
     @property

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ._modes import eval_mode
 from .routes import StitchGroup, StitchPosition
-from .stitching import LeastSquaresFit, to_rows
+from .stitching import LeastSquaresFit
 from .unwrap import unwrap_stitched
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ def init_stitches(
                 layer = model.stitch_layers[str(g.stage)][g.pair][p.layer]
                 fits[key] = LeastSquaresFit(layer.in_dim, layer.out_dim)
 
+    new_tokens: dict[tuple, tuple[torch.Tensor, int]] = {}  # per layer: sum and count of new-token targets
     anchors_used = sorted({a for g in groups for a in (g.front_anchor, g.end_anchor)})
     with eval_mode(model):
         device = next(model.parameters()).device
@@ -98,9 +99,14 @@ def init_stitches(
                 front, end = model.adapters[g.front_anchor], model.adapters[g.end_anchor]
                 for p in g.positions:
                     x = outputs[g.front_anchor][front.unit_index(g.stage, p.front) + 1]
-                    y = outputs[g.end_anchor][end.unit_index(g.stage, p.end)]
-                    fits[_fit_key(g, p, mode)].add(to_rows(x, front.stage_layouts()[g.stage]),
-                                                   to_rows(y, end.stage_layouts()[g.stage]))
+                    y = outputs[g.end_anchor][end.unit_index(g.resume_stage, p.end)]
+                    layer = model.stitch_layers[str(g.stage)][g.pair][p.layer]
+                    x, y, new = layer.ls_rows(x, y)
+                    key = _fit_key(g, p, mode)
+                    fits[key].add(x, y)
+                    if new is not None:  # prefix tokens only the end anchor has: their mean activation
+                        total, count = new_tokens.get(key[:3], (0, 0))
+                        new_tokens[key[:3]] = (total + new.double().sum(0).cpu(), count + new.shape[0])
 
     solutions: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for key, fit in fits.items():
@@ -108,4 +114,5 @@ def init_stitches(
     for (stage, pair, layer), solved in solutions.items():
         weight = torch.stack([w for w, _ in solved]).mean(0)
         bias = torch.stack([b for _, b in solved]).mean(0)
-        model.stitch_layers[str(stage)][pair][layer].set_affine(weight, bias)
+        total, count = new_tokens.get((stage, pair, layer), (None, 0))
+        model.stitch_layers[str(stage)][pair][layer].set_affine(weight, bias, None if total is None else total / count)

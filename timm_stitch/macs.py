@@ -7,7 +7,8 @@ with and without the final norm, the head) is counted once at batch 1; a route's
 
 Convention (fvcore's ``FlopCountAnalysis``): one multiply-add = 1; linear layers, matmuls (including attention's
 q·kᵀ and attn·v) and convolutions count their MACs; LayerNorm/GroupNorm count 5 per element (4 without affine),
-eval BatchNorm 2 (1 without affine), adaptive average pooling 1 per input element; biases, softmax, activations,
+eval BatchNorm 2 (1 without affine), adaptive average pooling 1 per input element, interpolation (a resampling
+stitch) 4 per output element for bilinear (1 nearest, 16 bicubic); biases, softmax, activations,
 residual adds and scaling count nothing.
 
 Why this counter: thop hooks modules, so it misses functional matmuls (attention) and LayerNorm (DeiT-Ti comes
@@ -20,6 +21,7 @@ at the dispatch level they become device-specific kernels (and pooling to 1x1 be
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
@@ -60,11 +62,26 @@ def _adaptive_avg_pool(input, *args, **kwargs) -> int:
     return input.numel()
 
 
+#: input elements each output element of ``F.interpolate`` reads, per mode (fvcore: 4 for bilinear, 1 for nearest)
+_INTERPOLATE_TAPS = {'nearest': 1, 'bilinear': 4, 'bicubic': 16}
+
+
+def _interpolate(input, size=None, scale_factor=None, mode='nearest', *args, **kwargs) -> int:
+    dims = input.ndim - 2
+    if size is not None:
+        out = tuple(size) if isinstance(size, (tuple, list)) else (size,) * dims
+    else:
+        scales = tuple(scale_factor) if isinstance(scale_factor, (tuple, list)) else (scale_factor,) * dims
+        out = tuple(math.floor(n * f) for n, f in zip(input.shape[2:], scales))
+    return input.shape[0] * input.shape[1] * math.prod(out) * _INTERPOLATE_TAPS.get(mode, 1)
+
+
 _FUNCTION_RULES: dict[Callable, Callable[..., int]] = {
     F.layer_norm: _layer_norm,
     F.group_norm: _group_norm,
     F.batch_norm: _batch_norm,
     F.adaptive_avg_pool2d: _adaptive_avg_pool,
+    F.interpolate: _interpolate,
 }
 
 
@@ -136,7 +153,7 @@ def route_macs(
             (front, end), ref = route.cuts[i], route.stitches[i]
             stop = counts.block_units[ref.stage][front] + 1
             total += sum(counts.units[start:stop]) + stitch_macs[(ref, front)]
-            start = _resume_unit(anchors[route.anchors[i + 1]].block_units[ref.stage], end)
+            start = _resume_unit(anchors[route.anchors[i + 1]].block_units[ref.resume_stage], end)
         else:
             total += sum(counts.units[start:])
     last = anchors[route.anchors[-1]]

@@ -12,7 +12,7 @@ from torch import nn
 
 from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
-from .anchor_checks import stitchable_stages
+from .anchor_checks import check_anchors
 from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
 from .bn import RouteBatchNormStats, prepare_load, recalibrate_bn, route_bn_stats
 from .card_state import RouteCardMixin
@@ -96,7 +96,8 @@ class StitchedNet(RouteCardMixin, nn.Module):
         if len(self.anchor_names) != len(models):
             raise ValueError(f'got {len(self.anchor_names)} anchor names for {len(models)} anchors')
         #: where and how the anchors are stitched (``stages``: those checked and planned)
-        self.options = replace(options, stages=stitchable_stages(models, self.anchor_names, options))
+        geometry = check_anchors(models, self.anchor_names, options)
+        self.options = replace(options, stages=geometry.stages)
         self.num_classes = models[0].num_classes
         self.in_chans = self.adapters[0].in_chans
         self._traits = {'first_conv': anchor_first_convs(self.anchors)}  # timm adapts each to in_chans when loading
@@ -104,7 +105,7 @@ class StitchedNet(RouteCardMixin, nn.Module):
         self.final_norm_on_stitched_routes = final_norm_on_stitched_routes
         self.grad_checkpointing = False
 
-        self.plan = plan_routes([a.stage_depths() for a in self.adapters], self.options)
+        self.plan = plan_routes([a.stage_depths() for a in self.adapters], self.options, geometry.end_stages)
         self.stitch_layers = nn.ModuleDict()
         for group in self.plan.groups:
             front, end = self.adapters[group.front_anchor], self.adapters[group.end_anchor]
@@ -113,9 +114,9 @@ class StitchedNet(RouteCardMixin, nn.Module):
             stage = self.stitch_layers[str(group.stage)]
             assert len(stage) == group.pair, 'stitch groups are planned stage by stage, pair by pair'
             stage.append(nn.ModuleList(
-                StitchingLayer(front.stage_dims()[group.stage], end.stage_dims()[group.stage],
-                               front.stage_layouts()[group.stage], end.stage_layouts()[group.stage],
-                               stitch_lora_rank, stitch_lora_alpha)
+                StitchingLayer(front.stage_dims()[group.stage], end.stage_dims()[group.resume_stage],
+                               front.stage_layouts()[group.stage], end.stage_layouts()[group.resume_stage],
+                               stitch_lora_rank, stitch_lora_alpha, **geometry.layer_grids(group))
                 for _ in range(group.num_layers)
             ))
         #: per-route BatchNorm statistics (registered buffers, last in the state_dict; see :mod:`timm_stitch.bn`)

@@ -127,11 +127,13 @@ def plan_two_way_routes(depths: Sequence[int]) -> StitchPlan:
     return StitchPlan(tuple(routes), groups)
 
 
-def plan_routes(stage_depths: Sequence[Sequence[int]], options: StitchOptions = StitchOptions()) -> StitchPlan:
+def plan_routes(stage_depths: Sequence[Sequence[int]], options: StitchOptions = StitchOptions(),
+                end_stages: Optional[dict[int, int]] = None) -> StitchPlan:
     """The routes of anchors with ``stage_depths[a][s]`` blocks in stage ``s`` (one stage: plain token models).
 
     ``options.route_space='one_way'`` plans SN-Net's routes with the window / interpolation settings (hierarchical
-    anchors inside ``options.stages``, default all but the last); ``'two_way'`` plans SN-Netv2's two-way routes of
+    anchors inside ``options.stages``, default all but the last; ``end_stages``: the end anchor's stage each front
+    stage feeds, for two anchors of different stage structures); ``'two_way'`` plans SN-Netv2's two-way routes of
     two plain token anchors (see :func:`plan_two_way_routes`; the window settings do not apply).
     """
     o = options
@@ -148,4 +150,4 @@ def plan_routes(stage_depths: Sequence[Sequence[int]], options: StitchOptions = 
         return plan_token_routes([d[0] for d in stage_depths], o.kernel_size, o.stride, o.nearest, o.multi_anchor,
                                  o.layer_mapping)
     stages = list(range(min(len(d) for d in stage_depths) - 1)) if o.stages is None else list(o.stages)
-    return plan_staged_routes(stage_depths, stages, o.kernel_size, o.stride, o.nearest, o.layer_mapping)
+    return plan_staged_routes(stage_depths, stages, o.kernel_size, o.stride, o.nearest, o.layer_mapping, end_stages)

@@ -32,20 +32,34 @@ class StitchPosition:
 
 @dataclass(frozen=True)
 class StitchRef:
-    """Address of one stitching layer: ``stitch_layers[stage][pair][layer]``."""
+    """Address of one stitching layer: ``stitch_layers[stage][pair][layer]`` (``stage``: the front anchor's), and
+    the end anchor's stage it feeds (``end_stage``; None: the same stage)."""
     stage: int
     pair: int
     layer: int
+    end_stage: Optional[int] = None
+
+    @property
+    def resume_stage(self) -> int:
+        """The end anchor's stage the route resumes in."""
+        return self.stage if self.end_stage is None else self.end_stage
 
 
 @dataclass(frozen=True)
 class StitchGroup:
-    """The stitching layers of one (stage, anchor pair): ``num_layers`` layers shared by ``positions``."""
+    """The stitching layers of one (stage, anchor pair): ``num_layers`` layers shared by ``positions``, from the
+    front anchor's ``stage`` into the end anchor's ``end_stage`` (None: the same stage)."""
     stage: int
     pair: int
     front_anchor: int
     end_anchor: int
     positions: tuple[StitchPosition, ...]
+    end_stage: Optional[int] = None
+
+    @property
+    def resume_stage(self) -> int:
+        """The end anchor's stage its positions resume in."""
+        return self.stage if self.end_stage is None else self.end_stage
 
     @property
     def num_layers(self) -> int:
@@ -219,36 +233,43 @@ def plan_staged_routes(
         stride: int = 1,
         nearest: bool = True,
         layer_mapping: LayerMapping = 'corrected',
+        end_stages: Optional[dict[int, int]] = None,
 ) -> StitchPlan:
     """Routes for hierarchical models (Swin, ResNet, LeViT) stitched inside one stage at a time.
 
     ``stage_depths[a][s]`` is the number of blocks of anchor ``a`` in stage ``s``. In each stage of ``stages``,
     each anchor pair (adjacent when ``nearest``) is stitched with forward window positions (``j < k``) when the
     depths match and with interpolated positions otherwise. Order: anchors, then stage by stage, pair by pair.
+    ``end_stages`` maps a front stage to the end anchor's stage it feeds, for two anchors of different stage
+    structures (ResNet stage 2 -> a ViT's only stage: ``{2: 0}``); default the same stage.
     """
     num_anchors = len(stage_depths)
     if num_anchors < 1:
         raise ValueError('at least one anchor is required')
     _check_positive(kernel_size=kernel_size, stride=stride)
-    num_stages = min(len(d) for d in stage_depths)
-    for s in stages:
-        if not 0 <= s < num_stages:
-            raise ValueError(f'stage {s} is out of range: the anchors have stages 0..{num_stages - 1}')
+    end_stages = end_stages or {}
     pairs = [c for c in _anchor_combinations(num_anchors, nearest, False) if len(c) == 2]
+    checks = [(a, s) for s in stages for a in range(num_anchors) if not end_stages]
+    checks += [check for s in stages for a, b in pairs for check in ((a, s), (b, end_stages.get(s, s)))]
+    for anchor, stage in checks:
+        if not 0 <= stage < len(stage_depths[anchor]):
+            raise ValueError(f'stage {stage} is out of range: the anchors have stages '
+                             f'0..{len(stage_depths[anchor]) - 1}')
     routes = [Route(id=a, anchors=(a,)) for a in range(num_anchors)]
     groups = []
     for s in stages:
+        t = end_stages.get(s)
         for pair_idx, (a, b) in enumerate(pairs):
-            df, de = stage_depths[a][s], stage_depths[b][s]
+            df, de = stage_depths[a][s], stage_depths[b][s if t is None else t]
             if df == de:
                 positions = window_positions(df, kernel_size, stride, forward_only=True)
             else:
                 positions = interpolated_positions(df, de, layer_mapping)
-            groups.append(StitchGroup(s, pair_idx, a, b, tuple(positions)))
+            groups.append(StitchGroup(s, pair_idx, a, b, tuple(positions), t))
             for p in positions:
                 routes.append(Route(
                     id=len(routes), anchors=(a, b), stage=s, cuts=((p.front, p.end),),
-                    stitches=(StitchRef(s, pair_idx, p.layer),),
+                    stitches=(StitchRef(s, pair_idx, p.layer, t),),
                 ))
     return StitchPlan(tuple(routes), tuple(groups))
 

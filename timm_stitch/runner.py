@@ -40,7 +40,7 @@ def route_spans(route: Route, adapters: Sequence[AnchorAdapter]) -> list[tuple[i
         if i < len(route.cuts):
             (front, end), ref = route.cuts[i], route.stitches[i]
             spans.append((anchor, start, adapter.unit_index(ref.stage, front) + 1))
-            start = adapters[route.anchors[i + 1]].unit_index(ref.stage, end)
+            start = adapters[route.anchors[i + 1]].unit_index(ref.resume_stage, end)
         else:
             spans.append((anchor, start, len(adapter.units)))
     return spans

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Iterator, Literal, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import IncompatibleAnchorsError
+from .grids import Grid, Layout, map_to, prefix_sources, resample_map, split_grid
 
 __all__ = ['StitchingLayer', 'LoRALinear', 'LeastSquaresFit', 'to_rows', 'merge_lora', 'merged_lora_state',
-           'deployed_parameters', 'stitch_lora_args']
-
-Layout = Literal['tokens', 'nchw', 'nhwc']
+           'deployed_parameters', 'stitch_lora_args', 'Layout']
 
 
 def to_rows(x: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -88,10 +87,18 @@ class StitchingLayer(nn.Module):
     With ``lora_rank > 0`` (token and channels-last activations only) ``transform`` is a :class:`LoRALinear`: its
     base weight is frozen and a rank-``lora_rank`` update scaled by ``lora_alpha / lora_rank`` is trained instead,
     as SN-Netv2 does (rank 64, alpha 1). :meth:`merge_lora_` turns it into the equivalent plain linear layer.
+
+    ``in_grid`` / ``out_grid`` (:class:`~timm_stitch.grids.Grid`) are where the two anchors' activations sit. When
+    they differ in positions or prefix roles (ViT-B/16 -> ViT-L/14, a CNN map into a ViT), the layer *resamples*:
+    after the channel map, the patch map is resampled bilinearly to the end grid and the end's prefix tokens are
+    taken by role: a role both anchors have passes through the channel map, a role only the end has is the
+    parameter ``new_tokens`` (set to the end anchor's mean activation there by least-squares init), a role only
+    the front has is dropped.
     """
 
     def __init__(self, in_dim: int, out_dim: int, layout: Layout = 'tokens', out_layout: Optional[Layout] = None,
-                 lora_rank: int = 0, lora_alpha: float = 1.0):
+                 lora_rank: int = 0, lora_alpha: float = 1.0, in_grid: Optional[Grid] = None,
+                 out_grid: Optional[Grid] = None):
         super().__init__()
         out_layout = out_layout or layout
         if (layout, out_layout) not in _LAYOUT_CHANGES:
@@ -113,6 +120,17 @@ class StitchingLayer(nn.Module):
             self.transform = LoRALinear(in_dim, out_dim, lora_rank, lora_alpha)
         else:
             self.transform = nn.Linear(in_dim, out_dim)
+        self.in_grid, self.out_grid = in_grid, out_grid
+        #: whether the layer resamples the grid / carries prefix tokens by role (else it maps position by position)
+        self.regrids = in_grid is not None and out_grid is not None and not in_grid.matches(out_grid)
+        if self.regrids:
+            if in_grid.hw is None or out_grid.hw is None:
+                raise IncompatibleAnchorsError(
+                    f'cannot resample {in_grid.describe()} onto {out_grid.describe()}: both patch grids must be known')
+            self.sources = prefix_sources(in_grid.roles, out_grid.roles) if out_layout == 'tokens' else ()
+            num_new = sum(s < 0 for s in self.sources)
+            if num_new:
+                self.new_tokens = nn.Parameter(torch.zeros(1, num_new, out_dim))
 
     @property
     def lora_rank(self) -> int:
@@ -132,6 +150,8 @@ class StitchingLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform(x)
+        if self.regrids:
+            return self._regrid(x)
         if self.out_layout == self.layout:
             return x
         if self.out_layout == 'nhwc':
@@ -140,19 +160,55 @@ class StitchingLayer(nn.Module):
             return x.permute(0, 3, 1, 2)
         return x.flatten(2).transpose(1, 2) if self.layout == 'nchw' else x.flatten(1, 2)
 
+    def _regrid(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel-mapped front activation ``x`` on the end grid, with the end's prefix tokens by role."""
+        prefix, patches = split_grid(x, self.layout, self.in_grid)
+        out = map_to(resample_map(patches, self.out_grid.hw), self.out_layout)
+        if not self.sources:
+            return out
+        parts, new = [], 0
+        for source in self.sources:
+            if source >= 0:
+                parts.append(prefix[:, source:source + 1])
+            else:
+                parts.append(self.new_tokens[:, new:new + 1].expand(x.shape[0], -1, -1))
+                new += 1
+        return torch.cat(parts + [out], dim=1)
+
+    def ls_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Least-squares data from front activations ``x`` and the end activations ``y`` they should map to: rows
+        of inputs (n, in_dim) on the end grid (resampled), their targets (n, out_dim), and the targets of
+        ``new_tokens`` (B, num_new, out_dim; None without)."""
+        if not self.regrids:
+            return to_rows(x, self.layout), to_rows(y, self.out_layout), None
+        x_prefix, x_map = split_grid(x, self.layout, self.in_grid)
+        y_prefix, y_map = split_grid(y, self.out_layout, self.out_grid)
+        xs, ys, new = [to_rows(resample_map(x_map, self.out_grid.hw), 'nchw')], [to_rows(y_map, 'nchw')], []
+        for i, source in enumerate(self.sources):
+            if source >= 0:
+                xs.append(x_prefix[:, source])
+                ys.append(y_prefix[:, i])
+            else:
+                new.append(y_prefix[:, i])
+        return torch.cat(xs), torch.cat(ys), torch.stack(new, 1) if new else None
+
     @torch.no_grad()
-    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Load ``y = x @ weight.T + bias`` (weight ``(out_dim, in_dim)``) into the layer; a low-rank update is
-        reset to zero (``lora_B``), so that the layer computes exactly this map."""
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor, new_tokens: Optional[torch.Tensor] = None) -> None:
+        """Load ``y = x @ weight.T + bias`` (weight ``(out_dim, in_dim)``) into the layer, and ``new_tokens``
+        (num_new, out_dim) when given; a low-rank update is reset to zero (``lora_B``), so that the layer computes
+        exactly this map."""
         w = self.transform.weight
         self.transform.weight.copy_(weight.reshape(w.shape).to(w))
         self.transform.bias.copy_(bias.to(self.transform.bias))
         if isinstance(self.transform, LoRALinear):
             self.transform.lora_B.zero_()
+        if new_tokens is not None:
+            self.new_tokens.copy_(new_tokens.reshape(self.new_tokens.shape).to(self.new_tokens))
 
     def extra_repr(self) -> str:
         layout = self.layout if self.out_layout == self.layout else f'{self.layout}->{self.out_layout}'
-        return f'{self.in_dim} -> {self.out_dim}, layout={layout}'
+        grids = f', {self.in_grid.describe()} -> {self.out_grid.describe()}' if self.regrids else ''
+        return f'{self.in_dim} -> {self.out_dim}, layout={layout}{grids}'
 
 
 def deployed_parameters(modules: Iterable[nn.Module]) -> Iterator[nn.Parameter]:

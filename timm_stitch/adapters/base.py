@@ -8,7 +8,7 @@ from torch import nn
 
 from .._modes import eval_mode
 from ..errors import AdapterMismatchError
-from ..stitching import Layout
+from ..grids import Layout
 
 __all__ = ['AnchorAdapter', 'ADAPTERS', 'adapter_for', 'first_conv_channels', 'params_of', 'register_adapter']
 
@@ -45,6 +45,16 @@ class AnchorAdapter:
 
     def unit_index(self, stage: int, block: int) -> int:
         raise NotImplementedError
+
+    def prefix_roles(self) -> tuple[str, ...]:
+        """Roles of the prefix tokens before the patch tokens (``'cls'``, ``'dist'``, ``'reg'``), in order; none
+        for feature maps."""
+        return ()
+
+    def patch_grid(self) -> Optional[tuple[int, int]]:
+        """The (H, W) of a token stage's patch tokens (single-stage token models), so that a stitch can resample
+        it; None when unknown (then it stitches only into the same number of positions)."""
+        return None
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -33,6 +33,15 @@ class ViTAdapter(AnchorAdapter):
     def unit_index(self, stage: int, block: int) -> int:
         return block
 
+    def prefix_roles(self) -> tuple[str, ...]:
+        m = self.model
+        roles = ('cls',) if m.cls_token is not None else ()
+        roles += ('dist',) if getattr(m, 'dist_token', None) is not None else ()
+        return roles + ('reg',) * (m.num_prefix_tokens - len(roles))
+
+    def patch_grid(self) -> Optional[tuple[int, int]]:
+        return None if self.model.dynamic_img_size else tuple(self.model.patch_embed.grid_size)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.patch_embed(x)
