@@ -59,7 +59,8 @@ def check_anchors(
     fixed = [(n, a.input_size()) for n, a in zip(names, adapters) if a.input_size() is not None]
     if len({size for _, size in fixed}) > 1:
         raise IncompatibleAnchorsError('anchors need different input sizes: ' + _listing(
-            [(n, f'{h}x{w}') for n, (h, w) in fixed]) + '; build them with one img_size')
+            [(n, f'{h}x{w}') for n, (h, w) in fixed]) + '; build them with one img_size (a resampling stitch joins '
+            'their patch grids if these then differ)')
     counts = [len(a.stage_depths()) for a in adapters]
     if len(set(counts)) > 1 and len(models) != 2:
         raise IncompatibleAnchorsError(
@@ -95,7 +96,7 @@ def check_anchors(
             if not _joinable(grids[a][0], grids[b][0]):
                 _raise_mismatch(0, [(a, b)], names, grids, adapters)
         return StitchGeometry(None, grids=grids)
-    mismatch = {s: [(a, b) for a, b in pairs if not _same(grids[a][s], grids[b][s])] for s in range(num_stages)}
+    mismatch = {s: [(a, b) for a, b in pairs if not grids[a][s].matches(grids[b][s])] for s in range(num_stages)}
     if options.stages is None:
         stages = tuple(s for s in range(num_stages - 1) if not mismatch[s])
         if not stages:
@@ -112,14 +113,9 @@ def _check_stage(stage: int, num_stages: int, whose: str = 'the anchors have') -
         raise ValueError(f'stage {stage} is out of range: {whose} stages 0..{num_stages - 1}')
 
 
-def _same(front: Grid, end: Grid) -> bool:
-    """Positions a plain stitch joins (same count and prefix roles, and the same grid where both are known)."""
-    return front.matches(end) and (front.hw is None or end.hw is None or front.hw == end.hw)
-
-
 def _joinable(front: Grid, end: Grid) -> bool:
     """Positions a stitch joins: the same ones, or two known patch grids (resampled, prefix tokens by role)."""
-    return _same(front, end) or (front.hw is not None and end.hw is not None)
+    return front.matches(end) or (front.hw is not None and end.hw is not None)
 
 
 def _cross_structure(adapters: Sequence[AnchorAdapter], names: Sequence[str], grids: list[list[Grid]],

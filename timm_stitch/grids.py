@@ -33,8 +33,10 @@ class Grid:
     roles: tuple[str, ...] = ()
 
     def matches(self, other: Grid) -> bool:
-        """Whether a plain (position-wise) stitch joins the two: same positions, same prefix roles."""
-        return self.positions == other.positions and self.roles == other.roles
+        """Whether a plain (position-wise) stitch joins the two: same positions and prefix roles, and the same patch
+        grid where both are known."""
+        return (self.positions == other.positions and self.roles == other.roles
+                and (self.hw is None or other.hw is None or self.hw == other.hw))
 
     def describe(self) -> str:
         if self.hw is None:
