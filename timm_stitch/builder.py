@@ -63,7 +63,7 @@ def stitch(
 def _feature_maps_first(models: Sequence[nn.Module], order: list[int]) -> list[int]:
     """``order`` with a CNN put before a plain token model when the two are the only anchors (a token anchor's
     activations cannot feed feature-map stages; the other way, a resampling stitch joins them)."""
-    if len(order) != 2:
+    if len(order) != 2 or type(models[order[0]]) is type(models[order[1]]):  # one family: one stage structure
         return order
     front, end = (adapter_for(models[i]) for i in order)
     if len(front.stage_depths()) != len(end.stage_depths()) and set(front.stage_layouts()) == {'tokens'} \
