@@ -123,3 +123,17 @@ def test_map_layouts_follow_the_dims_that_change_with_the_image_size():
     adapter = adapter_for(model)
     assert adapter.stage_layouts() == ('nchw',) * 7
     assert adapter.stage_dims() == (16, 24, 48, 88, 120, 208, 352)
+
+
+def test_generic_token_models_stitch_across_patch_grids():
+    """BEiT (no adapter of its own) at patch 16 and 8: the generic adapter names its class token and patch grid,
+    so a resampling stitch joins the 4x4 and 8x8 grids; the anchor routes stay timm's."""
+    anchors = [dict(model_name='beit_base_patch16_224', img_size=64, depth=2, embed_dim=32, num_heads=2),
+               dict(model_name='beit_base_patch16_224', img_size=64, patch_size=8, depth=2, embed_dim=64,
+                    num_heads=2)]
+    net = timm_stitch.stitch(anchors, num_classes=10).eval()
+    assert [a.patch_grid() for a in net.adapters] == [(4, 4), (8, 8)]
+    assert [a.prefix_roles() for a in net.adapters] == [('cls',), ('cls',)]
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(net(x, stitch_id=1), net.anchors[1](x))
+    assert all(net(x, stitch_id=r).shape == (2, 10) for r in range(2, net.num_routes))

@@ -124,6 +124,7 @@ class GenericAdapter(AnchorAdapter):
             depths[-1] += 1
         self._first, self._depths = tuple(firsts), tuple(depths)
         self._layouts, self._dims = tuple(layouts), tuple(dims)
+        self._tokens = shapes[0][0] if len(shapes[0]) == 2 else None
 
     @property
     def units(self) -> tuple[nn.Module, ...]:
@@ -141,6 +142,23 @@ class GenericAdapter(AnchorAdapter):
     @property
     def layout(self) -> Layout:  # the first stage's: per-stage layouts are in stage_layouts()
         return self._layouts[0]
+
+    def prefix_roles(self) -> tuple[str, ...]:
+        """Single-stage token models: the class token (timm's ``cls_token``), then register tokens."""
+        if self.patch_grid() is None:
+            return ()
+        prefix = getattr(self.model, 'num_prefix_tokens', 0)
+        roles = ('cls',) if getattr(self.model, 'cls_token', None) is not None and prefix else ()
+        return roles + ('reg',) * (prefix - len(roles))
+
+    def patch_grid(self) -> Optional[tuple[int, int]]:
+        """The patch grid of a single-stage token model whose token count is its prefix plus ``patch_embed``'s
+        grid (BEiT, XCiT...), so that a stitch can resample it."""
+        grid = getattr(getattr(self.model, 'patch_embed', None), 'grid_size', None)
+        if self._layouts != ('tokens',) or grid is None or len(grid) != 2:
+            return None
+        prefix = getattr(self.model, 'num_prefix_tokens', 0)
+        return tuple(grid) if self._tokens == prefix + grid[0] * grid[1] else None
 
     def unit_index(self, stage: int, block: int) -> int:
         return self._first[stage] + block
