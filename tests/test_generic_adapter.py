@@ -137,3 +137,29 @@ def test_generic_token_models_stitch_across_patch_grids():
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(net(x, stitch_id=1), net.anchors[1](x))
     assert all(net(x, stitch_id=r).shape == (2, 10) for r in range(2, net.num_routes))
+
+
+def test_stage_outputs_are_cuts_where_block_outputs_are_not():
+    """CSPNet merges each stage's cross-stage partial after its blocks: no block boundary carries the activation
+    alone, the stage outputs do; its one-unit stages are stitched at their ends (front stage s, end stage s+1)."""
+    net = timm_stitch.stitch(['cs3darknet_focus_s', 'cs3darknet_focus_m'], num_classes=10)
+    assert [a.stage_depths() for a in net.adapters] == [(1, 1, 1, 1, 1)] * 2
+    assert [(r.stage, r.cuts) for r in net.plan.routes[2:]] == [(s, ((0, 1),)) for s in range(4)]
+    x = torch.randn(4, 3, 64, 64)
+    net.train()
+    net(x, stitch_id=[2, 3, 4, 5]).sum().backward()
+    assert all(p.grad is not None for p in net.stitch_layers.parameters())
+    net.eval()
+    assert torch.equal(net(x, stitch_id=0), net.anchors[0](x))
+
+
+def test_units_never_write_their_input():
+    """VGG's units start with an in-place ReLU on the previous block's output: a piece copies its input first, so a
+    shared prefix (mixed-route batches) and the stitching layer's backward see the activation unchanged."""
+    adapter = adapter_for(timm.create_model('vgg11', num_classes=10))
+    h = adapter.embed(torch.randn(2, 3, 32, 32))
+    for unit in adapter.units:
+        before = h.clone()
+        out = unit(h)
+        assert torch.equal(h, before)
+        h = out

@@ -153,3 +153,11 @@ def test_format_route_table_macs_unit():
     assert 'MMACs' in format_route_table(small) and '  5.312 ' in format_route_table(small)
     large = [dataclasses.replace(r, macs=m) for r, m in zip(routes, (1_258_411_200, 4_608_338_304))]
     assert 'GMACs' in format_route_table(large) and '  1.258 ' in format_route_table(large)
+
+
+def test_a_stage_of_one_block_each_is_stitched_at_its_end():
+    """No cut inside a one-block stage: the route runs the front's whole stage, then the end from its next stage
+    (end block 1 of a one-block stage is the next stage's first unit); the last stage gets none."""
+    plan = plan_staged_routes([(1, 1, 2), (1, 1, 2)], stages=(0, 1))
+    assert [(r.stage, r.cuts, r.stitches[0].layer) for r in plan.routes[2:]] == [(0, ((0, 1),), 0), (1, ((0, 1),), 0)]
+    assert plan_staged_routes([(2, 2), (2, 2)], stages=(0,)).routes[2].cuts == ((0, 1),)  # in-stage cuts unchanged

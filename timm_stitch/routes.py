@@ -239,9 +239,11 @@ def plan_staged_routes(
 
     ``stage_depths[a][s]`` is the number of blocks of anchor ``a`` in stage ``s``. In each stage of ``stages``,
     each anchor pair (adjacent when ``nearest``) is stitched with forward window positions (``j < k``) when the
-    depths match and with interpolated positions otherwise. Order: anchors, then stage by stage, pair by pair.
-    ``end_stages`` maps a front stage to the end anchor's stage it feeds, for two anchors of different stage
-    structures (ResNet stage 2 -> a ViT's only stage: ``{2: 0}``); default the same stage.
+    depths match and with interpolated positions otherwise; a stage that gives no position (one block in each)
+    gets one at its end: the front anchor's whole stage, then the end anchor from its next stage. Order: anchors,
+    then stage by stage, pair by pair. ``end_stages`` maps a front stage to the end anchor's stage it feeds, for
+    two anchors of different stage structures (ResNet stage 2 -> a ViT's only stage: ``{2: 0}``); default the
+    same stage.
     """
     num_anchors = len(stage_depths)
     if num_anchors < 1:
@@ -265,6 +267,9 @@ def plan_staged_routes(
                 positions = window_positions(df, kernel_size, stride, forward_only=True)
             else:
                 positions = interpolated_positions(df, de, layer_mapping)
+            if not positions and t is None and s + 1 < len(stage_depths[b]):
+                # no cut inside the stage (one block each): after the front's whole stage, into the end's next one
+                positions = [StitchPosition(df - 1, de, 0)]
             groups.append(StitchGroup(s, pair_idx, a, b, tuple(positions), t))
             for p in positions:
                 routes.append(Route(

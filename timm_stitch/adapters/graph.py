@@ -183,7 +183,7 @@ def split_forward_features(model: nn.Module, blocks: Sequence[tuple[str, nn.Modu
     with eval_mode(model):
         one, two = (_run_recording(root, graph, probe(n)) for n in (1, 2))
     on_input = _input_dependent(nodes)
-    candidates = [first.args[0]] + calls
+    candidates = [first.args[0]] + sorted(set(calls) | _stage_ends(nodes, names, pos[first]), key=pos.get)
     reads_after: dict[fx.Node, int] = {}
     for n in nodes:
         for m in n.all_input_nodes:
@@ -201,13 +201,15 @@ def split_forward_features(model: nn.Module, blocks: Sequence[tuple[str, nn.Modu
             else:
                 ok = False
         valid.append(ok)
-    if not valid[0]:
-        raise TypeError('its blocks read values from the embedding other than the activation and sizes')
-    if not valid[-1]:
-        raise TypeError('its finish reads values from before the last block other than the activation and sizes')
-    cuts = [c for c, ok in zip(candidates, valid) if ok]
+    # blocks before the first valid cut run in the embedding, blocks after the last one in the finish
+    cuts: list[fx.Node] = []
+    for c, ok in zip(candidates, valid):  # each unit runs at least one block (a stem's pool joins the next unit)
+        if ok and (not cuts or any(pos[cuts[-1]] < pos[b] <= pos[c] for b in calls)):
+            cuts.append(c)
     if len(cuts) < 3:
-        raise TypeError('no block boundary carries the activation alone')
+        raise TypeError(f'its blocks read values from the embedding or earlier blocks other than the activation and '
+                        f'sizes: {max(len(cuts) - 1, 0)} of {len(calls)} block boundaries carry the activation alone '
+                        '(two are needed)')
     output = next(n for n in nodes if n.op == 'output')
     modules = dict(root.named_modules())
     pieces = _Pieces(root, nodes, carried_ok)
@@ -221,6 +223,19 @@ def split_forward_features(model: nn.Module, blocks: Sequence[tuple[str, nn.Modu
         unit_shapes=tuple(two[c].shape[1:] for c in cuts[1:]), fixed_size=pieces.baked)
 
 
+def _stage_ends(nodes: list[fx.Node], names: Sequence[str], after: int) -> set[fx.Node]:
+    """The last node run inside each module holding blocks (a stage's output, after the glue that follows its
+    blocks: CSPNet's merge of the cross-stage partial), from the module stack FX records per node."""
+    holders = {'.'.join(n.split('.')[:i]) for n in names for i in range(2, n.count('.') + 1)}
+    last: dict[str, fx.Node] = {}
+    for i, n in enumerate(nodes):
+        if i > after and n.op in ('call_module', 'call_function', 'call_method'):
+            for key in n.meta.get('nn_module_stack', {}):
+                if key in holders:
+                    last[key] = n
+    return set(last.values())
+
+
 def _input_dependent(nodes: list[fx.Node]) -> set[fx.Node]:
     """The nodes whose value depends on the graph's input."""
     dependent: set[fx.Node] = set()
@@ -230,11 +245,34 @@ def _input_dependent(nodes: list[fx.Node]) -> set[fx.Node]:
     return dependent
 
 
+def _in_place(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``n`` writes its first input (``relu_``, ``x.add_(...)``, ``nn.ReLU(inplace=True)``...)."""
+    if n.op == 'call_module':
+        return getattr(modules[n.target], 'inplace', False) is True
+    if n.op == 'call_method':
+        return n.target.endswith('_') and not n.target.endswith('__')
+    if n.op == 'call_function':
+        name = getattr(n.target, '__name__', '')
+        return n.kwargs.get('inplace') is True or (name.endswith('_') and not name.endswith('__'))
+    return False
+
+
+def _clone_if_written(graph: fx.Graph, x: fx.Node, modules: dict[str, nn.Module]) -> None:
+    """Make a piece copy its input before an op writes it in place: a route's activation may feed several
+    continuations (shared prefixes of mixed-route batches) and the stitching layer's backward."""
+    if not any(u.args and u.args[0] is x and _in_place(u, modules) for u in x.users):
+        return
+    with graph.inserting_after(x):
+        copy = graph.call_method('clone', (x,))
+    x.replace_all_uses_with(copy, delete_user_cb=lambda u: u is not copy)
+
+
 class _Pieces:
     """Builds the pieces of a traced graph as modules of one input and one output."""
 
     def __init__(self, root: nn.Module, nodes: list[fx.Node], carried: dict[fx.Node, Any]):
         self.root, self.nodes, self.carried = root, nodes, carried
+        self.modules = dict(root.named_modules())
         self.baked = False
 
     def make(self, start: Optional[fx.Node], end: fx.Node,
@@ -268,6 +306,8 @@ class _Pieces:
                 continue
             env[n] = read(n.args[0]) if skip is not None and skip(n) else graph.node_copy(n, read)
         graph.output(read(end))
+        if start is not None:
+            _clone_if_written(graph, x, self.modules)
         piece = fx.GraphModule(self.root, graph, class_name=type(self.root.model).__name__ + 'Piece')
         piece.graph.eliminate_dead_code()
         piece.recompile()
