@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Optional
 import timm
 import torch
 
+import timm_stitch
 from timm_stitch import StitchedNet
 
 #: cross-family anchor pairs (front, end) the benchmark and the registry test stitch, at 224 px
@@ -44,8 +45,17 @@ class TinyZoo(NamedTuple):
     img: int
 
     def specs(self) -> list[dict[str, Any]]:
-        """The anchors as ``timm_stitch.stitch`` kwargs dicts."""
-        return [dict(model_name=name, **kw) for name, kw in zip(self.anchors, self.kwargs)]
+        """The anchors as ``timm_stitch.stitch`` kwargs dicts; their pretrained cfg states the input size they are
+        built for (the size adapters probe and fixed-size models require)."""
+        overlay = dict(pretrained_cfg_overlay=dict(input_size=(3, self.img, self.img)))
+        return [dict(model_name=name, **overlay, **kw) for name, kw in zip(self.anchors, self.kwargs)]
+
+    def build(self, seed: int = 0) -> StitchedNet:
+        """The two tiny anchors stitched, with 10 classes (anchors may otherwise keep different class counts)."""
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return timm_stitch.stitch(self.specs(), num_classes=10)
 
     def images(self, n: int = 2, seed: int = 0) -> torch.Tensor:
         return torch.randn(n, 3, self.img, self.img, generator=torch.Generator().manual_seed(seed))
@@ -140,7 +150,7 @@ TINY: dict[str, TinyZoo] = {
                     dict(depth=_L4B)),
     'res2net': _tiny('res2next50', 'res2net50_14w_8s', 32, None, dict(layers=_L4A), dict(layers=_L4B)),
     'resnest': _tiny('resnest14d', 'resnest26d', 32, None, dict(layers=_L4A), dict(layers=_L4B)),
-    'resnet': _tiny('resnet10t', 'resnet14t', 32, dict(channels=_DIMS4)),
+    'resnet': _tiny('resnet10t', 'resnet14t', 32, dict(channels=_DIMS4, layers=(2, 2, 2, 2))),
     'resnetv2': _tiny('resnetv2_18', 'resnetv2_18d', 32, dict(channels=(8, 16, 32, 64), stem_chs=8),
                       dict(layers=_L4A), dict(layers=_L4B)),
     'rexnet': _tiny('rexnet_100', 'rexnet_130', 64),
