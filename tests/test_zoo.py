@@ -15,16 +15,16 @@ from timm_stitch.features import route_feature_info
 
 #: stitched families whose tiny test runs in the quick suite (widths shrunk: a few hundred ms each); the other
 #: stitched families' tiny tests are ``slow``, and the whole zoo is the benchmark's sweep
-QUICK = frozenset({'beit', 'convnext', 'deit', 'fasternet', 'mambaout', 'resnetv2', 'starnet', 'swiftformer',
-                   'swin_transformer'})
+QUICK = frozenset({'beit', 'convnext', 'deit', 'fasternet', 'hiera', 'mambaout', 'pvt_v2', 'resnetv2', 'starnet',
+                   'swiftformer', 'swin_transformer'})
 #: families the sweep (docs/zoo.md) records as refused or failing, whose tiny test is not run; each a lead for an
 #: adapter
 NOT_STITCHED = frozenset({
     'byobnet', 'cait', 'coat', 'convit', 'convmixer', 'crossvit', 'cspnet', 'deepseek_vit', 'densenet', 'dpn',
-    'efficientnet', 'efficientvim', 'eva', 'gcvit', 'gemma4_vit', 'ghostnet', 'hardcorenas', 'hiera', 'hieradet_sam2',
-    'hrnet', 'mlp_mixer', 'mobilevit', 'mvitv2', 'naflexvit', 'nest', 'nextvit', 'pit', 'pvt_v2', 'qwen3_vit', 'rdnet',
-    'repghost', 'resnet', 'rexnet', 'selecsls', 'sequencer', 'tnt', 'tresnet', 'twins', 'vgg', 'vision_transformer',
-    'vision_transformer_relpos', 'vision_transformer_sam',
+    'efficientnet', 'efficientvim', 'eva', 'gcvit', 'gemma4_vit', 'ghostnet', 'hardcorenas', 'hieradet_sam2', 'hrnet',
+    'mobilevit', 'mvitv2', 'nest', 'nextvit', 'pit', 'qwen3_vit', 'rdnet', 'repghost', 'resnet', 'rexnet', 'selecsls',
+    'sequencer', 'tnt', 'tresnet', 'twins', 'vgg', 'vision_transformer', 'vision_transformer_relpos',
+    'vision_transformer_sam', 'xception_aligned', 'xcit',
 })
 FAMILIES = [pytest.param(f, marks=() if f in QUICK else pytest.mark.slow) for f in sorted(set(TINY) - NOT_STITCHED)]
 
