@@ -1,7 +1,9 @@
 """Shared pytest fixtures, and the registry of tiny stitched networks per family.
 
 A test taking a ``family`` argument runs once per family of :data:`TINY_FAMILIES` (or those named by its
-``@pytest.mark.families(...)`` marker); its ``family_net`` fixture is that family's tiny network.
+``@pytest.mark.families(...)`` marker); its ``family_net`` fixture is that family's tiny network. The families of
+timm's whole zoo, one tiny configuration each, are ``tests/zoo_families.py``'s ``TINY`` (shared with
+``benchmarks/zoo_coverage.py``); ``tests/test_zoo.py`` runs each through the contract in one combined test.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_images, tiny_snnet
+from tiny_models import tiny_images, tiny_snnet, tiny_vit_args
 
+from timm_stitch import stitch
 from timm_stitch.errors import RouteIdError
 from timm_stitch.serving import check_route_ids, group_by_route, mixed_forward
 
@@ -147,3 +148,12 @@ def test_empty_batches_numpy_ids_and_0d_ids():
         assert torch.equal(model(x, stitch_id=ids), model(x, stitch_id=ids.tolist()))
         assert torch.equal(model(x, stitch_id=torch.tensor(5)), model(x, stitch_id=5))
         assert torch.equal(model(x, stitch_id=np.int64(5)), model(x, stitch_id=5))
+
+
+def test_mixed_batch_over_heads_of_different_widths_is_refused():
+    """Anchors kept with their own class counts (here 10 and 5) give routes of different output widths: a mixed
+    batch over them is a clear ValueError, not a shape error inside the gather."""
+    torch.manual_seed(0)
+    model = stitch([tiny_vit_args(16, 2, 2, num_classes=10), tiny_vit_args(32, 2, 2, num_classes=5)])
+    with pytest.raises(ValueError, match='different shapes'):
+        model(tiny_images(2), stitch_id=[0, 1])

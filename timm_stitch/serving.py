@@ -127,6 +127,10 @@ def _grouped_forward(model: StitchedNet, x: torch.Tensor, ids: torch.Tensor, sha
         else:
             outputs.extend(_shared_prefix_forward(model, front, x, members))
     first = outputs[0][1]
+    shapes = {tuple(logits.shape[1:]) for _, logits in outputs}
+    if len(shapes) > 1:
+        raise ValueError(f'the routes of one mixed batch give outputs of different shapes {sorted(shapes)} (anchors '
+                         'with different num_classes): build the network with one num_classes')
     out = first.new_empty((x.shape[0], *first.shape[1:]))
     for pos, logits in outputs:
         out[pos] = logits
