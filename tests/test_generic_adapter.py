@@ -163,3 +163,15 @@ def test_units_never_write_their_input():
         out = unit(h)
         assert torch.equal(h, before)
         h = out
+
+
+def test_macs_count_on_a_family_passing_parameters_to_blocks():
+    """CaiT's class-attention blocks take its class token: torch's module tracker (inside the MACs counter) failed
+    on it ("Expected gradient function to be set") while parameters required grad; their flags come back."""
+    anchors = [dict(model_name='cait_xxs24_224', img_size=32, patch_size=8, depth=2, embed_dim=d, num_heads=2)
+               for d in (32, 64)]
+    net = timm_stitch.stitch(anchors, num_classes=10)
+    flags = [p.requires_grad for p in net.parameters()]
+    macs = timm_stitch.count_route_macs(net)
+    assert len(macs) == net.num_routes and macs[0] < macs[1]
+    assert [p.requires_grad for p in net.parameters()] == flags

@@ -1,4 +1,4 @@
-"""Temporary eval mode that gives every submodule its own train/eval flag back afterwards."""
+"""Temporary modes that give every submodule its train/eval flag, and every parameter its requires_grad, back."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +6,7 @@ from typing import Iterator
 
 from torch import nn
 
-__all__ = ['eval_mode']
+__all__ = ['eval_mode', 'frozen_parameters']
 
 
 @contextlib.contextmanager
@@ -23,3 +23,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with no parameter of ``model`` requiring grad, then give each its flag back (counting MACs:
+    torch's module tracker hooks the backward of every tensor that requires grad, and fails on some)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

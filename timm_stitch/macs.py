@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ._modes import eval_mode
+from ._modes import eval_mode, frozen_parameters
 from .input_size import model_input_size
 from .routes import Route, StitchRef
 from .unwrap import unwrap_stitched
@@ -175,7 +175,7 @@ def count_anchor_macs(
 ) -> tuple[list[AnchorMacs], dict[tuple[StitchRef, int], int]]:
     """Count every piece of ``model`` once at batch 1: per-anchor pieces and each stitching layer at each cut."""
     input_size = tuple(input_size or model_input_size(model))
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), frozen_parameters(model):
         anchors, activations = [], []
         for anchor, adapter in zip(model.anchors, model.adapters):
             ref = _param_like(anchor)
