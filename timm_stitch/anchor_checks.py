@@ -50,11 +50,13 @@ def stitchable_stages(
 
 def check_anchors(
         models: Sequence[nn.Module], names: Sequence[str], options: Optional[StitchOptions] = None,
+        adapters: Optional[Sequence[AnchorAdapter]] = None,
 ) -> StitchGeometry:
     """Check that ``models`` (sorted small to large) can be stitched and return where (see
-    :class:`StitchGeometry`); raises ``TypeError``/``ValueError`` naming the anchors and what differs."""
+    :class:`StitchGeometry`); raises ``TypeError``/``ValueError`` naming the anchors and what differs.
+    ``adapters``: the models' adapters when already built (each build probes its model)."""
     options = options or StitchOptions()
-    adapters = [adapter_for(m) for m in models]
+    adapters = list(adapters) if adapters is not None else [adapter_for(m) for m in models]
     _check_same(adapters, names, 'input channels', lambda a: a.in_chans)
     fixed = [(n, a.input_size()) for n, a in zip(names, adapters) if a.input_size() is not None]
     if len({size for _, size in fixed}) > 1:

@@ -96,7 +96,7 @@ class StitchedNet(RouteCardMixin, nn.Module):
         if len(self.anchor_names) != len(models):
             raise ValueError(f'got {len(self.anchor_names)} anchor names for {len(models)} anchors')
         #: where and how the anchors are stitched (``stages``: those checked and planned)
-        geometry = check_anchors(models, self.anchor_names, options)
+        geometry = check_anchors(models, self.anchor_names, options, self.adapters)
         self.options = replace(options, stages=geometry.stages)
         self.num_classes = models[0].num_classes
         self.in_chans = self.adapters[0].in_chans
