@@ -161,3 +161,13 @@ def test_a_stage_of_one_block_each_is_stitched_at_its_end():
     plan = plan_staged_routes([(1, 1, 2), (1, 1, 2)], stages=(0, 1))
     assert [(r.stage, r.cuts, r.stitches[0].layer) for r in plan.routes[2:]] == [(0, ((0, 1),), 0), (1, ((0, 1),), 0)]
     assert plan_staged_routes([(2, 2), (2, 2)], stages=(0,)).routes[2].cuts == ((0, 1),)  # in-stage cuts unchanged
+
+
+def test_a_deeper_front_resumes_at_the_same_relative_depth():
+    """ViT-Ti (12 blocks) before CLIP ViT-XS (8): every front block resumes where the end is as far along; the
+    official mapping (its checkpoints never have a deeper front) keeps none."""
+    positions = interpolated_positions(12, 8)
+    assert [(p.front, p.end) for p in positions] == [(1, 1), (2, 2), (3, 2), (4, 3), (5, 4), (6, 4), (7, 5), (8, 6),
+                                                     (9, 6), (10, 7)]
+    assert [p.layer for p in positions] == list(range(10))
+    assert interpolated_positions(12, 8, 'official') == []

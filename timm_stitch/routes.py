@@ -143,12 +143,19 @@ def interpolated_positions(
 ) -> list[StitchPosition]:
     """Positions between anchors of different depth (the official ``unpaired_stitching``), in front-block order.
 
-    Every end block ``i`` whose nearest front block ``j`` is before it gives the position ``(j, i)``.
+    Every end block ``i`` whose nearest front block ``j`` is before it gives the position ``(j, i)``; with a deeper
+    front (``'corrected'`` only), each front block ``j`` resumes at the end block at the same relative depth.
     ``layer_mapping='corrected'`` shares layer ``j``; ``'official'`` reproduces the released code, which gives
     the m-th position layer ``end_map[m]``, as the official checkpoints are laid out.
     """
     if layer_mapping not in ('corrected', 'official'):
         raise ValueError(f"layer_mapping must be 'corrected' or 'official', got {layer_mapping!r}")
+    if front_depth > end_depth and layer_mapping == 'corrected':
+        # a deeper front (SN-Net's anchors never have one): after front block j, resume at the end block at the same
+        # relative depth, one layer per front block
+        ends = [((j + 1) * end_depth) // front_depth for j in range(front_depth)]
+        kept = [(j, k) for j, k in enumerate(ends) if 0 < k < end_depth]
+        return [StitchPosition(j, k, layer) for layer, (j, k) in enumerate(kept)]
     end_map = nearest_end_map(front_depth, end_depth)
     pairs = [(j, i) for j in range(front_depth) for i in range(end_depth) if end_map[i] == j and i > j]
     if layer_mapping == 'official':

@@ -145,20 +145,33 @@ class GenericAdapter(AnchorAdapter):
 
     def prefix_roles(self) -> tuple[str, ...]:
         """Single-stage token models: the class token (timm's ``cls_token``), then register tokens."""
-        if self.patch_grid() is None:
+        found = self._grid_and_prefix()
+        if found is None:
             return ()
-        prefix = getattr(self.model, 'num_prefix_tokens', 0)
+        prefix = found[1]
         roles = ('cls',) if getattr(self.model, 'cls_token', None) is not None and prefix else ()
         return roles + ('reg',) * (prefix - len(roles))
 
     def patch_grid(self) -> Optional[tuple[int, int]]:
-        """The patch grid of a single-stage token model whose token count is its prefix plus ``patch_embed``'s
-        grid (BEiT, XCiT...), so that a stitch can resample it."""
-        grid = getattr(getattr(self.model, 'patch_embed', None), 'grid_size', None)
-        if self._layouts != ('tokens',) or grid is None or len(grid) != 2:
+        """The patch grid of a single-stage token model whose tokens are its prefix plus ``patch_embed``'s grid
+        (BEiT), or a square grid (XCiT states none, and adds its class token only in the finish), so that a stitch
+        can resample it."""
+        found = self._grid_and_prefix()
+        return None if found is None else found[0]
+
+    def _grid_and_prefix(self) -> Optional[tuple[tuple[int, int], int]]:
+        if self._layouts != ('tokens',):
             return None
-        prefix = getattr(self.model, 'num_prefix_tokens', 0)
-        return tuple(grid) if self._tokens == prefix + grid[0] * grid[1] else None
+        grid = getattr(getattr(self.model, 'patch_embed', None), 'grid_size', None)
+        h, w = _probe_size(self.model)
+        for prefix in dict.fromkeys((getattr(self.model, 'num_prefix_tokens', 0), 0)):
+            patches = self._tokens - prefix
+            if grid is not None and len(grid) == 2 and patches == grid[0] * grid[1]:
+                return tuple(grid), prefix
+            side = math.isqrt(max(patches, 0))
+            if grid is None and h == w and side * side == patches:
+                return (side, side), prefix
+        return None
 
     def unit_index(self, stage: int, block: int) -> int:
         return self._first[stage] + block
@@ -217,14 +230,12 @@ class GenericAdapter(AnchorAdapter):
             return x.permute(0, 3, 1, 2)
         if layout == 'nchw':
             return x
-        prefix = getattr(self.model, 'num_prefix_tokens', 0)
+        found = self._grid_and_prefix()
+        prefix = found[1] if found else getattr(self.model, 'num_prefix_tokens', 0)
         x = x[:, prefix:]
         if output_fmt == 'NLC':
             return x
-        h = w = math.isqrt(x.shape[1])
-        grid = getattr(getattr(self.model, 'patch_embed', None), 'grid_size', None)
-        if grid is not None and grid[0] * grid[1] == x.shape[1]:
-            h, w = grid
+        h, w = found[0] if found else (math.isqrt(x.shape[1]),) * 2
         return x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
 
     def input_size(self) -> Optional[tuple[int, int]]:
