@@ -7,7 +7,7 @@ import torch
 
 import timm_stitch
 from timm_stitch.adapters import GenericAdapter, adapter_for
-from timm_stitch.errors import AdapterMismatchError, UnsupportedAnchorError
+from timm_stitch.errors import AdapterMismatchError, IncompatibleAnchorsError, UnsupportedAnchorError
 
 
 def test_generic_pieces_equal_forward_features_and_stages_follow_shapes():
@@ -175,3 +175,31 @@ def test_macs_count_on_a_family_passing_parameters_to_blocks():
     macs = timm_stitch.count_route_macs(net)
     assert len(macs) == net.num_routes and macs[0] < macs[1]
     assert [p.requires_grad for p in net.parameters()] == flags
+
+
+def test_generic_token_model_intermediates_are_one_per_block_like_timms():
+    """BEiT's feature_info names every block: anchor routes give timm's forward_intermediates, one per block (a
+    stage index on every point kept only the last)."""
+    anchors = [dict(model_name='beit_base_patch16_224', img_size=32, depth=3, embed_dim=d, num_heads=2, patch_size=8)
+               for d in (16, 32)]
+    net = timm_stitch.stitch(anchors, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for route in (0, 1):
+        ours = net.forward_intermediates(x, stitch_id=route, intermediates_only=True)
+        theirs = net.anchors[route].forward_intermediates(x, intermediates_only=True)
+        assert len(ours) == len(theirs) == 3 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_stages_out_of_range_are_refused_for_single_stage_anchors_too():
+    anchors = [dict(model_name=n, img_size=32, patch_size=8, depth=2) for n in ('vit_tiny_patch16_224',
+                                                                            'vit_small_patch16_224')]
+    for stages in ((99,), ('a',)):
+        with pytest.raises(IncompatibleAnchorsError, match=r'stage .* is out of range: the anchors have stages 0\.\.0'):
+            timm_stitch.stitch(anchors, stages=stages)
+
+
+def test_features_only_on_the_generic_architecture():
+    model = timm.create_model('snnet', anchors=[dict(model_name='resnetv2_18', channels=(8, 16, 32, 64)),
+                                                dict(model_name='resnetv2_34', channels=(8, 16, 32, 64))],
+                              features_only=True).eval()
+    assert [f.shape[1] for f in model(torch.randn(1, 3, 32, 32))] == [64, 8, 16, 32, 64]

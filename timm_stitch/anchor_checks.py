@@ -94,6 +94,8 @@ def check_anchors(
     if len(set(counts)) > 1:
         return _cross_structure(adapters, names, grids, options)
     if num_stages == 1:
+        for s in options.stages or ():  # a single stage: stage 0 is the only valid one
+            _check_stage(s, num_stages)
         for a, b in pairs:
             if not _joinable(grids[a][0], grids[b][0]):
                 _raise_mismatch(0, [(a, b)], names, grids, adapters)
@@ -111,8 +113,8 @@ def check_anchors(
 
 
 def _check_stage(stage: int, num_stages: int, whose: str = 'the anchors have') -> None:
-    if not 0 <= stage < num_stages:
-        raise ValueError(f'stage {stage} is out of range: {whose} stages 0..{num_stages - 1}')
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < num_stages:
+        raise IncompatibleAnchorsError(f'stage {stage!r} is out of range: {whose} stages 0..{num_stages - 1}')
 
 
 def _joinable(front: Grid, end: Grid) -> bool:

@@ -200,7 +200,10 @@ class GenericAdapter(AnchorAdapter):
     def feature_points(self) -> tuple[tuple[int, int, Optional[int]], ...]:
         """The ``feature_info`` entries a unit ends: after the last unit running a block of the entry's module
         (entries inside the embedding, such as a stem norm, are left out)."""
-        return tuple((u + 1, i, self._stage_of(u)) for i, u in self._info_units().items())
+        ends = {first + depth - 1 for first, depth in zip(self._first, self._depths)}
+        # a point that ends a stage names it (a stitched route keeps the one it goes on with); block outputs inside
+        # a stage (a plain token model's per-block entries) are each one
+        return tuple((u + 1, i, self._stage_of(u) if u in ends else None) for i, u in self._info_units().items())
 
     def _info_units(self) -> dict[int, int]:
         """``feature_info`` index -> the unit whose output it is."""

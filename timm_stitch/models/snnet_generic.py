@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 from timm.models import generate_default_cfgs, register_model
 
 from ..builder import stitch
+from ..features import StitchedFeatures
 from ..model import AnchorSpec, StitchedNet
 from ._factory import anchor_cfg_fields, create_snnet, has_weight_source
 
@@ -45,5 +46,5 @@ def snnet(pretrained: bool = False, anchors: Optional[Sequence[AnchorSpec]] = No
                          "'hf-hub:ORG/REPO' or 'local-dir:PATH', pass pretrained_anchors=True to start from the "
                          "anchors' own weights, or use a registered snnet_* architecture")
     model = create_snnet('snnet', anchors, pretrained, builder=stitch, **kwargs)
-    _inherit_anchor_cfg(model)
+    _inherit_anchor_cfg(model.model if isinstance(model, StitchedFeatures) else model)  # features_only: the network's
     return model

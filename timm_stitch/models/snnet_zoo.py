@@ -72,11 +72,11 @@ ZOO_ARCHS: dict[str, ZooArch] = {
         "B2's weights were trained at 256 px: it is built for B0's 224 px (its cfg's input size)."),
     'snnet_mobilenetv4_mhl': ZooArch(
         ('mobilenetv4_conv_medium.e500_r256_in1k', 'mobilenetv4_hybrid_medium.ix_e550_r256_in1k',
-         'mobilenetv4_conv_large.e500_r256_in1k'), 16,
+         'mobilenetv4_conv_large.e500_r256_in1k'), 30,
         f'MobileNetV4 conv M, hybrid M, conv L (ImageNet-1k, 256 px) stitched M->hybrid M->L {_IN_STAGES}',
         'Conv S is not among them: it splits into six stages of blocks, the others five.'),
     'snnet_regnety_004_032': ZooArch(
-        _tags('regnety_{}.tv2_in1k', '004', '016', '032'), 26,
+        _tags('regnety_{}.tv2_in1k', '004', '016', '032'), 47,
         f'RegNetY-400MF, 1.6GF, 3.2GF (torchvision v2 recipe, 224 px) stitched in size order {_IN_STAGES}'),
     'snnet_fastvit_sa12_sa36': ZooArch(
         _tags('fastvit_{}.apple_in1k', 'sa12', 'sa24', 'sa36'), 47,
