@@ -68,8 +68,8 @@ def check_family(name: str, anchors: tuple[str, str]) -> Row:
     """The checks of one family: real-size structure and MACs on meta, forward checks on its tiny configuration."""
     start = time.perf_counter()
     try:
-        routes, macs = meta_structure(list(anchors))
         tiny = TINY.get(name)
+        routes, macs = meta_structure(tiny.real_specs() if tiny is not None else list(anchors))
         if tiny is None:
             torch.manual_seed(0)
             model, images = timm_stitch.stitch(list(anchors), num_classes=10), torch.randn(2, 3, 224, 224)

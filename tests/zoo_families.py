@@ -43,12 +43,18 @@ class TinyZoo(NamedTuple):
     anchors: tuple[str, str]
     kwargs: tuple[dict[str, Any], dict[str, Any]]
     img: int
+    #: kwargs of both anchors at their real size too (a timm option stitching needs, e.g. a fixed image size)
+    real: dict[str, Any] = {}
+
+    def real_specs(self) -> list[dict[str, Any]]:
+        """The anchors at their real size as ``timm_stitch.stitch`` kwargs dicts."""
+        return [dict(model_name=name, **self.real) for name in self.anchors]
 
     def specs(self) -> list[dict[str, Any]]:
         """The anchors as ``timm_stitch.stitch`` kwargs dicts; their pretrained cfg states the input size they are
         built for (the size adapters probe and fixed-size models require)."""
         overlay = dict(pretrained_cfg_overlay=dict(input_size=(3, self.img, self.img)))
-        return [dict(model_name=name, **overlay, **kw) for name, kw in zip(self.anchors, self.kwargs)]
+        return [dict(model_name=name, **overlay, **self.real, **kw) for name, kw in zip(self.anchors, self.kwargs)]
 
     def build(self, seed: int = 0) -> StitchedNet:
         """The two tiny anchors stitched, with 10 classes (anchors may otherwise keep different class counts)."""
@@ -103,7 +109,9 @@ TINY: dict[str, TinyZoo] = {
     'efficientvim': _tiny('efficientvim_m1', 'efficientvim_m2', 64),
     'efficientvit_mit': _tiny('efficientvit_b0', 'efficientvit_b1', 64),
     'efficientvit_msra': _tiny('efficientvit_m0', 'efficientvit_m1', 64, dict(img_size=64)),
-    'eva': _tiny('vit_tiny_patch16_dinov3_qkvb', 'vit_small_patch16_dinov3', 32, _VIT, _ONE, _TWO),
+    # DINOv3 is registered with dynamic_img_size=True (its rotary table then follows each batch): built at one size
+    'eva': _tiny('vit_tiny_patch16_dinov3_qkvb', 'vit_small_patch16_dinov3', 32, _VIT, _ONE, _TWO)._replace(
+        real=dict(dynamic_img_size=False)),
     'fasternet': _tiny('fasternet_t0', 'fasternet_t1', 64, dict(embed_dim=16), dict(depths=_L4A),
                        dict(depths=_L4B)),
     'fastvit': _tiny('fastvit_t8', 'fastvit_t12', 64, dict(embed_dims=_DIMS4), dict(layers=_L4A),
