@@ -203,3 +203,11 @@ def test_features_only_on_the_generic_architecture():
                                                 dict(model_name='resnetv2_34', channels=(8, 16, 32, 64))],
                               features_only=True).eval()
     assert [f.shape[1] for f in model(torch.randn(1, 3, 32, 32))] == [64, 8, 16, 32, 64]
+
+
+def test_a_route_without_intermediates_says_so():
+    """VGG's feature_info names the ReLUs inside its units: no intermediate is a unit output (timm's own index
+    check failed with an AssertionError)."""
+    net = timm_stitch.stitch([dict(model_name=n, num_classes=10) for n in ('vgg11', 'vgg13')])
+    with pytest.raises(ValueError, match='route 0 has no intermediates'):
+        net.forward_intermediates(torch.randn(1, 3, 32, 32), stitch_id=0)

@@ -74,6 +74,9 @@ def take_indices(net: StitchedNet, stitch_id: int, indices: Indices) -> list[int
     of route ``stitch_id``'s intermediates, through timm's ``feature_take_indices``; ``ValueError`` naming the
     route's valid range."""
     n = len(_points(net, stitch_id))
+    if n == 0:
+        raise ValueError(f'route {stitch_id} has no intermediates: none of its anchors\' feature_info entries is the '
+                         'output of one of its units (e.g. VGG names the ReLUs inside its units)')
     if isinstance(indices, int) and not isinstance(indices, bool):
         if not 0 < indices <= n:
             raise ValueError(f'last-n indices {indices} out of range for route {stitch_id}: it has {n} '
