@@ -24,7 +24,8 @@ def _stitched_ids(net) -> list[int]:
 
 def _expected_anchors(net, stitch_id: int) -> list[int]:
     """The anchor each intermediate of a one-stitch route comes from, by the documented indexing: per block run
-    for token families; per stage (the end anchor's from the stitched stage on, the stem first) otherwise."""
+    for token families; per stage (the end anchor's from the stitched stage on, the stem first; the front's for a
+    stage stitched at its end) otherwise."""
     route = net.plan.routes[stitch_id]
     (front, end), stage = route.cuts[0], route.stitches[0].stage
     first, last = route.anchors
@@ -35,7 +36,8 @@ def _expected_anchors(net, stitch_id: int) -> list[int]:
         return stem + [first] * ran + [last] * (depths[0] - end)
     if len(depths) == 1:
         return [first] * (front + 1) + [last] * (depths[0] - end)
-    return stem + [first if s < stage else last for s in range(len(depths))]
+    ends_stage = end == depths[stage]  # a one-block stage stitched at its end: the front's stage output is kept
+    return stem + [first if s < stage or (s == stage and ends_stage) else last for s in range(len(depths))]
 
 
 def _hooked_module(net, name: str) -> torch.nn.Module:
