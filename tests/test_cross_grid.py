@@ -153,6 +153,7 @@ def test_saved_cross_grid_model_reloads(tmp_path, anchors):
             assert torch.equal(loaded(x, stitch_id=stitch_id), model(x, stitch_id=stitch_id))
 
 
+@pytest.mark.slow
 def test_cli_exports_a_resampling_route(tmp_path, capsys):
     """``timm-stitch export`` of a saved ResNet -> ViT network: a timm folder and a torch.export program."""
     model = timm.create_model('snnet', anchors=tiny_resnet_vit(), num_classes=10).eval()

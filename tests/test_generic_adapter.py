@@ -153,6 +153,7 @@ def test_stage_outputs_are_cuts_where_block_outputs_are_not():
     assert torch.equal(net(x, stitch_id=0), net.anchors[0](x))
 
 
+@pytest.mark.slow
 def test_units_never_write_their_input():
     """VGG's units start with an in-place ReLU on the previous block's output: a piece copies its input first, so a
     shared prefix (mixed-route batches) and the stitching layer's backward see the activation unchanged."""
@@ -205,6 +206,7 @@ def test_features_only_on_the_generic_architecture():
     assert [f.shape[1] for f in model(torch.randn(1, 3, 32, 32))] == [64, 8, 16, 32, 64]
 
 
+@pytest.mark.slow
 def test_a_route_without_intermediates_says_so():
     """VGG's feature_info names the ReLUs inside its units: no intermediate is a unit output (timm's own index
     check failed with an AssertionError)."""

@@ -22,8 +22,10 @@ from timm_stitch.models._factory import ANCHOR_DATA_KEYS
 from timm_stitch.models.snnet_zoo import ZOO_ARCHS
 
 #: architectures whose full-size meta build takes 10-20 s on a 2-core CPU (the generic adapter probes every op):
-#: their full-size structure is checked in the slow suite; FastViT and Swin V2 also run tiny through the Hub below
-SLOW_TO_PROBE = ('snnet_mobilenetv4_mhl', 'snnet_fastvit_sa12_sa36', 'snnet_swinv2_tsb')
+#: their full-size structure is checked in the slow suite (the quick suite keeps DINOv2's); FastViT and Swin V2 also
+#: run tiny through the Hub below (FastViT in the slow suite)
+SLOW_TO_PROBE = ('snnet_mobilenetv4_mhl', 'snnet_fastvit_sa12_sa36', 'snnet_swinv2_tsb', 'snnet_regnety_004_032',
+                 'snnet_efficientnet_b0_b2', 'snnet_eva02_tsb', 'snnet_convnextv2_ntb')
 
 #: timm kwargs of the tiny stand-in anchors (passed through to every anchor)
 TINY = {
@@ -80,7 +82,8 @@ def _serve_stand_ins(hub, tmp_path, name: str) -> list[dict[str, torch.Tensor]]:
     return states
 
 
-@pytest.mark.parametrize('name', list(TINY))
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'snnet_fastvit_sa12_sa36' else n
+                                  for n in TINY])
 def test_pretrained_anchors_through_the_loopback_hub(hub, tmp_path, name):
     """``pretrained_anchors=True`` fetches every anchor's own weights from its timm Hub repo; each anchor route then
     equals the timm model loaded from those weights, and a stitched route runs."""
