@@ -21,7 +21,7 @@ QUICK = frozenset({'beit', 'convnext', 'deit', 'fasternet', 'hiera', 'mambaout',
 #: adapter
 NOT_STITCHED = frozenset({
     'coat', 'crossvit', 'deepseek_vit', 'efficientvim', 'gemma4_vit', 'hrnet', 'mvitv2', 'pit', 'qwen3_vit', 'selecsls',
-    'sequencer', 'tnt', 'tresnet', 'twins', 'vision_transformer_relpos', 'vision_transformer_sam', 'xception_aligned',
+    'tnt', 'tresnet', 'twins', 'vision_transformer_relpos', 'vision_transformer_sam', 'xception_aligned',
 })
 FAMILIES = [pytest.param(f, marks=() if f in QUICK else pytest.mark.slow) for f in sorted(set(TINY) - NOT_STITCHED)]
 

@@ -212,11 +212,10 @@ def check_net(model: StitchedNet, images: torch.Tensor) -> tuple[bool, bool]:
     model.eval()
     with torch.no_grad():
         exact = all(torch.equal(model(images, stitch_id=a), anchor(images)) for a, anchor in enumerate(model.anchors))
-    with torch.no_grad():  # a zero-initialised classifier (MLP-Mixer's, Hiera's) passes no gradient back
-        for anchor in model.anchors:
-            head = anchor.get_classifier() if hasattr(anchor, 'get_classifier') else None
-            if isinstance(head, torch.nn.Linear) and not head.weight.any():
-                head.weight.normal_(std=0.02)
+    with torch.no_grad():  # a zero-initialised linear layer (MLP-Mixer's, Hiera's classifier) passes no gradient
+        for layer in model.anchors.modules():
+            if isinstance(layer, torch.nn.Linear) and not layer.weight.any():
+                layer.weight.normal_(std=0.02)
     ids = [r.id for r in model.plan.routes]
     x = images[:1].expand(len(ids), *images.shape[1:]).contiguous()
     model.zero_grad(set_to_none=True)
