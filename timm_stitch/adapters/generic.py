@@ -87,6 +87,7 @@ class GenericAdapter(AnchorAdapter):
             raise UnsupportedAnchorError(f'cannot stitch a {family}: its pieces fail on a probe image '
                                          f'({type(e).__name__}: {str(e)[:200]})') from e
         self._group_stages(self._split.unit_shapes)
+        self._info_unit = self._info_units()  # read on every forward_intermediates call: found once
 
     @torch.no_grad()
     def _shapes_at_another_size(self, shapes: tuple[torch.Size, ...]) -> Optional[list[torch.Size]]:
@@ -203,7 +204,7 @@ class GenericAdapter(AnchorAdapter):
         ends = {first + depth - 1 for first, depth in zip(self._first, self._depths)}
         # a point that ends a stage names it (a stitched route keeps the one it goes on with); block outputs inside
         # a stage (a plain token model's per-block entries) are each one
-        return tuple((u + 1, i, self._stage_of(u) if u in ends else None) for i, u in self._info_units().items())
+        return tuple((u + 1, i, self._stage_of(u) if u in ends else None) for i, u in self._info_unit.items())
 
     def _info_units(self) -> dict[int, int]:
         """``feature_info`` index -> the unit whose output it is."""
@@ -223,7 +224,7 @@ class GenericAdapter(AnchorAdapter):
 
     def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
                      img_size: tuple[int, int]) -> torch.Tensor:
-        unit = self._info_units()[info]
+        unit = self._info_unit[info]
         if norm and unit == len(self.units) - 1:
             normed = self._split.finish(x)  # the final norm, where the finish keeps the activation's shape
             x = normed if normed.shape == x.shape else x
