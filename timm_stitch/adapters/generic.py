@@ -161,12 +161,15 @@ class GenericAdapter(AnchorAdapter):
         return None if found is None else found[0]
 
     def _grid_and_prefix(self) -> Optional[tuple[tuple[int, int], int]]:
-        if self._layouts != ('tokens',):
-            return None
+        return self._grid_of(self._tokens) if self._layouts == ('tokens',) else None
+
+    def _grid_of(self, tokens: int) -> Optional[tuple[tuple[int, int], int]]:
+        """The patch grid and prefix length of ``tokens`` tokens: the prefix plus ``patch_embed``'s grid, or a square
+        grid; per activation, since a model may add its class token between blocks (ConViT)."""
         grid = getattr(getattr(self.model, 'patch_embed', None), 'grid_size', None)
         h, w = _probe_size(self.model)
         for prefix in dict.fromkeys((getattr(self.model, 'num_prefix_tokens', 0), 0)):
-            patches = self._tokens - prefix
+            patches = tokens - prefix
             if grid is not None and len(grid) == 2 and patches == grid[0] * grid[1]:
                 return tuple(grid), prefix
             side = math.isqrt(max(patches, 0))
@@ -234,7 +237,7 @@ class GenericAdapter(AnchorAdapter):
             return x.permute(0, 3, 1, 2)
         if layout == 'nchw':
             return x
-        found = self._grid_and_prefix()
+        found = self._grid_of(x.shape[1])
         prefix = found[1] if found else getattr(self.model, 'num_prefix_tokens', 0)
         x = x[:, prefix:]
         if output_fmt == 'NLC':
