@@ -7,6 +7,7 @@ timm's whole zoo, one tiny configuration each, are ``tests/zoo_families.py``'s `
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import huggingface_hub.constants as hf_constants
@@ -83,8 +84,9 @@ def hub(tmp_path, monkeypatch):
         yield server
 
 
-#: torch's own thread count, which the full-size ``slow`` tests keep
-DEFAULT_THREADS = torch.get_num_threads()
+#: torch's own thread count, shared among pytest-xdist's workers (``scripts/test.sh`` runs two), which the full-size
+#: ``slow`` tests use
+DEFAULT_THREADS = max(1, torch.get_num_threads() // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
 # Tiny models run fastest on one thread (several threads on a busy 2-core CPU are 10-40x slower). Set for the whole
 # session, so that module-scoped fixtures compute on the same thread count as the tests that compare with them
 # (reductions split over other thread counts round differently).
