@@ -139,6 +139,7 @@ def plot(path: Path, result: dict, table: RouteTable, steps: list, title: str) -
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9, 3.6))
     done = [(t, a) for t, a in zip(result['arrivals'], result['answers']) if a is not None]
     ax.scatter([t for t, _ in done], [table.routes[a.route].top1 for _, a in done], s=6,
@@ -174,10 +175,14 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     images = torch.randn(64, *model_input_size(model), generator=torch.Generator().manual_seed(0))
     print(f'{name}: routes {ids}; largest {big} sustains {capacity:.1f} req/s at batch {bmax}; SLO {slo_ms:.1f} ms; '
           f'{len(arrivals)} requests over {duration:.0f} s at {args.low:g}x / {args.high:g}x that rate')
+    print(f'{name}: req/s each route sustains at batch {bmax} by its profile: '
+          + ', '.join(f'{i} {bmax / table.latency(i, bmax) * 1e3:.0f}' for i in ids))
     rows, controller_run = {}, None
-    policies = [(f'route {i}', RouteController(RouteTable([table.routes[i]]), margin_ms=args.margin_ms))
-                for i in ids] + [('controller', RouteController(table, margin_ms=args.margin_ms, adapt=args.adapt,
-                                                     reserve_ms=args.reserve * slo_ms))]
+    # a fixed route is a controller whose table holds that route alone, planning as the controller does (the same
+    # margin, adaptation to observed batches and reserve): only the choice of route differs
+    options = dict(margin_ms=args.margin_ms, adapt=args.adapt, reserve_ms=args.reserve * slo_ms)
+    policies = [(f'route {i}', RouteController(RouteTable([table.routes[i]]), **options)) for i in ids]
+    policies.append(('controller', RouteController(table, **options)))
     if args.policies:
         keep = {f'route {x}' if x.isdigit() else x for x in args.policies.split(',')}
         policies = [(label, controller) for label, controller in policies if label in keep]
