@@ -150,3 +150,20 @@ def test_generic_snnet_inherits_anchor_data_cfg_and_round_trips(tmp_path):
     with torch.no_grad():
         for stitch_id in range(model.num_routes):
             assert torch.equal(model(x, stitch_id=stitch_id), loaded(x, stitch_id=stitch_id))
+
+
+@pytest.mark.parametrize('build', [timm_stitch.stitch, lambda a, **kw: timm.create_model('snnet', anchors=a, **kw)])
+@pytest.mark.parametrize('anchors', ['resnet18', dict(model_name='resnet18'), torch.nn.Linear(2, 2), []])
+def test_one_anchor_instead_of_a_sequence_is_refused_by_type(anchors, build):
+    """``stitch('resnet18')`` iterated over the name's letters and ended in timm's 'Unknown model (r)'."""
+    with pytest.raises(ValueError if anchors == [] else TypeError,
+                       match='at least one anchor|needs anchors' if anchors == [] else 'a sequence of anchors'):
+        build(anchors, device='meta')
+
+
+def test_an_unknown_anchor_name_is_refused_with_the_closest_names():
+    """timm's bare 'Unknown model (resnet5O)' said neither that it was an anchor nor what was meant."""
+    with pytest.raises(timm_stitch.UnknownAnchorError, match=r"unknown anchor 'resnet5O'.*did you mean resnet50"):
+        timm_stitch.stitch(['resnet18', 'resnet5O'], device='meta')
+    with pytest.raises(RuntimeError, match='Unknown model|unknown anchor'):  # still what timm's callers catch
+        timm_stitch.stitch([dict(model_name='not_a_model_at_all')], device='meta')

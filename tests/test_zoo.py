@@ -3,6 +3,7 @@ family, quick), the whole registry ending in a network or a clear refusal, and t
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import sys
 import warnings
@@ -29,10 +30,13 @@ NOT_STITCHED = frozenset({
 #: families whose feature_info names modules inside its units (VGG: the ReLU before each pool), so routes refuse
 #: intermediates with a ValueError
 NO_INTERMEDIATES = frozenset({'vgg'})
+#: a known fault: the anchor routes' intermediates differ from timm's own (GCViT gives 3 of its 4 maps, the first
+#: inside the embedding); when it is mended this test fails until the family leaves the set
+INTERMEDIATES_DIFFER = frozenset({'gcvit'})
 FAMILIES = [pytest.param(f, marks=() if f in QUICK else pytest.mark.slow) for f in sorted(set(TINY) - NOT_STITCHED)]
 
 
-def _check_contract(model: timm_stitch.StitchedNet, x: torch.Tensor, intermediates: bool = True) -> None:
+def _check_contract(model: timm_stitch.StitchedNet, x: torch.Tensor, family: str, intermediates: bool = True) -> None:
     """Adapter contract, intermediates, export parity and a mixed-route batch equal to route-by-route outputs."""
     model.eval()
     stitched = [r.id for r in model.plan.routes if not r.is_anchor]
@@ -46,6 +50,13 @@ def _check_contract(model: timm_stitch.StitchedNet, x: torch.Tensor, intermediat
             features = adapter.finish(h, True)
             assert torch.equal(features, anchor.forward_features(x)), type(adapter).__name__
             assert torch.equal(adapter.head(features), anchor(x)), type(adapter).__name__
+        for route in (r for r in model.plan.routes if r.is_anchor and intermediates):
+            anchor = model.anchors[route.anchors[0]]
+            if callable(getattr(anchor, 'forward_intermediates', None)):  # the anchor route's maps are timm's own
+                ours = model.forward_intermediates(x, stitch_id=route.id, intermediates_only=True)
+                theirs = anchor.forward_intermediates(x, intermediates_only=True)
+                same = [t.shape for t in ours] == [t.shape for t in theirs] and all(map(torch.equal, ours, theirs))
+                assert same != (family in INTERMEDIATES_DIFFER), (family, route.id)
         for route in (0, probe):
             if not intermediates:
                 with pytest.raises(ValueError, match='no intermediates'):
@@ -73,7 +84,7 @@ def test_family_stitches(zoo_family):
     model = tiny.build()
     x = tiny.images(3)
     assert check_net(model, x[:2]) == (True, True)
-    _check_contract(model, x, intermediates=zoo_family not in NO_INTERMEDIATES)
+    _check_contract(model, x, zoo_family, intermediates=zoo_family not in NO_INTERMEDIATES)
 
 
 @pytest.mark.parametrize('anchors', [('vitamin_small_224', 'vitamin_base_224'),
@@ -107,10 +118,13 @@ def test_every_anchor_pair_is_a_result_or_a_refusal():
     """Every family's two smallest anchors at their real size (the pairs the tiny table records from timm's registry;
     ``benchmarks/zoo_coverage.py`` without ``--from-table`` enumerates the registry and names any the table lacks)
     and the cross-family pairs: ``stitch`` returns a network or raises a ``TypeError`` / ``ValueError``, never
-    another exception. Two processes, each pair on meta (structure only: minutes, not the forwards)."""
+    another exception. Up to two processes, each pair on meta (structure only: minutes, not the forwards)."""
     pairs = [tuple(t.real_specs()) for t in TINY.values()] + [tuple(dict(model_name=n) for n in p) for p in CROSS_PAIRS]
     assert len(pairs) >= 90 + 12
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn')) as pool:
+    # two processes, one where pytest-xdist's workers already share the cores (Ray Serve's start times out when
+    # more processes than cores compute)
+    workers = max(1, (os.cpu_count() or 2) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
+    with ProcessPoolExecutor(min(2, workers), mp_context=multiprocessing.get_context('spawn')) as pool:
         outcomes = {tuple(a['model_name'] for a in p): o for p, o in zip(pairs, pool.map(_meta_outcome, pairs))}
     crashed = {k: v for k, v in outcomes.items() if v.startswith('crashed')}
     assert not crashed, crashed

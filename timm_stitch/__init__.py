@@ -25,6 +25,7 @@ from .errors import (
     ReleaseFormatError,
     RouteIdError,
     StaleCardError,
+    UnknownAnchorError,
     UnsupportedAnchorError,
     WeightsMismatchError,
 )
@@ -54,5 +55,5 @@ __all__ = [
     'RouteSampler', 'Cascade', 'StitchedFeatures', 'explore', 'quantize', 'QuantizedLinear',
     'ForeignFilesError', 'WeightsMismatchError', 'DiskFullError', 'DownloadError', 'IncompatibleAnchorsError',
     'RouteIdError', 'ReleaseFormatError', 'StaleCardError', 'MissingLatencyProfileError', 'NoRouteFitsError',
-    'NoImagesError', 'UnsupportedAnchorError', 'AdapterMismatchError',
+    'NoImagesError', 'UnsupportedAnchorError', 'UnknownAnchorError', 'AdapterMismatchError',
 ]

@@ -1,15 +1,28 @@
 """Building the anchors of a stitched network: timm models by name, kwargs dict or instance."""
 from __future__ import annotations
 
+import difflib
 from typing import Any, Optional, Union
 
 import timm
 from torch import nn
 
-__all__ = ['AnchorSpec', 'build_anchor', 'per_anchor_kwargs', 'anchor_name']
+from .errors import UnknownAnchorError
+
+__all__ = ['AnchorSpec', 'build_anchor', 'check_anchor_sequence', 'per_anchor_kwargs', 'anchor_name']
 
 #: an anchor given as a timm model name, a dict of ``timm.create_model`` arguments, or a built timm model
 AnchorSpec = Union[str, dict, nn.Module]
+
+
+def check_anchor_sequence(anchors: Any) -> None:
+    """``TypeError`` for one anchor where a sequence is due (a name would be read letter by letter), ``ValueError``
+    for none."""
+    if isinstance(anchors, (str, dict, nn.Module)):
+        raise TypeError(f'anchors must be a sequence of anchors, not one {type(anchors).__name__} '
+                        f'({anchors!r:.80}): e.g. [{anchors!r:.40}, ...]')
+    if not anchors:
+        raise ValueError('a stitched network needs at least one anchor')
 
 
 def build_anchor(
@@ -25,6 +38,11 @@ def build_anchor(
     args = dict(pretrained=pretrained, **kwargs)
     args.update((k, v) for k, v in (('num_classes', num_classes), ('in_chans', in_chans)) if v is not None)
     args.update(spec)
+    name = args['model_name']
+    if isinstance(name, str) and ':' not in name and not timm.is_model(name):
+        close = difflib.get_close_matches(name.split('.')[0], timm.list_models(), n=3)
+        raise UnknownAnchorError(f'unknown anchor {name!r}: no timm architecture of that name'
+                                 + (f' (did you mean {", ".join(close)}?)' if close else ' (see timm.list_models())'))
     return timm.create_model(**args)
 
 

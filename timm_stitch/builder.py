@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .anchor_checks import stitchable_stages
-from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
+from .anchors import AnchorSpec, anchor_name, build_anchor, check_anchor_sequence, per_anchor_kwargs
 from .model import StitchedNet
 from .route_spaces import StitchOptions
 
@@ -45,8 +45,7 @@ def stitch(
         ValueError: The anchors cannot be stitched together; the message names what differs.
     """
     options = StitchOptions.of(options, kwargs)
-    if not anchors:
-        raise ValueError('stitch() needs at least one anchor')
+    check_anchor_sequence(anchors)
     net_kwargs = {k: kwargs.pop(k) for k in _NET_ARGS if k in kwargs}
     net_kwargs.update((k, kwargs[k]) for k in ('device', 'dtype') if kwargs.get(k) is not None)  # anchors' too
     if kwargs.get('img_size') is None:

@@ -9,7 +9,7 @@ __all__ = [
     'UnsupportedAnchorError', 'AdapterMismatchError', 'IncompatibleAnchorsError', 'RouteIdError', 'ReleaseFormatError',
     'WeightsMismatchError', 'CardError',
     'StaleCardError', 'MissingMeasurementError', 'MissingLatencyProfileError', 'NoRouteFitsError', 'DownloadError',
-    'DiskFullError', 'ForeignFilesError', 'NoImagesError',
+    'DiskFullError', 'ForeignFilesError', 'NoImagesError', 'UnknownAnchorError',
 ]
 
 
@@ -19,6 +19,11 @@ class UnsupportedAnchorError(TypeError):
     """An anchor's family cannot be split into embedding, blocks and finish (no blocks in its ``feature_info``, code
     that cannot be traced, values other than the activation crossing every block boundary); the message names the
     family and the reason."""
+
+
+class UnknownAnchorError(ValueError, RuntimeError):
+    """An anchor names no timm architecture; the message suggests the closest names. A ``RuntimeError`` too, as
+    timm's own 'Unknown model' error."""
 
 
 class AdapterMismatchError(ValueError):

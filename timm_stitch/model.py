@@ -13,7 +13,7 @@ from torch import nn
 from ._timm_compat import update_model_input_size
 from .adapters import AnchorAdapter, adapter_for
 from .anchor_checks import check_anchors
-from .anchors import AnchorSpec, anchor_name, build_anchor, per_anchor_kwargs
+from .anchors import AnchorSpec, anchor_name, build_anchor, check_anchor_sequence, per_anchor_kwargs
 from .bn import RouteBatchNormStats, prepare_load, recalibrate_bn, route_bn_stats
 from .card_state import RouteCardMixin
 from .errors import RouteIdError
@@ -83,8 +83,7 @@ class StitchedNet(RouteCardMixin, nn.Module):
     ):
         super().__init__()
         options = StitchOptions.of(options, anchor_kwargs)
-        if not anchors:
-            raise ValueError('a stitched network needs at least one anchor')
+        check_anchor_sequence(anchors)
         if img_size is not None:
             anchor_kwargs['img_size'] = img_size
         anchor_kwargs.update((k, v) for k, v in (('device', device), ('dtype', dtype)) if v is not None)

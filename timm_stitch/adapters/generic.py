@@ -87,6 +87,7 @@ class GenericAdapter(AnchorAdapter):
             raise UnsupportedAnchorError(f'cannot stitch a {family}: its pieces fail on a probe image '
                                          f'({type(e).__name__}: {str(e)[:200]})') from e
         self._group_stages(self._split.unit_shapes)
+        self._finish_info: set[int] = set()  # feature_info entries taken at the finish's output
         self._info_unit = self._info_units()  # read on every forward_intermediates call: found once
 
     @torch.no_grad()
@@ -207,7 +208,8 @@ class GenericAdapter(AnchorAdapter):
         ends = {first + depth - 1 for first, depth in zip(self._first, self._depths)}
         # a point that ends a stage names it (a stitched route keeps the one it goes on with); block outputs inside
         # a stage (a plain token model's per-block entries) are each one
-        return tuple((u + 1, i, self._stage_of(u) if u in ends else None) for i, u in self._info_unit.items())
+        return tuple((u + 1, i, self._stage_of(u) if u in ends and i not in self._finish_info else None)
+                     for i, u in self._info_unit.items())
 
     def _info_units(self) -> dict[int, int]:
         """``feature_info`` index -> the unit whose output it is."""
@@ -220,7 +222,18 @@ class GenericAdapter(AnchorAdapter):
                      if any(b == name or b.startswith(name + '.') for b in blocks)]
             if units:
                 found[i] = units[-1]
+            elif found and self._finish_output_is(name):
+                found[i] = len(self.units) - 1  # a module after the last block, taken from the finish's output
+                self._finish_info.add(i)
         return found
+
+    def _finish_output_is(self, name: str) -> bool:
+        """Whether the finish (without a final norm) returns module ``name``'s output: a ``feature_info`` entry after
+        the last block (MobileOne's ``final_conv``) is then that output."""
+        graph = getattr(self._split.finish_no_norm, 'graph', None)
+        out = next((n for n in graph.nodes if n.op == 'output'), None) if graph is not None else None
+        node = out.args[0] if out is not None else None
+        return getattr(node, 'op', None) == 'call_module' and node.target in (name, f'model.{name}')
 
     def _stage_of(self, unit: int) -> int:
         return max(s for s, first in enumerate(self._first) if first <= unit)
@@ -228,6 +241,8 @@ class GenericAdapter(AnchorAdapter):
     def intermediate(self, x: torch.Tensor, info: int, norm: bool, output_fmt: str,
                      img_size: tuple[int, int]) -> torch.Tensor:
         unit = self._info_unit[info]
+        if info in self._finish_info:
+            return self._split.finish_no_norm(x)
         if norm and unit == len(self.units) - 1:
             normed = self._split.finish(x)  # the final norm, where the finish keeps the activation's shape
             x = normed if normed.shape == x.shape else x
