@@ -3,7 +3,6 @@ family, quick), the whole registry ending in a network or a clear refusal, and t
 from __future__ import annotations
 
 import multiprocessing
-import os
 import re
 import sys
 import warnings
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEFAULT_THREADS
 from zoo_families import CROSS_PAIRS, TINY, check_net
 
 import timm_stitch
@@ -67,12 +67,13 @@ def _check_contract(model: timm_stitch.StitchedNet, x: torch.Tensor, family: str
             assert torch.equal(final, model.forward_features(x, stitch_id=route))
         ids = [0, probe, len(model.plan.routes) - 1]
         single = torch.cat([model(x[i:i + 1], stitch_id=k) for i, k in enumerate(ids)])
-        # float32 noise of a different batch is relative to the logits' size (random tiny MobileOne's reach 1e11)
-        tol = 1e-5 * max(1.0, single.abs().max().item())
-        torch.testing.assert_close(model(x[:3], stitch_id=ids), single, rtol=1e-5, atol=tol)
-        exported = model(x, stitch_id=probe)
-        tol = 1e-5 * max(1.0, exported.abs().max().item())
-        torch.testing.assert_close(timm_stitch.export_stitch(model, probe)(x), exported, rtol=1e-5, atol=tol)
+        _assert_close_at_scale(model(x[:3], stitch_id=ids), single)
+        _assert_close_at_scale(timm_stitch.export_stitch(model, probe)(x), model(x, stitch_id=probe))
+
+
+def _assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 noise, which is relative to the logits' size (random tiny MobileOne's reach 1e11)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
 
 
 @pytest.mark.filterwarnings('ignore:route')
@@ -123,8 +124,7 @@ def test_every_anchor_pair_is_a_result_or_a_refusal():
     assert len(pairs) >= 90 + 12
     # two processes, one where pytest-xdist's workers already share the cores (Ray Serve's start times out when
     # more processes than cores compute)
-    workers = max(1, (os.cpu_count() or 2) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
-    with ProcessPoolExecutor(min(2, workers), mp_context=multiprocessing.get_context('spawn')) as pool:
+    with ProcessPoolExecutor(min(2, DEFAULT_THREADS), mp_context=multiprocessing.get_context('spawn')) as pool:
         outcomes = {tuple(a['model_name'] for a in p): o for p, o in zip(pairs, pool.map(_meta_outcome, pairs))}
     crashed = {k: v for k, v in outcomes.items() if v.startswith('crashed')}
     assert not crashed, crashed

@@ -87,8 +87,8 @@ class GenericAdapter(AnchorAdapter):
             raise UnsupportedAnchorError(f'cannot stitch a {family}: its pieces fail on a probe image '
                                          f'({type(e).__name__}: {str(e)[:200]})') from e
         self._group_stages(self._split.unit_shapes)
-        self._finish_info: set[int] = set()  # feature_info entries taken at the finish's output
-        self._info_unit = self._info_units()  # read on every forward_intermediates call: found once
+        # read on every forward_intermediates call: found once; _finish_info: entries taken at the finish's output
+        self._info_unit, self._finish_info = self._info_units()
 
     @torch.no_grad()
     def _shapes_at_another_size(self, shapes: tuple[torch.Size, ...]) -> Optional[list[torch.Size]]:
@@ -211,11 +211,11 @@ class GenericAdapter(AnchorAdapter):
         return tuple((u + 1, i, self._stage_of(u) if u in ends and i not in self._finish_info else None)
                      for i, u in self._info_unit.items())
 
-    def _info_units(self) -> dict[int, int]:
-        """``feature_info`` index -> the unit whose output it is."""
+    def _info_units(self) -> tuple[dict[int, int], set[int]]:
+        """``feature_info`` index -> the unit whose output it is, and the indices taken at the finish's output."""
         info = getattr(self.model, 'feature_info', None) or []
         entries = info.get_dicts() if hasattr(info, 'get_dicts') else info
-        found = {}
+        found, finish = {}, set()
         for i, entry in enumerate(entries):
             name = entry.get('module', '')
             units = [u for u, blocks in enumerate(self._split.unit_blocks)
@@ -224,8 +224,8 @@ class GenericAdapter(AnchorAdapter):
                 found[i] = units[-1]
             elif found and self._finish_output_is(name):
                 found[i] = len(self.units) - 1  # a module after the last block, taken from the finish's output
-                self._finish_info.add(i)
-        return found
+                finish.add(i)
+        return found, finish
 
     def _finish_output_is(self, name: str) -> bool:
         """Whether the finish (without a final norm) returns module ``name``'s output: a ``feature_info`` entry after

@@ -9,6 +9,7 @@ from safetensors import SafetensorError
 from timm.models import build_model_with_cfg
 
 from .._timm_compat import resolve_pretrained_source
+from ..anchors import check_anchor_sequence
 from ..convert import OFFICIAL_FORMATS, OfficialFormat
 from ..features import StitchedFeatures
 from ..model import AnchorSpec, StitchedNet
@@ -158,6 +159,7 @@ def create_snnet(
     ``feature_cfg=dict(norm=..., output_fmt=...)``) returns the network as a :class:`StitchedFeatures` backbone.
     ``quantize='int8-dyn'`` (and ``quantize_stitches``) builds the network quantized (see
     :func:`timm_stitch.quantize`), as the ``config.json`` of a saved quantized model asks."""
+    check_anchor_sequence(anchors)  # before list(anchors) reads a name letter by letter
     features_only = kwargs.pop('features_only', False)
     scheme, stitches = kwargs.pop('quantize', None), kwargs.pop('quantize_stitches', None)
     if scheme is not None:

@@ -11,7 +11,6 @@ from typing import Any, Optional, Sequence
 
 from timm.models import generate_default_cfgs, register_model
 
-from ..anchors import check_anchor_sequence
 from ..builder import stitch
 from ..features import StitchedFeatures
 from ..model import AnchorSpec, StitchedNet
@@ -46,7 +45,6 @@ def snnet(pretrained: bool = False, anchors: Optional[Sequence[AnchorSpec]] = No
         raise ValueError("the generic 'snnet' architecture has no pretrained weights of its own: load a saved one with "
                          "'hf-hub:ORG/REPO' or 'local-dir:PATH', pass pretrained_anchors=True to start from the "
                          "anchors' own weights, or use a registered snnet_* architecture")
-    check_anchor_sequence(anchors)
     model = create_snnet('snnet', anchors, pretrained, builder=stitch, **kwargs)
     _inherit_anchor_cfg(model.model if isinstance(model, StitchedFeatures) else model)  # features_only: the network's
     return model
