@@ -9,8 +9,9 @@ latency. Memory: the weights one deployment of every route holds (anchors and st
 per front route (the sum of each route's own weights). Latency of the served routes is profiled here first
 (``timm_stitch.profile``, a few batch sizes).
 
-    python benchmarks/bench_slo.py --model fmnist
-    python benchmarks/bench_slo.py --model deit --duration 16    # full-size DeiT-Ti/S/B, reported card, random weights
+    python benchmarks/bench_slo.py --model fmnist --rounds 3    # every policy 3 times in turn; the medians
+    python benchmarks/bench_slo.py --model deit --duration 30 --high 5 --adapt 0.5 --grace 8 --rounds 3
+        # full-size DeiT-Ti/S/B, the reported card on random weights
 
 Requests not answered ``--grace`` seconds after the trace ends count as missed (the fixed large routes' backlog); the
 rest of a backlog is cancelled then, so that each policy has the process to itself.
@@ -119,6 +120,7 @@ def batch_stats(result: dict) -> dict:
 def batch_log(path: Path, result: dict) -> None:
     """One JSON line per batch: seconds into the trace, queue length, planning ms, routes, estimate, run ms,
     scale, requests taken as hopeless."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'w') as f:
         for r in result['batches']:
             f.write(json.dumps({'t': r.planned - result['start'], 'queue': r.queue_length, 'plan_ms': r.plan_ms,
@@ -177,42 +179,68 @@ def bench(name: str, args: argparse.Namespace) -> dict:
           f'{len(arrivals)} requests over {duration:.0f} s at {args.low:g}x / {args.high:g}x that rate')
     print(f'{name}: req/s each route sustains at batch {bmax} by its profile: '
           + ', '.join(f'{i} {bmax / table.latency(i, bmax) * 1e3:.0f}' for i in ids))
-    rows, controller_run = {}, None
     # a fixed route is a controller whose table holds that route alone, planning as the controller does (the same
     # margin, adaptation to observed batches and reserve): only the choice of route differs
     options = dict(margin_ms=args.margin_ms, adapt=args.adapt, reserve_ms=args.reserve * slo_ms)
-    policies = [(f'route {i}', RouteController(RouteTable([table.routes[i]]), **options)) for i in ids]
-    policies.append(('controller', RouteController(table, **options)))
+    policies = [(f'route {i}', RouteTable([table.routes[i]])) for i in ids] + [('controller', table)]
     if args.policies:
         keep = {f'route {x}' if x.isdigit() else x for x in args.policies.split(',')}
-        policies = [(label, controller) for label, controller in policies if label in keep]
-    for label, controller in policies:
-        result = run_policy(model, controller, images, arrivals, slo_ms, args.grace)
-        rows[label] = {**summarise(result, table), 'server': batch_stats(result)}
-        if args.batch_log:
-            batch_log(Path(args.batch_log) / f'batches_{name}_{label.replace(" ", "")}.jsonl', result)
-        if label == 'controller':
-            controller_run = result
-        r = rows[label]
-        top1 = f'{r["mean_top1"]:.2f}' if r['mean_top1'] is not None else '-'
-        print(f'  {label:<11} SLO {100 * r["slo_attainment"]:6.1f} %  top1 {top1:>6}  p50 {r["p50_ms"]:8.1f} ms  '
-              f'p99 {r["p99_ms"]:8.1f} ms  answered {r["answered"]}/{r["requests"]}  max queue {r["max_queue"]}',
-              flush=True)
-        b = r['server']
-        if b:
-            print(f'  {"":<11} {b["batches"]} batches of {b["mean_batch"]:.1f}, planning p50 {b["plan_ms_p50"]:.2f} '
-                  f'max {b["plan_ms_max"]:.1f} ms, run/estimate p50 {b["run_over_est_p50"]:.2f} p99 '
-                  f'{b["run_over_est_p99"]:.2f}, {b["stalls"]} stalls (>2.5x), {b["hopeless"]} hopeless, '
-                  f'scale max {b["max_scale"]:.2f}', flush=True)
+        policies = [(label, served) for label, served in policies if label in keep]
+    rounds: dict[str, list] = {label: [] for label, _ in policies}
+    controller_runs = []
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            print(f'  round {k + 1} of {args.rounds}', flush=True)
+        for label, served in policies:  # a fresh controller each round: no scale carried over
+            result = run_policy(model, RouteController(served, **options), images, arrivals, slo_ms, args.grace)
+            row = {**summarise(result, table), 'server': batch_stats(result)}
+            rounds[label].append(row)
+            if args.batch_log:
+                batch_log(Path(args.batch_log) / f'batches_{name}_{label.replace(" ", "")}_{k}.jsonl', result)
+            if label == 'controller':
+                controller_runs.append((row['slo_attainment'], result))
+            print_row(label, row)
+    rows = {label: median_row(runs) for label, runs in rounds.items()}
+    if args.rounds > 1:
+        print(f'  median of {args.rounds} rounds:')
+        for label, row in rows.items():
+            print_row(label, row, detail=False)
     front = [r.id for r in model.pareto('macs', 'top1')]
     memory = weights_memory(model, front)
     print(f'  memory: one deployment {memory["one_deployment_mb"]:.1f} MB of weights vs one per front route '
           f'({len(front)} routes) {memory["per_route_deployments_mb"]:.1f} MB = {memory["ratio"]:.2f}x')
-    if args.plot_dir:
-        plot(Path(args.plot_dir) / f'serving_routes_{name}.png', controller_run, table, steps,
+    if args.plot_dir and controller_runs:  # the controller's round of median attainment
+        ranked = sorted(controller_runs, key=lambda run: run[0])
+        plot(Path(args.plot_dir) / f'serving_routes_{name}.png', ranked[(len(ranked) - 1) // 2][1], table, steps,
              f'{name}: controller route choices (red: missed the {slo_ms:.0f} ms SLO) and arrival rate')
     return {'routes': ids, 'slo_ms': slo_ms, 'capacity_rps': capacity, 'requests': len(arrivals), 'policies': rows,
-            'memory': memory, 'batch_sizes': cfg['batch_sizes'], 'duration_s': duration}
+            'rounds': rounds, 'memory': memory, 'batch_sizes': cfg['batch_sizes'], 'duration_s': duration}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Per figure, the median over rounds (one round: that round's row)."""
+    if len(runs) == 1:
+        return runs[0]
+    keys = ('slo_attainment', 'mean_top1', 'p50_ms', 'p99_ms')
+    return {k: float(np.median([r[k] for r in runs if r[k] is not None])) for k in keys} | {
+        'requests': runs[0]['requests'], 'answered': int(np.median([r['answered'] for r in runs])),
+        'max_queue': int(np.median([r['max_queue'] for r in runs])), 'server': {},
+        'attainment_each': [r['slo_attainment'] for r in runs], 'top1_each': [r['mean_top1'] for r in runs]}
+
+
+def print_row(label: str, r: dict, detail: bool = True) -> None:
+    top1 = f'{r["mean_top1"]:.2f}' if r['mean_top1'] is not None else '-'
+    print(f'  {label:<11} SLO {100 * r["slo_attainment"]:6.1f} %  top1 {top1:>6}  p50 {r["p50_ms"]:8.1f} ms  '
+          f'p99 {r["p99_ms"]:8.1f} ms  answered {r["answered"]}/{r["requests"]}  max queue {r["max_queue"]}',
+          flush=True)
+    if 'attainment_each' in r:
+        print(f'  {"":<11} each round: ' + ', '.join(f'{100 * a:.1f} %' for a in r['attainment_each']))
+    b = r['server']
+    if detail and b:
+        print(f'  {"":<11} {b["batches"]} batches of {b["mean_batch"]:.1f}, planning p50 {b["plan_ms_p50"]:.2f} '
+              f'max {b["plan_ms_max"]:.1f} ms, run/estimate p50 {b["run_over_est_p50"]:.2f} p99 '
+              f'{b["run_over_est_p99"]:.2f}, {b["stalls"]} stalls (>2.5x), {b["hopeless"]} hopeless, '
+              f'scale max {b["max_scale"]:.2f}', flush=True)
 
 
 def main() -> None:
@@ -241,8 +269,12 @@ def main() -> None:
     p.add_argument('--policies', default=None,
                    help='comma-separated route ids and/or "controller" to run (default: every front route and the '
                         'controller)')
+    p.add_argument('--rounds', type=int, default=1,
+                   help='run every policy this many times, in turn, on the same trace and SLO; report the medians')
     p.add_argument('--batch-log', default=None, help='write each policy\'s batches (JSON lines) into this folder')
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f'--rounds must be >= 1, got {args.rounds}')
     setup_torch(args.threads)
     names = list(MODELS) if args.model == 'both' else [args.model]
     out = {name: bench(name, args) for name in names}

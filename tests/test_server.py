@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from tiny_models import tiny_images, tiny_snnet
 
 from timm_stitch.server import BadRequestError, BatchRecord, StitchServer, parse_request
-from timm_stitch.slo import Bounds, NoRouteFitsError, RouteController, RouteCost, RouteTable
+from timm_stitch.slo import Arrivals, Bounds, NoRouteFitsError, RouteController, RouteCost, RouteTable
 
 
 @pytest.fixture(scope='module')
@@ -85,6 +86,40 @@ def test_each_batch_is_recorded_with_its_plan_and_timings(model):
     assert all(r.scale == controller.scale and r.plan.feasible == (True,) * len(r.plan.take) for r in records)
 
 
+class RecordingController(RouteController):
+    def __init__(self, table):
+        super().__init__(table)
+        self.arrivals = []
+
+    def plan(self, queue, now, arrivals=None):
+        self.arrivals.append(arrivals)
+        return super().plan(queue, now, arrivals)
+
+
+def test_the_controller_plans_for_the_recent_arrival_rate(model):
+    clock = FakeClock()
+    controller = RecordingController(_controller(model).table)
+    server = StitchServer(model, controller, slo_ms=200.0, clock=clock, rate_window_s=0.5)
+    for k in range(5):  # five requests over the last 0.4 s: 10 per second, under the server's 200 ms deadline
+        clock.t = 0.1 * k
+        server.submit(tiny_images(1)[0])
+    server.step()
+    clock.t = 0.75  # the first three left the window
+    server.step()
+    clock.t = 2.0
+    server.submit(tiny_images(1)[0], deadline_ms=50.0)
+    server.step()
+    assert controller.arrivals == [Arrivals(10.0, 0.2), Arrivals(4.0, 0.2), Arrivals(2.0, 0.2)]
+    without = RecordingController(controller.table)
+    for kwargs in (dict(slo_ms=None), dict(slo_ms=200.0, rate_window_s=0.0)):  # no default deadline; no window
+        server = StitchServer(model, without, clock=clock, **kwargs)
+        server.submit(tiny_images(1)[0], deadline_ms=50.0)
+        server.step()
+    assert without.arrivals == [None, None]
+    with pytest.raises(ValueError, match='rate_window_s must be a finite number >= 0, got -1'):
+        StitchServer(model, controller, rate_window_s=-1)
+
+
 def test_stop_can_cancel_the_backlog(model):
     server = StitchServer(model, _controller(model), clock=FakeClock())
     futures = [server.submit(x) for x in tiny_images(6)]
@@ -100,6 +135,18 @@ def test_the_worker_thread_answers_every_request(model):
         futures = [server.submit(x) for x in tiny_images(12)]
         results = [f.result(timeout=60) for f in futures]
     assert len(results) == 12 and server.metrics()['served'] == 12 and server.metrics()['queue_length'] == 0
+
+
+@pytest.mark.parametrize('freeze', [True, False])
+def test_the_objects_alive_at_start_leave_the_full_collections(model, freeze):
+    # a full collection over torch's and the model's objects holds every thread for about 250 ms: a stall
+    gc.unfreeze()
+    try:
+        with StitchServer(model, _controller(model), slo_ms=1e4, freeze_gc=freeze) as server:
+            assert (gc.get_freeze_count() > 10_000) is freeze
+            assert server.submit(tiny_images(1)[0]).result(timeout=60).route in range(model.num_routes)
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize('kwargs, error, match', [

@@ -10,6 +10,7 @@ from tiny_models import tiny_snnet
 from timm_stitch.cards import RouteCard
 from timm_stitch.profiling import device_profile
 from timm_stitch.slo import (
+    Arrivals,
     Bounds,
     MissingLatencyProfileError,
     NoRouteFitsError,
@@ -223,6 +224,36 @@ def test_one_stalled_batch_does_not_make_the_queue_look_hopeless():
     controller.observe(plan, 200.0)  # 20x its estimate once; the next batches run as the card says
     plan = controller.plan([Pending(0.015), Pending(0.015)], 0.0)
     assert plan.feasible == (True, True) and plan.routes == (LARGE, LARGE)
+
+
+def test_requests_are_given_up_at_the_usual_speed_not_the_cautious_one():
+    controller = RouteController(TABLE, adapt=0.5)
+    plan = controller.plan([Pending(1.0)], 0.0)
+    for ms in [10.0] * 6 + [30.0] * 2:  # a slowdown over two batches after six at the card's speed
+        controller.observe(plan, ms)
+    assert controller.scale == 3.0 and controller.typical_scale == 1.0
+    # SMALL answers 8 in 4 ms as usual, 12 ms at the cautious scale: not given up, served on the fastest route
+    plan = controller.plan([Pending(0.006)] * 8, 0.0)
+    assert plan.feasible == (True,) * 8 and plan.routes == (SMALL,) * 8
+    for _ in range(4):  # the machine stays slow: the usual speed follows once most recent batches are slow
+        controller.observe(plan, 12.0)
+    assert controller.typical_scale == 3.0
+    assert controller.plan([Pending(0.006)] * 8, 0.0).feasible == (False,) * 8
+
+
+@pytest.mark.parametrize('rate, route', [(None, LARGE), (20.0, LARGE), (200.0, LARGE), (300.0, MID), (600.0, MID)])
+def test_expected_arrivals_keep_a_burst_from_starting_on_a_slow_batch(rate, route):
+    # LARGE answers two in time, but at 300 requests/s (1.5x what it sustains) those arriving meanwhile would queue
+    # past their deadlines within the horizon; at 200/s it keeps up
+    arrivals = None if rate is None else Arrivals(rate, 0.1)
+    assert RouteController(TABLE).plan([Pending(0.1)] * 2, 0.0, arrivals).routes == (route, route)
+    one = RouteTable([TABLE.routes[LARGE]])  # a fixed route has no other choice
+    assert RouteController(one).plan([Pending(0.1)] * 2, 0.0, arrivals).routes == (LARGE, LARGE)
+
+
+def test_no_arrivals_are_planned_for_a_zero_rate_or_deadline():
+    for arrivals in (Arrivals(0.0, 0.1), Arrivals(600.0, 0.0)):
+        assert RouteController(TABLE).plan([Pending(0.1)] * 2, 0.0, arrivals).routes == (LARGE, LARGE)
 
 
 def test_a_stall_costs_only_the_requests_it_made_hopeless():

@@ -13,12 +13,16 @@ whose latency at the batch size is at most ``c``; the queue is drained in simula
 each batch costing the sum of its route groups' latencies (groups run one after another, see
 :func:`timm_stitch.serving.mixed_forward`). The controller takes the highest cap under which every request that is
 not hopeless makes its deadline less ``reserve_ms``: as the queue grows the cap falls to faster routes, as it
-shrinks it rises back. The same queue, time and observed batches always give the same plan.
+shrinks it rises back. Given the requests expected meanwhile (:class:`Arrivals`: the recent rate, the server's
+deadline), the cap must also let them make their deadlines after the queue, so that a burst's first requests are
+not answered on a slow route while the rest queue behind them. The same queue, time, arrivals and observed batches
+always give the same plan.
 """
 from __future__ import annotations
 
 import heapq
 import math
+import statistics
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
     from .model import StitchedNet
 
-__all__ = ['Bounds', 'RouteCost', 'RouteTable', 'Pending', 'Plan', 'RouteController', 'StaleCardError',
+__all__ = ['Arrivals', 'Bounds', 'RouteCost', 'RouteTable', 'Pending', 'Plan', 'RouteController', 'StaleCardError',
            'MissingLatencyProfileError', 'NoRouteFitsError']
 
 
@@ -60,6 +64,14 @@ class Pending:
     """A queued request: its absolute deadline (seconds, on the clock ``now`` is read from) and its bounds."""
     deadline: float
     bounds: Bounds = Bounds()
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """Requests expected while the queue is served: ``rate`` per second from now on, each with ``deadline_s``
+    seconds of budget and no bounds (what the server has seen arriving lately, under its default deadline)."""
+    rate: float
+    deadline_s: float
 
 
 @dataclass(frozen=True)
@@ -181,9 +193,12 @@ class RouteController:
             under load. Which requests are hopeless is still judged on the deadlines themselves.
         window: How many of the last observed batches ``scale`` is read from (at least 2).
 
-    ``scale`` multiplies every card latency: :meth:`observe` moves it to the second highest ratio of the last
-    ``window`` batches' run times to their estimates, so that a machine slower than when it was profiled (other
-    jobs, a server's own overhead) is followed and a lone stalled batch is not. It is state fed only by
+    ``scale`` multiplies every card latency when the route cap is chosen: :meth:`observe` moves it to the second
+    highest ratio of the last ``window`` batches' run times to their estimates, so that a machine slower than when
+    it was profiled (other jobs, a server's own overhead) is followed and a lone stalled batch is not.
+    ``typical_scale`` (the median of those ratios) is the one at which requests are judged hopeless: a cautious
+    estimate costs accuracy when it is wrong, but giving up a request on it costs its deadline, so a request is
+    given up only when the machine's usual speed cannot answer it in time. Both are state fed only by
     :meth:`observe`: the same observations give the same plans.
     """
 
@@ -204,7 +219,8 @@ class RouteController:
         for name, value, least in (('horizon', horizon, 1), ('window', window, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f'{name} must be an integer >= {least}, got {value!r}')
-        self.max_batch_size, self.margin_ms, self.adapt, self.scale = max_batch_size, float(margin_ms), adapt, 1.0
+        self.max_batch_size, self.margin_ms, self.adapt = max_batch_size, float(margin_ms), adapt
+        self.scale = self.typical_scale = 1.0
         self.horizon, self.reserve_ms, self.window = horizon, float(reserve_ms), window
         self._ratios: tuple[float, ...] = ()  # the last ``window`` observed ratios of run time to card estimate
         # by accuracy (best first), ties to the faster (at batch 1) then the lower id
@@ -248,9 +264,11 @@ class RouteController:
             counts[r] = counts.get(r, 0) + 1
         return self._group_ms(counts)
 
-    def _group_ms(self, counts: Mapping[int, int]) -> float:
-        """Estimated ms of one batch holding ``counts[r]`` requests of route ``r`` (groups run one after another)."""
-        return sum(self.table.latency(r, n) for r, n in counts.items()) * self.scale + self.margin_ms
+    def _group_ms(self, counts: Mapping[int, int], scale: Optional[float] = None) -> float:
+        """Estimated ms of one batch holding ``counts[r]`` requests of route ``r`` (groups run one after another),
+        the card's latencies times ``scale`` (default: :attr:`scale`)."""
+        scale = self.scale if scale is None else scale
+        return sum(self.table.latency(r, n) for r, n in counts.items()) * scale + self.margin_ms
 
     def observe(self, plan: Plan, actual_ms: float) -> None:
         """Record that ``plan``'s batch took ``actual_ms``. ``scale`` follows the second highest ratio of run time
@@ -258,32 +276,40 @@ class RouteController:
         down is followed from its second slow batch: an underestimate costs deadlines), by ``adapt`` when below.
         The highest is left out: on a shared machine a batch now and then stalls several times over while the next
         one runs at the usual speed, and a scale set by it would make the controller give up accuracy and, taking
-        requests for hopeless, deadlines. Ratios are kept within [0.5, 20]."""
+        requests for hopeless, deadlines. ``typical_scale`` is the median of the same ratios. Ratios are kept within
+        [0.5, 20]."""
         if self.adapt and plan.routes:
             card_ms = (self._batch_ms(plan.routes) - self.margin_ms) / self.scale
             ratio = min(max((actual_ms - self.margin_ms) / card_ms, 0.5), 20.0)
             self._ratios = (*self._ratios, ratio)[-self.window:]
-            high = sorted(self._ratios)[-2] if len(self._ratios) > 1 else self.scale
+            ranked = sorted(self._ratios)
+            high = ranked[-2] if len(ranked) > 1 else self.scale
             self.scale = high if high > self.scale else self.scale + self.adapt * (high - self.scale)
+            self.typical_scale = min(statistics.median(ranked), self.scale)
 
-    def plan(self, queue: Sequence[Pending], now: float) -> Plan:
-        """The next batch for ``queue`` at time ``now`` (seconds, the deadlines' clock). Raises
-        :class:`NoRouteFitsError` when a request's bounds exclude every route."""
+    def plan(self, queue: Sequence[Pending], now: float, arrivals: Optional[Arrivals] = None) -> Plan:
+        """The next batch for ``queue`` at time ``now`` (seconds, the deadlines' clock). ``arrivals``: the requests
+        expected meanwhile; the cap is then also one under which they make their deadlines within the horizon, so
+        that a slow batch taken when a burst begins does not leave the burst's requests a queue they can only
+        catch up with on fast routes. Raises :class:`NoRouteFitsError` when a request's bounds exclude every
+        route."""
         if not queue:
             return Plan((), (), 0.0, 0.0)
+        if arrivals is not None and not (arrivals.rate > 0 and arrivals.deadline_s > 0):
+            arrivals = None
         b = min(len(queue), self.max_batch_size)
         live = [i for i, q in enumerate(queue) if q.deadline > now]
         if len(live) == len(queue):
-            return self._plan(queue, now, b)
+            return self._plan(queue, now, b, arrivals)
         # requests already late are hopeless and served earliest first after the others: only the first few can be
         # in this plan's horizon, so that a backlog of thousands (a long stall) costs no more planning than the
         # requests still in time (planning time taken from the batches would make the backlog grow)
         late = [(q.deadline, i) for i, q in enumerate(queue) if q.deadline <= now]
         keep = live + [i for _, i in heapq.nsmallest(b * self.horizon, late)]
-        plan = self._plan([queue[i] for i in keep], now, b)
+        plan = self._plan([queue[i] for i in keep], now, b, arrivals)
         return replace(plan, take=tuple(keep[i] for i in plan.take))
 
-    def _plan(self, queue: Sequence[Pending], now: float, b: int) -> Plan:
+    def _plan(self, queue: Sequence[Pending], now: float, b: int, arrivals: Optional[Arrivals]) -> Plan:
         latency = {r: self.table.latency(r, b) for r in self.table.routes}
         kinds: dict[Bounds, int] = {}  # distinct bounds, numbered; per number: the allowed routes and the fastest
         allowed, fast = [], []
@@ -298,10 +324,17 @@ class RouteController:
         # fastest route and hold no one back)
         order = ([i for i in edf if feasible[i]] + [i for i in edf if not feasible[i]])[:b * self.horizon]
         caps = sorted({latency[r] for ids in allowed for r in ids}, reverse=True)
+        unbounded = self.allowed(Bounds())
+        arrival_route = min(unbounded, key=lambda i: (latency[i], -self.table.routes[i].top1, i))  # under no cap
+        queued_batches = -(-sum(feasible[i] for i in order) // b)
         for cap in caps:  # the most accurate cap first; the last (fastest) is taken when none drains in time
             pick = [next((r for r in ids if latency[r] <= cap), f) for ids, f in zip(allowed, fast)]
             routes = [pick[kind[i]] if feasible[i] else fast[kind[i]] for i in order]
-            if self._drains(queue, order, routes, feasible, b, now + self.reserve_ms / 1e3):
+            t = self._drains(queue, order, routes, feasible, b, now + self.reserve_ms / 1e3)
+            if t is not None and arrivals is not None:
+                route = next((r for r in unbounded if latency[r] <= cap), arrival_route)
+                t = self._drains_arrivals(arrivals, route, now, t, queued_batches)
+            if t is not None:
                 break
         take = order[:b]
         return Plan(tuple(take), tuple(routes[:b]), self._batch_ms(routes[:b]), cap, tuple(feasible[i] for i in take))
@@ -312,7 +345,8 @@ class RouteController:
         fastest routes in batches of ``b``, the hopeless ones left out: a request that would finish late (or make
         an earlier one of its batch late) is hopeless, and served after the others it cannot push them past their
         deadlines one after another when a stall has queued more than can be served in time. Each batch is
-        costed full (the plan fills it). ``horizon`` batches are checked, later requests when they come nearer."""
+        costed full (the plan fills it), at ``typical_scale``. ``horizon`` batches are checked, later requests when
+        they come nearer."""
         feasible, full_ms = [True] * len(queue), {}
         t, counts, members = now, {}, []  # the end of the last batch; the routes and requests of the one filling
         one = len(set(fastest)) == 1  # (the usual case: no bounds) every batch costs the same
@@ -322,7 +356,8 @@ class RouteController:
             trial = counts if one else {**counts, fastest[i]: counts.get(fastest[i], 0) + 1}
             key = () if one else (*sorted(trial.items()), fastest[i])
             if key not in full_ms:
-                full_ms[key] = self._group_ms({**trial, fastest[i]: trial.get(fastest[i], 0) + b - sum(trial.values())})
+                full = {**trial, fastest[i]: trial.get(fastest[i], 0) + b - sum(trial.values())}
+                full_ms[key] = self._group_ms(full, self.typical_scale)
             end = t + full_ms[key] / 1e3
             first = members[len(members) // b * b] if len(members) % b else i  # the earliest deadline of the batch
             if end > queue[first].deadline:
@@ -335,18 +370,36 @@ class RouteController:
         return feasible
 
     def _drains(self, queue: Sequence[Pending], order: Sequence[int], routes: Sequence[int],
-                feasible: Sequence[bool], b: int, start: float) -> bool:
-        """Whether serving the queue from ``start`` in batches of ``b`` in ``order`` (the feasible requests first,
-        earliest deadline first) with ``routes`` meets every feasible deadline."""
+                feasible: Sequence[bool], b: int, start: float) -> Optional[float]:
+        """When the queue, served from ``start`` in batches of ``b`` in ``order`` (the feasible requests first,
+        earliest deadline first) with ``routes``, is served up to its hopeless requests (on the deadlines' clock
+        shifted by the reserve, as ``start`` is); None when a feasible deadline is missed."""
         t = start
         for first in range(0, len(order), b):
             if not feasible[order[first]]:  # the rest are hopeless
-                return True
+                return t
             t += self._batch_ms(routes[first:first + b]) / 1e3
             if t > queue[order[first]].deadline:
-                return False
-        return True
+                return None
+        return t
 
+    def _drains_arrivals(self, arrivals: Arrivals, route: int, now: float, start: float,
+                         done: int) -> Optional[float]:
+        """Whether the requests arriving from ``now`` (one every ``1 / arrivals.rate`` s), served on ``route`` in
+        batches of up to ``max_batch_size`` after the queue (``done`` batches ending at ``start``, on the clock
+        shifted by the reserve), make their deadlines for the rest of the horizon; returns the end of the last batch
+        or None."""
+        t, served, shift = start, 0, self.reserve_ms / 1e3
+        for _ in range(done, self.horizon):
+            arrived = math.floor((t - shift - now) * arrivals.rate)
+            if arrived <= served:  # none waiting: the next batch starts when the next request comes
+                t, arrived = now + shift + (served + 1) / arrivals.rate, served + 1
+            n = min(arrived - served, self.max_batch_size)
+            t += self._group_ms({route: n}) / 1e3
+            if t > now + (served + 1) / arrivals.rate + arrivals.deadline_s:
+                return None
+            served += n
+        return t
 
 def _id_ranges(ids: Sequence[int]) -> str:
     return f'{ids[0]}..{ids[-1]}' if ids == list(range(ids[0], ids[-1] + 1)) else ', '.join(map(str, ids))
