@@ -19,6 +19,14 @@ def model():
     return tiny_snnet().eval()
 
 
+@pytest.fixture(autouse=True)
+def _unfreeze_gc():
+    """A started server freezes every object then alive (gc.freeze): give them back to the collector after each
+    test, so the test files run after this one in the same process are collected as usual."""
+    yield
+    gc.unfreeze()
+
+
 def _controller(model, slow=None):
     """Route ``i`` takes ``1 + i`` ms (``slow``: that route 1000x slower), top-1 rising with the id."""
     costs = []
@@ -141,12 +149,9 @@ def test_the_worker_thread_answers_every_request(model):
 def test_the_objects_alive_at_start_leave_the_full_collections(model, freeze):
     # a full collection over torch's and the model's objects holds every thread for about 250 ms: a stall
     gc.unfreeze()
-    try:
-        with StitchServer(model, _controller(model), slo_ms=1e4, freeze_gc=freeze) as server:
-            assert (gc.get_freeze_count() > 10_000) is freeze
-            assert server.submit(tiny_images(1)[0]).result(timeout=60).route in range(model.num_routes)
-    finally:
-        gc.unfreeze()
+    with StitchServer(model, _controller(model), slo_ms=1e4, freeze_gc=freeze) as server:
+        assert (gc.get_freeze_count() > 10_000) is freeze
+        assert server.submit(tiny_images(1)[0]).result(timeout=60).route in range(model.num_routes)
 
 
 @pytest.mark.parametrize('kwargs, error, match', [
