@@ -124,8 +124,9 @@ def test_the_controller_plans_for_the_recent_arrival_rate(model):
         server.submit(tiny_images(1)[0], deadline_ms=50.0)
         server.step()
     assert without.arrivals == [None, None]
-    with pytest.raises(ValueError, match='rate_window_s must be a finite number >= 0, got -1'):
-        StitchServer(model, controller, rate_window_s=-1)
+    for bad in (-1, float('nan'), float('inf'), '1'):
+        with pytest.raises(ValueError, match=f'rate_window_s must be a finite number >= 0, got {bad!r}'):
+            StitchServer(model, controller, rate_window_s=bad)
 
 
 def test_stop_can_cancel_the_backlog(model):

@@ -251,9 +251,19 @@ def test_expected_arrivals_keep_a_burst_from_starting_on_a_slow_batch(rate, rout
     assert RouteController(one).plan([Pending(0.1)] * 2, 0.0, arrivals).routes == (LARGE, LARGE)
 
 
-def test_no_arrivals_are_planned_for_a_zero_rate_or_deadline():
-    for arrivals in (Arrivals(0.0, 0.1), Arrivals(600.0, 0.0)):
-        assert RouteController(TABLE).plan([Pending(0.1)] * 2, 0.0, arrivals).routes == (LARGE, LARGE)
+def test_a_zero_rate_plans_for_the_queue_alone():
+    assert RouteController(TABLE).plan([Pending(0.1)] * 2, 0.0, Arrivals(0, 0.1)).routes == (LARGE, LARGE)
+
+
+@pytest.mark.parametrize('rate, deadline_s, match', [
+    (-5.0, 0.1, r'Arrivals.rate must be a finite number >= 0 \(requests per second\), got -5.0'),
+    (math.inf, 0.1, 'Arrivals.rate must be a finite number >= 0'), ('10', 0.1, 'Arrivals.rate must be'),
+    (10.0, 0.0, 'Arrivals.deadline_s must be a positive finite number, got 0.0'),
+    (10.0, math.nan, 'Arrivals.deadline_s must be a positive finite number'),
+])
+def test_bad_arrivals_are_refused_naming_the_value(rate, deadline_s, match):
+    with pytest.raises(ValueError, match=match):
+        Arrivals(rate, deadline_s)
 
 
 def test_a_stall_costs_only_the_requests_it_made_hopeless():

@@ -95,7 +95,8 @@ class StitchServer:
                  freeze_gc: bool = True):
         if slo_ms is not None and not slo_ms > 0:
             raise ValueError(f'slo_ms must be > 0 or None, got {slo_ms!r}')
-        if not (math.isfinite(rate_window_s) and rate_window_s >= 0):
+        if (isinstance(rate_window_s, bool) or not isinstance(rate_window_s, (int, float))
+                or not 0 <= rate_window_s < math.inf):
             raise ValueError(f'rate_window_s must be a finite number >= 0, got {rate_window_s!r}')
         self.model, self.controller, self.slo_ms, self.clock = model.eval(), controller, slo_ms, clock
         self.on_batch, self.freeze_gc, self.rate_window_s = on_batch, freeze_gc, rate_window_s

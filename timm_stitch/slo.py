@@ -69,9 +69,15 @@ class Pending:
 @dataclass(frozen=True)
 class Arrivals:
     """Requests expected while the queue is served: ``rate`` per second from now on, each with ``deadline_s``
-    seconds of budget and no bounds (what the server has seen arriving lately, under its default deadline)."""
+    seconds of budget and no bounds (what the server has seen arriving lately, under its default deadline). A rate
+    of 0 plans for the queue alone."""
     rate: float
     deadline_s: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate < math.inf:
+            raise ValueError(f'Arrivals.rate must be a finite number >= 0 (requests per second), got {self.rate!r}')
+        _finite_positive('Arrivals.deadline_s', self.deadline_s)
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,7 @@ class RouteController:
         route."""
         if not queue:
             return Plan((), (), 0.0, 0.0)
-        if arrivals is not None and not (arrivals.rate > 0 and arrivals.deadline_s > 0):
+        if arrivals is not None and not arrivals.rate:
             arrivals = None
         b = min(len(queue), self.max_batch_size)
         live = [i for i, q in enumerate(queue) if q.deadline > now]
