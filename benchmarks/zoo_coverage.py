@@ -224,11 +224,12 @@ def main(argv: Optional[list[str]] = None) -> tuple[list[Row], list[Row]]:
     if cross_rows:
         print(f'\n== cross-family pairs at {CROSS_IMG} px: {cross_text}')
     took = time.perf_counter() - start
-    print(f'\nsweep: {took:.0f} s ({enumerated:.0f} s enumerating the registry), {args.workers} workers, '
+    workers = f'{args.workers} worker{"s" if args.workers != 1 else ""}'
+    print(f'\nsweep: {took:.0f} s ({enumerated:.0f} s enumerating the registry), {workers}, '
           f'torch {torch.__version__}, timm {__import__("timm").__version__}')
     if args.write_docs:
         write_docs(f'{criterion}: {family_text}\n\nCross-family pairs (forward checks at {CROSS_IMG} px, untrained '
-                   f'weights): {cross_text}\n\nSweep: {took:.0f} s with {args.workers} workers '
+                   f'weights): {cross_text}\n\nSweep: {took:.0f} s with {workers} '
                    f'(`benchmarks/zoo_coverage.py --write-docs`).')
     return family_rows, cross_rows
 
