@@ -120,7 +120,6 @@ def batch_stats(result: dict) -> dict:
 def batch_log(path: Path, result: dict) -> None:
     """One JSON line per batch: seconds into the trace, queue length, planning ms, routes, estimate, run ms,
     scale, requests taken as hopeless."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'w') as f:
         for r in result['batches']:
             f.write(json.dumps({'t': r.planned - result['start'], 'queue': r.queue_length, 'plan_ms': r.plan_ms,
@@ -185,6 +184,10 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     policies = [(f'route {i}', RouteTable([table.routes[i]])) for i in ids] + [('controller', table)]
     if args.policies:
         keep = {f'route {x}' if x.isdigit() else x for x in args.policies.split(',')}
+        unknown = sorted(keep - {label for label, _ in policies})
+        if unknown:
+            raise SystemExit(f'--policies: {", ".join(unknown)} not among the served policies (route ids '
+                             f'{", ".join(map(str, ids))} and controller)')
         policies = [(label, served) for label, served in policies if label in keep]
     rounds: dict[str, list] = {label: [] for label, _ in policies}
     controller_runs = []
@@ -196,7 +199,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
             row = {**summarise(result, table), 'server': batch_stats(result)}
             rounds[label].append(row)
             if args.batch_log:
-                batch_log(Path(args.batch_log) / f'batches_{name}_{label.replace(" ", "")}_{k}.jsonl', result)
+                batch_log(Path(args.batch_log) / f'batches_{name}_{label.replace(" ", "")}_{k + 1}.jsonl', result)
             if label == 'controller':
                 controller_runs.append((row['slo_attainment'], result))
             print_row(label, row)
@@ -275,11 +278,18 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1:
         p.error(f'--rounds must be >= 1, got {args.rounds}')
+    for option, folder in (('--batch-log', args.batch_log), ('--plot-dir', args.plot_dir)):
+        try:  # made now: a path that cannot be a folder fails before any run
+            if folder:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            p.error(f'{option} {folder}: cannot be a folder ({error.strerror})')
     setup_torch(args.threads)
     names = list(MODELS) if args.model == 'both' else [args.model]
     out = {name: bench(name, args) for name in names}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        print(f'wrote {args.json}')
 
 
 if __name__ == '__main__':

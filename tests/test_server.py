@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -17,14 +18,6 @@ from timm_stitch.slo import Arrivals, Bounds, NoRouteFitsError, RouteController,
 @pytest.fixture(scope='module')
 def model():
     return tiny_snnet().eval()
-
-
-@pytest.fixture(autouse=True)
-def _unfreeze_gc():
-    """A started server freezes every object then alive (gc.freeze): give them back to the collector after each
-    test, so the test files run after this one in the same process are collected as usual."""
-    yield
-    gc.unfreeze()
 
 
 def _controller(model, slow=None):
@@ -149,10 +142,29 @@ def test_the_worker_thread_answers_every_request(model):
 @pytest.mark.parametrize('freeze', [True, False])
 def test_the_objects_alive_at_start_leave_the_full_collections(model, freeze):
     # a full collection over torch's and the model's objects holds every thread for about 250 ms: a stall
-    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
     with StitchServer(model, _controller(model), slo_ms=1e4, freeze_gc=freeze) as server:
         assert (gc.get_freeze_count() > 10_000) is freeze
         assert server.submit(tiny_images(1)[0]).result(timeout=60).route in range(model.num_routes)
+        with StitchServer(model, _controller(model), slo_ms=1e4, freeze_gc=freeze):
+            pass
+        assert (gc.get_freeze_count() > 10_000) is freeze  # the first server still runs
+    assert gc.get_freeze_count() == 0  # given back when the last server that froze stops
+
+
+def test_a_cycle_made_before_start_is_collected_once_the_server_stops(model):
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    watch = weakref.ref(a)
+    with StitchServer(model, _controller(model), slo_ms=1e4):
+        del a, b
+        gc.collect()
+        assert watch() is not None  # frozen while serving
+    gc.collect()
+    assert watch() is None
 
 
 @pytest.mark.parametrize('kwargs, error, match', [

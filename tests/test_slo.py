@@ -251,6 +251,12 @@ def test_expected_arrivals_keep_a_burst_from_starting_on_a_slow_batch(rate, rout
     assert RouteController(one).plan([Pending(0.1)] * 2, 0.0, arrivals).routes == (LARGE, LARGE)
 
 
+def test_arrivals_no_route_can_answer_in_time_do_not_pull_the_queue_down():
+    # expected arrivals with a 0.5 ms deadline (below every route) are hopeless: the queue, with a second to spare,
+    # keeps the most accurate route
+    assert RouteController(TABLE).plan([Pending(1.0)] * 2, 0.0, Arrivals(50.0, 0.0005)).routes == (LARGE, LARGE)
+
+
 def test_a_zero_rate_plans_for_the_queue_alone():
     assert RouteController(TABLE).plan([Pending(0.1)] * 2, 0.0, Arrivals(0, 0.1)).routes == (LARGE, LARGE)
 

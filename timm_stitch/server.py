@@ -69,6 +69,26 @@ class _Request:
         self.pending = Pending(deadline, self.bounds)
 
 
+class _GcFreeze:
+    """The servers holding Python's collector frozen (``freeze_gc``): frozen at each one's start, unfrozen when the
+    last one stops."""
+    lock, holders = threading.Lock(), 0
+
+    @classmethod
+    def hold(cls) -> None:
+        with cls.lock:
+            gc.collect()
+            gc.freeze()
+            cls.holders += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls.lock:
+            cls.holders -= 1
+            if not cls.holders:
+                gc.unfreeze()
+
+
 class StitchServer:
     """Serves ``model`` under ``controller``'s route choices (see the module docstring).
 
@@ -82,11 +102,12 @@ class StitchServer:
         rate_window_s: The arrival rate the controller plans for (:class:`~timm_stitch.slo.Arrivals`, under
             ``slo_ms``) is the count of requests submitted in the last ``rate_window_s`` seconds over it; 0: plan
             for the queue alone.
-        freeze_gc: At :meth:`start`, collect garbage once and move every object then alive to Python's permanent
-            generation (``gc.freeze``). Without it, a full collection scans torch's, timm's and the model's objects
-            (about 400,000 with the Fashion-MNIST release) and holds every thread for about 250 ms here, several
-            times the SLO's room; with it a full collection scans only what was made while serving. The frozen
-            objects are still freed by reference counting, but a cycle among them is never collected.
+        freeze_gc: At :meth:`start`, collect garbage once and move every object then alive in the process to
+            Python's permanent generation (``gc.freeze``) until the last server that did so stops (``gc.unfreeze``).
+            Without it, a full collection scans torch's, timm's and the model's objects (about 400,000 with the
+            Fashion-MNIST release) and holds every thread for about 250 ms here, several times the SLO's room;
+            with it a full collection scans only what was made while serving. Frozen objects are still freed by
+            reference counting, but a cycle among them waits for the unfreeze.
     """
 
     def __init__(self, model: StitchedNet, controller: RouteController, slo_ms: Optional[float] = None,
@@ -106,7 +127,7 @@ class StitchServer:
         self._queue: list[_Request] = []
         self._cv = threading.Condition()
         self._thread: Optional[threading.Thread] = None
-        self._stop = False
+        self._stop = self._froze = False
         self._routes: Counter = Counter()
         self._served = self._met = self._with_deadline = self._batches = self._max_queue = 0
 
@@ -143,12 +164,13 @@ class StitchServer:
         """Start the worker thread (idempotent); returns the server."""
         with self._cv:
             self._stop = False
-            if self._thread is None:
-                if self.freeze_gc:
-                    gc.collect()
-                    gc.freeze()
-                self._thread = threading.Thread(target=self._loop, name='timm-stitch-server', daemon=True)
-                self._thread.start()
+            if self._thread is not None:
+                return self
+            self._thread = thread = threading.Thread(target=self._loop, name='timm-stitch-server', daemon=True)
+            freeze, self._froze = self.freeze_gc and not self._froze, self._froze or self.freeze_gc
+        if freeze:  # outside the lock: the collection takes a quarter of a second, submit() need not wait
+            _GcFreeze.hold()
+        thread.start()
         return self
 
     def stop(self, cancel: bool = False) -> None:
@@ -162,8 +184,11 @@ class StitchServer:
                 self._queue = []
             self._cv.notify()
             thread, self._thread = self._thread, None
+            froze, self._froze = self._froze, False
         if thread is not None:
             thread.join()
+        if froze:
+            _GcFreeze.release()
 
     def __enter__(self) -> StitchServer:
         return self.start()

@@ -202,10 +202,10 @@ class RouteController:
     ``scale`` multiplies every card latency when the route cap is chosen: :meth:`observe` moves it to the second
     highest ratio of the last ``window`` batches' run times to their estimates, so that a machine slower than when
     it was profiled (other jobs, a server's own overhead) is followed and a lone stalled batch is not.
-    ``typical_scale`` (the median of those ratios) is the one at which requests are judged hopeless: a cautious
-    estimate costs accuracy when it is wrong, but giving up a request on it costs its deadline, so a request is
-    given up only when the machine's usual speed cannot answer it in time. Both are state fed only by
-    :meth:`observe`: the same observations give the same plans.
+    ``typical_scale`` (the median of those ratios, at most ``scale``) is the one at which requests are judged
+    hopeless: a cautious estimate costs accuracy when it is wrong, but giving up a request on it costs its
+    deadline, so a request is given up only when the machine's usual speed cannot answer it in time. Both are
+    state fed only by :meth:`observe`: the same observations give the same plans.
     """
 
     def __init__(self, table: RouteTable, max_batch_size: Optional[int] = None, margin_ms: float = 0.0,
@@ -333,15 +333,23 @@ class RouteController:
         unbounded = self.allowed(Bounds())
         arrival_route = min(unbounded, key=lambda i: (latency[i], -self.table.routes[i].top1, i))  # under no cap
         queued_batches = -(-sum(feasible[i] for i in order) // b)
-        for cap in caps:  # the most accurate cap first; the last (fastest) is taken when none drains in time
+        # the most accurate cap first under which the queue, and then the expected arrivals, make their deadlines;
+        # when no cap lets the arrivals make theirs (a deadline shorter than any route, say), they are left out as
+        # hopeless requests are, and the first cap the queue drains under is taken; the fastest when none is
+        queue_only = None
+        for cap in caps:
             pick = [next((r for r in ids if latency[r] <= cap), f) for ids, f in zip(allowed, fast)]
             routes = [pick[kind[i]] if feasible[i] else fast[kind[i]] for i in order]
             t = self._drains(queue, order, routes, feasible, b, now + self.reserve_ms / 1e3)
+            if t is not None and queue_only is None:
+                queue_only = cap, routes
             if t is not None and arrivals is not None:
                 route = next((r for r in unbounded if latency[r] <= cap), arrival_route)
                 t = self._drains_arrivals(arrivals, route, now, t, queued_batches)
             if t is not None:
                 break
+        else:
+            cap, routes = queue_only or (cap, routes)
         take = order[:b]
         return Plan(tuple(take), tuple(routes[:b]), self._batch_ms(routes[:b]), cap, tuple(feasible[i] for i in take))
 
@@ -391,10 +399,10 @@ class RouteController:
 
     def _drains_arrivals(self, arrivals: Arrivals, route: int, now: float, start: float,
                          done: int) -> Optional[float]:
-        """Whether the requests arriving from ``now`` (one every ``1 / arrivals.rate`` s), served on ``route`` in
+        """When the requests arriving from ``now`` (one every ``1 / arrivals.rate`` s), served on ``route`` in
         batches of up to ``max_batch_size`` after the queue (``done`` batches ending at ``start``, on the clock
-        shifted by the reserve), make their deadlines for the rest of the horizon; returns the end of the last batch
-        or None."""
+        shifted by the reserve), are served for the rest of the horizon; None when one of them misses its
+        deadline."""
         t, served, shift = start, 0, self.reserve_ms / 1e3
         for _ in range(done, self.horizon):
             arrived = math.floor((t - shift - now) * arrivals.rate)
