@@ -23,7 +23,7 @@ import torch
 
 from .input_size import model_input_size
 from .serving import mixed_forward
-from .slo import Arrivals, Bounds, Pending, Plan, RouteController
+from .slo import Arrivals, Bounds, Pending, Plan, RouteController, finite_non_negative
 
 if TYPE_CHECKING:
     from .model import StitchedNet
@@ -116,9 +116,7 @@ class StitchServer:
                  freeze_gc: bool = True):
         if slo_ms is not None and not slo_ms > 0:
             raise ValueError(f'slo_ms must be > 0 or None, got {slo_ms!r}')
-        if (isinstance(rate_window_s, bool) or not isinstance(rate_window_s, (int, float))
-                or not 0 <= rate_window_s < math.inf):
-            raise ValueError(f'rate_window_s must be a finite number >= 0, got {rate_window_s!r}')
+        finite_non_negative('rate_window_s', rate_window_s)
         self.model, self.controller, self.slo_ms, self.clock = model.eval(), controller, slo_ms, clock
         self.on_batch, self.freeze_gc, self.rate_window_s = on_batch, freeze_gc, rate_window_s
         self._submitted: deque[float] = deque()  # submission times within the last rate_window_s
@@ -127,7 +125,7 @@ class StitchServer:
         self._queue: list[_Request] = []
         self._cv = threading.Condition()
         self._thread: Optional[threading.Thread] = None
-        self._stop = self._froze = False
+        self._stop = False
         self._routes: Counter = Counter()
         self._served = self._met = self._with_deadline = self._batches = self._max_queue = 0
 
@@ -167,8 +165,7 @@ class StitchServer:
             if self._thread is not None:
                 return self
             self._thread = thread = threading.Thread(target=self._loop, name='timm-stitch-server', daemon=True)
-            freeze, self._froze = self.freeze_gc and not self._froze, self._froze or self.freeze_gc
-        if freeze:  # outside the lock: the collection takes a quarter of a second, submit() need not wait
+        if self.freeze_gc:  # outside the lock: the collection takes a quarter of a second, submit() need not wait
             _GcFreeze.hold()
         thread.start()
         return self
@@ -184,11 +181,10 @@ class StitchServer:
                 self._queue = []
             self._cv.notify()
             thread, self._thread = self._thread, None
-            froze, self._froze = self._froze, False
         if thread is not None:
             thread.join()
-        if froze:
-            _GcFreeze.release()
+            if self.freeze_gc:  # a started server holds the collector frozen
+                _GcFreeze.release()
 
     def __enter__(self) -> StitchServer:
         return self.start()

@@ -75,8 +75,7 @@ class Arrivals:
     deadline_s: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate < math.inf:
-            raise ValueError(f'Arrivals.rate must be a finite number >= 0 (requests per second), got {self.rate!r}')
+        finite_non_negative('Arrivals.rate', self.rate, ' (requests per second)')
         _finite_positive('Arrivals.deadline_s', self.deadline_s)
 
 
@@ -90,6 +89,13 @@ class Plan:
     cap_ms: float
     #: per taken request: whether it can still make its deadline (a hopeless one runs its fastest route)
     feasible: tuple[bool, ...] = field(default=())
+
+
+def finite_non_negative(name: str, value: object, unit: str = '') -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` unless it is a finite number >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f'{name} must be a finite number >= 0{unit}, got {value!r}')
+    return float(value)
 
 
 def _finite_positive(name: str, value: object) -> float:
@@ -330,9 +336,10 @@ class RouteController:
         # fastest route and hold no one back)
         order = ([i for i in edf if feasible[i]] + [i for i in edf if not feasible[i]])[:b * self.horizon]
         caps = sorted({latency[r] for ids in allowed for r in ids}, reverse=True)
-        unbounded = self.allowed(Bounds())
-        arrival_route = min(unbounded, key=lambda i: (latency[i], -self.table.routes[i].top1, i))  # under no cap
-        queued_batches = -(-sum(feasible[i] for i in order) // b)
+        if arrivals is not None:  # they run the route a request without bounds gets under each cap
+            unbounded = self.allowed(Bounds())
+            arrival_route = min(unbounded, key=lambda i: (latency[i], -self.table.routes[i].top1, i))  # under no cap
+            queued_batches = -(-sum(feasible[i] for i in order) // b)
         # the most accurate cap first under which the queue, and then the expected arrivals, make their deadlines;
         # when no cap lets the arrivals make theirs (a deadline shorter than any route, say), they are left out as
         # hopeless requests are, and the first cap the queue drains under is taken; the fastest when none is
@@ -345,7 +352,7 @@ class RouteController:
                 queue_only = cap, routes
             if t is not None and arrivals is not None:
                 route = next((r for r in unbounded if latency[r] <= cap), arrival_route)
-                t = self._drains_arrivals(arrivals, route, now, t, queued_batches)
+                t = t if self._drains_arrivals(arrivals, route, now, t, queued_batches) else None
             if t is not None:
                 break
         else:
@@ -398,11 +405,10 @@ class RouteController:
         return t
 
     def _drains_arrivals(self, arrivals: Arrivals, route: int, now: float, start: float,
-                         done: int) -> Optional[float]:
-        """When the requests arriving from ``now`` (one every ``1 / arrivals.rate`` s), served on ``route`` in
+                         done: int) -> bool:
+        """Whether the requests arriving from ``now`` (one every ``1 / arrivals.rate`` s), served on ``route`` in
         batches of up to ``max_batch_size`` after the queue (``done`` batches ending at ``start``, on the clock
-        shifted by the reserve), are served for the rest of the horizon; None when one of them misses its
-        deadline."""
+        shifted by the reserve), make their deadlines for the rest of the horizon."""
         t, served, shift = start, 0, self.reserve_ms / 1e3
         for _ in range(done, self.horizon):
             arrived = math.floor((t - shift - now) * arrivals.rate)
@@ -411,9 +417,10 @@ class RouteController:
             n = min(arrived - served, self.max_batch_size)
             t += self._group_ms({route: n}) / 1e3
             if t > now + (served + 1) / arrivals.rate + arrivals.deadline_s:
-                return None
+                return False
             served += n
-        return t
+        return True
+
 
 def _id_ranges(ids: Sequence[int]) -> str:
     return f'{ids[0]}..{ids[-1]}' if ids == list(range(ids[0], ids[-1] + 1)) else ', '.join(map(str, ids))
